@@ -1,0 +1,79 @@
+"""The `moekit` command: `moekit info|plan|train|sample|...`; `moekit COMMAND --help` for each.
+
+Each command lives in its own module, which defines `add_arguments(parser)` and `run(args) -> int`;
+`COMMANDS` maps the command name to that module, imported only when the command runs.
+User errors (ValueError, FileNotFoundError) print one line and exit 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "info": ("moekit.info", "the model card of a preset, a run or a Hugging Face directory"),
+}
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Pull `--key=value` ModelConfig overrides (keys with underscores) out of argv."""
+    from moekit.config import ModelConfig
+
+    fields = set(ModelConfig.__dataclass_fields__)
+    rest, overrides = [], {}
+    for arg in argv:
+        if arg.startswith("--") and "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            if "_" in key or key in fields:
+                overrides[key] = value
+                continue
+        rest.append(arg)
+    return rest, overrides
+
+
+def apply_overrides(cfg, overrides: dict[str, str]):
+    from moekit.config import parse_override
+
+    if not overrides:
+        return cfg
+    return cfg.replace(**{k: parse_override(k, v) for k, v in overrides.items()})
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse would print the usage block too)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="moekit", description=__doc__.splitlines()[0],
+                                     epilog="Model config overrides: --key=value, e.g. --n_layer=2 --top_k=1.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        rest, overrides = split_overrides(argv)
+        parser = build_parser()
+        args = parser.parse_args(rest)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        args.overrides = overrides
+        return importlib.import_module(args._module).run(args) or 0
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+        print(f"moekit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moekit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

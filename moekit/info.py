@@ -1,0 +1,99 @@
+"""`moekit info PRESET|PATH [--json]`: the model card of a configuration.
+
+Parameters (total and active, by component), forward FLOPs per token, KV-cache bytes per token
+(and what full multi-head attention would need), and the bytes of the weights per precision.
+All figures come from `moekit.counts`, which tests hold equal to the built model's `numel()`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from moekit.config import ModelConfig, resolve_config
+from moekit.counts import count_params, flops_per_token, kv_bytes_per_token
+
+PRECISIONS = {"fp32": 4, "bf16": 2, "int8": 1}
+
+
+def model_card(cfg: ModelConfig) -> dict:
+    c = count_params(cfg)
+    f0 = flops_per_token(cfg)
+    f_ctx = flops_per_token(cfg, context=cfg.max_seq_len)
+    return {
+        "name": cfg.name,
+        "config": cfg.to_dict(),
+        "params": c.as_dict(),
+        "flops_per_token": {
+            "matmul": f0.matmul,  # 2 x active matmul parameters
+            "attention_at_max_context": f_ctx.attention,
+            "max_context": cfg.max_seq_len,
+            "attention_per_context_token": 4 * cfg.n_layer * cfg.q_dim,
+        },
+        "kv_bytes_per_token_bf16": {
+            "this_model": kv_bytes_per_token(cfg, 2),
+            "with_mha": kv_bytes_per_token(cfg, 2, n_kv_head=cfg.n_head),
+            "n_kv_head": cfg.n_kv_head,
+            "n_head": cfg.n_head,
+        },
+        "weight_bytes": {p: {"total": c.total * b, "active": c.active * b} for p, b in PRECISIONS.items()},
+    }
+
+
+def human(n: float, unit: str = "") -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "B" if not unit else "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:,.2f}{suffix}{unit}"
+    return f"{n:,.0f}{unit}"
+
+
+def format_card(card: dict) -> str:
+    cfg, p, f, kv = card["config"], card["params"], card["flops_per_token"], card["kv_bytes_per_token_bf16"]
+    attn = {1: "MQA", cfg["n_head"]: "MHA"}.get(cfg["n_kv_head"], "GQA")
+    moe = (f"{cfg['n_expert']} experts, top-{cfg['top_k']}, {cfg['d_ff']:,} hidden ({cfg['mlp']})"
+           if cfg["n_expert"] > 1 else f"dense MLP, {cfg['d_ff']:,} hidden ({cfg['mlp']})")
+    lines = [
+        f"{card['name']}: {cfg['n_layer']} layers, d_model {cfg['d_model']:,}, {cfg['n_head']} query heads x "
+        f"{cfg['head_dim']} ({attn}, {cfg['n_kv_head']} KV head{'s' if cfg['n_kv_head'] > 1 else ''}), {moe}, "
+        f"vocab {cfg['vocab_size']:,}, context {cfg['max_seq_len']:,}",
+        "",
+        "parameters",
+        f"  total              {human(p['total']):>12}   ({p['total']:,})",
+        f"  active per token   {human(p['active']):>12}   ({p['active']:,})",
+    ]
+    if cfg["n_expert"] > 1:
+        lines.append(f"  one expert         {human(p['per_expert']):>12}   (its MLP summed over the MoE layers)")
+        lines.append(f"  all experts        {human(p['experts']):>12}")
+    for key in ("attention", "dense_mlp", "router", "embedding", "lm_head", "norms"):
+        if p[key]:
+            lines.append(f"  {key:<18} {human(p[key]):>12}")
+    lines += [
+        "",
+        "forward FLOPs per token",
+        f"  2 x active matmul  {human(f['matmul'], 'FLOP'):>12}",
+        f"  + attention        {human(f['attention_at_max_context'], 'FLOP'):>12}   at {f['max_context']:,} "
+        f"tokens of context ({human(f['attention_per_context_token'], 'FLOP')} per context token)",
+        "",
+        "KV cache per token (bf16)",
+        f"  this model ({attn})  {human(kv['this_model'], 'B'):>11}",
+        f"  with full MHA      {human(kv['with_mha'], 'B'):>12}   ({kv['with_mha'] / kv['this_model']:.0f}x)",
+        "",
+        "weights",
+    ]
+    for prec, b in card["weight_bytes"].items():
+        lines.append(f"  {prec:<5} total {human(b['total'], 'B'):>11}   active {human(b['active'], 'B'):>11}")
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a preset name, a moekit run folder or a Hugging Face model folder")
+    p.add_argument("--json", action="store_true", help="print the card as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from moekit.cli import apply_overrides
+
+    cfg = apply_overrides(resolve_config(args.model), args.overrides)
+    card = model_card(cfg)
+    print(json.dumps(card, indent=2) if args.json else format_card(card))
+    return 0

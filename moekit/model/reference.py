@@ -1,0 +1,63 @@
+"""Slow, obviously correct oracles. Used only by tests, to check the fast paths (DESIGN.md principle 4).
+
+- `moe_loop`: a plain loop over experts and top-k ranks with boolean masks, no sorting, no gathers.
+- `capacity_keep_loop`: GShard's capacity rule, one assignment at a time in Python.
+- `attention_naive`: softmax(q k^T / sqrt(d) + causal mask) v with K/V heads repeated by hand.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from moekit.model.moe import MoE, activation, route
+
+
+def capacity_keep_loop(experts_TK: torch.Tensor, n_expert: int, capacity: int) -> torch.Tensor:
+    """Every token's 1st choice is served before any 2nd choice; within a rank, earlier tokens first."""
+    T, K = experts_TK.shape
+    keep = torch.zeros(T, K, dtype=torch.bool)
+    used = [0] * n_expert
+    for k in range(K):
+        for t in range(T):
+            e = int(experts_TK[t, k])
+            if used[e] < capacity:
+                used[e] += 1
+                keep[t, k] = True
+    return keep
+
+
+def moe_loop(moe: MoE, x_BTD: torch.Tensor) -> torch.Tensor:
+    """The MoE layer's output computed expert by expert: y_t = sum_k w_tk * expert_{e_tk}(x_t)."""
+    x_TD = x_BTD.reshape(-1, x_BTD.shape[-1])
+    T, E, K = x_TD.shape[0], moe.n_expert, moe.top_k
+    _, weights_TK, experts_TK = route(moe.router(x_TD), K)
+    keep_TK = torch.ones_like(experts_TK, dtype=torch.bool)
+    if moe.capacity_factor > 0:
+        keep_TK = capacity_keep_loop(experts_TK.cpu(), E, math.ceil(moe.capacity_factor * T * K / E))
+        keep_TK = keep_TK.to(x_TD.device)
+    y_TD = torch.zeros_like(x_TD)
+    for e in range(E):
+        for k in range(K):
+            mask_T = (experts_TK[:, k] == e) & keep_TK[:, k]
+            if not mask_T.any():
+                continue
+            x_mD = x_TD[mask_T]
+            h3 = x_mD @ moe.w3[e] if moe.w3 is not None else None
+            out_mD = activation(x_mD @ moe.w1[e], h3) @ moe.w2[e]
+            y_TD[mask_T] = y_TD[mask_T] + weights_TK[mask_T, k, None].to(x_TD.dtype) * out_mD
+    return y_TD.view_as(x_BTD)
+
+
+def attention_naive(q_BHTDh: torch.Tensor, k_BGSDh: torch.Tensor, v_BGSDh: torch.Tensor,
+                    start_pos: int = 0) -> torch.Tensor:
+    """Causal attention of T new queries (at positions start_pos...) over S = start_pos + T keys."""
+    H, G = q_BHTDh.shape[1], k_BGSDh.shape[1]
+    k = k_BGSDh.repeat_interleave(H // G, dim=1)
+    v = v_BGSDh.repeat_interleave(H // G, dim=1)
+    T, S = q_BHTDh.shape[2], k.shape[2]
+    scores = q_BHTDh @ k.transpose(-1, -2) / math.sqrt(q_BHTDh.shape[-1])
+    allowed = torch.arange(S)[None, :] <= (start_pos + torch.arange(T))[:, None]
+    scores = scores.masked_fill(~allowed.to(scores.device), float("-inf"))
+    return scores.softmax(-1) @ v
