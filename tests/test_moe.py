@@ -41,7 +41,7 @@ def test_dispatch_equals_loop_oracle(mlp, capacity_factor, dispatch, shape):
     y, info = moe(x)
     g = grads(moe, x, y)
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
-    for a, b in zip(g, g_ref):
+    for a, b in zip(g, g_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert int(info.tokens_per_expert_E.sum()) + int(info.dropped) == x.shape[0] * x.shape[1] * moe.top_k
 

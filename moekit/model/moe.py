@@ -27,11 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.config import ModelConfig
-
-
-def activation(h1: torch.Tensor, h3: torch.Tensor | None) -> torch.Tensor:
-    """GELU for the GPT-style 2-matrix MLP; SwiGLU silu(x W1) * (x W3) for Llama/Mixtral (Shazeer 2020)."""
-    return F.gelu(h1) if h3 is None else F.silu(h1) * h3
+from moekit.model.grouped import DispatchRows, PermuteRows, activation, grouped_expert_mlp
 
 
 class MLP(nn.Module):
@@ -124,53 +120,64 @@ class MoE(nn.Module):
         logits_TE = self.router(x_TD)
         probs_TE, weights_TK, experts_TK = route(logits_TE, K)
 
-        # The assignment list, rank-major: token_N[i] goes to expert_N[i] with weight weight_N[i].
-        token_N = torch.arange(T, device=x_TD.device).repeat(K)
+        # Assignments in rank-major order (all 1st choices, then all 2nd choices...): n = k * T + t.
         expert_N = experts_TK.t().reshape(-1)
-        weight_N = weights_TK.t().reshape(-1)
+        weight_N = weights_TK.t().reshape(-1).to(x_TD.dtype)
+        keep_N = None
         dropped = torch.zeros((), dtype=torch.long, device=x_TD.device)
         if self.capacity_factor > 0:
             capacity = math.ceil(self.capacity_factor * T * K / E)
             keep_N = capacity_keep(experts_TK, E, capacity).t().reshape(-1)
-            token_N, expert_N, weight_N = token_N[keep_N], expert_N[keep_N], weight_N[keep_N]
             dropped = T * K - keep_N.sum()
 
-        use_gather = self.dispatch == "gather" or (self.dispatch == "auto" and expert_N.numel() <= E)
+        use_gather = self.dispatch == "gather" or (self.dispatch == "auto" and T * K <= E)
         run = self._gather if use_gather else self._sorted
-        y_TD = run(x_TD, token_N, expert_N, weight_N.to(x_TD.dtype))
+        y_TD = run(x_TD, expert_N, weight_N, keep_N)
+        kept_N = expert_N if keep_N is None else expert_N[keep_N]
 
         info = RoutingInfo(
             aux_loss=load_balancing_loss(probs_TE, experts_TK),
             z_loss=torch.logsumexp(logits_TE, dim=-1).square().mean(),
-            tokens_per_expert_E=torch.bincount(expert_N, minlength=E).detach(),
+            tokens_per_expert_E=torch.bincount(kept_N, minlength=E).detach(),
             dropped=dropped.detach(),
             entropy=-(probs_TE * probs_TE.clamp_min(1e-20).log()).sum(-1).mean().detach(),
         )
         return y_TD.view_as(x_BTD), info
 
-    def _sorted(self, x_TD, token_N, expert_N, weight_N):
-        order_N = torch.argsort(expert_N, stable=True)
-        token_sorted_N = token_N[order_N]
-        # One host sync for the slice sizes; experts without tokens are skipped (and not read).
-        counts = torch.bincount(expert_N, minlength=self.n_expert).tolist()
-        x_ND = x_TD[token_sorted_N]
-        w1s, w2s = self.w1.unbind(0), self.w2.unbind(0)  # unbind: one stacked grad, not E scatters
-        w3s = self.w3.unbind(0) if self.w3 is not None else None
-        outs, start = [], 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            x_nD = x_ND[start:start + n]
-            h3 = x_nD @ w3s[e] if w3s is not None else None
-            outs.append(activation(x_nD @ w1s[e], h3) @ w2s[e])
-            start += n
-        if not outs:  # every assignment was dropped
-            return torch.zeros_like(x_TD)
-        y_ND = torch.cat(outs) * weight_N[order_N, None]
-        return torch.zeros_like(x_TD).index_add_(0, token_sorted_N, y_ND)
+    def _weights(self, x: torch.Tensor):
+        """Expert weights in the compute dtype: autocast's (bf16 training), else the input's."""
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        w3 = self.w3.to(dtype) if self.w3 is not None else None
+        return self.w1.to(dtype), self.w2.to(dtype), w3
 
-    def _gather(self, x_TD, token_N, expert_N, weight_N):
-        x_N1D = x_TD[token_N].unsqueeze(1)
-        h3 = torch.bmm(x_N1D, self.w3[expert_N]) if self.w3 is not None else None
-        y_N1D = torch.bmm(activation(torch.bmm(x_N1D, self.w1[expert_N]), h3), self.w2[expert_N])
-        return torch.zeros_like(x_TD).index_add_(0, token_N, y_N1D.squeeze(1) * weight_N[:, None])
+    def _sorted(self, x_TD, expert_N, weight_N, keep_N):
+        E, T, N = self.n_expert, x_TD.shape[0], expert_N.numel()
+        if keep_N is not None:  # dropped assignments go to a sentinel expert E: sorted last, not run
+            expert_N = torch.where(keep_N, expert_N, E)
+        order_N = torch.argsort(expert_N, stable=True)
+        inverse_N = torch.empty_like(order_N)
+        inverse_N[order_N] = torch.arange(N, device=order_N.device)
+        # One host sync for the slice sizes; experts without tokens are skipped (and not read).
+        counts = torch.bincount(expert_N, minlength=E + 1)[:E].tolist()
+        w1, w2, w3 = self._weights(x_TD)
+        x_ND = DispatchRows.apply(x_TD.to(w1.dtype), order_N, inverse_N)
+        y_ND = grouped_expert_mlp(x_ND, counts, w1, w2, w3).to(x_TD.dtype)
+        y_KTD = PermuteRows.apply(y_ND, inverse_N, order_N).view(-1, T, x_TD.shape[1])
+        return (y_KTD * weight_N.view(-1, T, 1)).sum(0)
+
+    def _gather(self, x_TD, expert_N, weight_N, keep_N):
+        token_N = torch.arange(x_TD.shape[0], device=x_TD.device).repeat(self.top_k)
+        if keep_N is not None:
+            token_N, expert_N, weight_N = token_N[keep_N], expert_N[keep_N], weight_N[keep_N]
+        dev = x_TD.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_TD.dtype
+
+        def pick(w_E):  # gather the routed experts first, then cast: read k experts, not E
+            return w_E[expert_N].to(dtype)
+
+        x_N1D = x_TD.index_select(0, token_N).unsqueeze(1).to(dtype)
+        h3 = torch.bmm(x_N1D, pick(self.w3)) if self.w3 is not None else None
+        y_N1D = torch.bmm(activation(torch.bmm(x_N1D, pick(self.w1)), h3), pick(self.w2))
+        y_ND = y_N1D.squeeze(1).to(x_TD.dtype) * weight_N[:, None]
+        return torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)

@@ -1,0 +1,119 @@
+"""Grouped expert MLP: every expert runs on its contiguous slice of expert-sorted tokens, with a
+hand-written backward.
+
+Why by hand: through autograd, a Python loop over experts makes each weight's gradient a stack of
+per-expert pieces (E temporary full-size zero tensors or a final `cat`), plus a saved activation
+per matmul. Here the backward writes every expert's weight gradient in place into one (E, ...)
+buffer with `mm(out=...)`. Rows past the last expert's slice are dropped assignments (capacity
+limit): they get no output and no gradient. On a GPU this loop is the place for
+`torch._grouped_mm`; on a CPU one GEMM per expert is as fast as any (bench/moe_layer.py).
+
+Checked against `reference.moe_loop` in outputs and every gradient (tests/test_moe.py).
+Shape legend: N tokens sorted by expert, D d_model, F expert hidden, E experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def activation(h1: torch.Tensor, h3: torch.Tensor | None) -> torch.Tensor:
+    """GELU for the GPT-style 2-matrix MLP; SwiGLU silu(x W1) * (x W3) for Llama/Mixtral (Shazeer 2020)."""
+    return F.gelu(h1) if h3 is None else F.silu(h1) * h3
+
+
+class GroupedExpertMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_ND, counts: list[int], w1_EDF, w2_EFD, w3_EDF):
+        y_ND = x_ND.new_empty(x_ND.shape)
+        h1_NF = x_ND.new_empty(x_ND.shape[0], w1_EDF.shape[2])
+        h3_NF = torch.empty_like(h1_NF) if w3_EDF is not None else None
+        a_NF = torch.empty_like(h1_NF)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            sl = slice(start, start + n)
+            torch.mm(x_ND[sl], w1_EDF[e], out=h1_NF[sl])
+            if h3_NF is not None:
+                torch.mm(x_ND[sl], w3_EDF[e], out=h3_NF[sl])
+            a_NF[sl] = activation(h1_NF[sl], h3_NF[sl] if h3_NF is not None else None)
+            torch.mm(a_NF[sl], w2_EFD[e], out=y_ND[sl])
+            start += n
+        y_ND[start:] = 0  # rows past the experts' slices: dropped assignments, no output
+        ctx.counts = counts
+        ctx.save_for_backward(x_ND, h1_NF, h3_NF, a_NF, w1_EDF, w2_EFD, w3_EDF)
+        return y_ND
+
+    @staticmethod
+    def backward(ctx, gy_ND):
+        x_ND, h1_NF, h3_NF, a_NF, w1_EDF, w2_EFD, w3_EDF = ctx.saved_tensors
+        gy_ND = gy_ND.contiguous()
+        gx_ND = torch.empty_like(x_ND)
+        gw1, gw2 = torch.empty_like(w1_EDF), torch.empty_like(w2_EFD)
+        gw3 = torch.empty_like(w3_EDF) if w3_EDF is not None else None
+        start = 0
+        for e, n in enumerate(ctx.counts):
+            if n == 0:  # an expert no token chose: zero gradient
+                gw1[e].zero_()
+                gw2[e].zero_()
+                if gw3 is not None:
+                    gw3[e].zero_()
+                continue
+            sl = slice(start, start + n)
+            x, h1, gy = x_ND[sl], h1_NF[sl], gy_ND[sl]
+            h3 = h3_NF[sl] if h3_NF is not None else None
+            torch.mm(a_NF[sl].t(), gy, out=gw2[e])
+            ga = gy @ w2_EFD[e].t()
+            if h3 is None:  # y = gelu(h1) W2
+                gh1 = torch.ops.aten.gelu_backward(ga, h1)
+                torch.mm(gh1, w1_EDF[e].t(), out=gx_ND[sl])
+            else:  # y = (silu(h1) * h3) W2
+                gh1 = torch.ops.aten.silu_backward(ga * h3, h1)
+                gh3 = ga * F.silu(h1)
+                torch.mm(x.t(), gh3, out=gw3[e])
+                torch.addmm(gh3 @ w3_EDF[e].t(), gh1, w1_EDF[e].t(), out=gx_ND[sl])
+            torch.mm(x.t(), gh1, out=gw1[e])
+            start += n
+        gx_ND[start:] = 0
+        return gx_ND, None, gw1, gw2, gw3
+
+
+class DispatchRows(torch.autograd.Function):
+    """x_ND = x_TD[order_N % T]: each token's K copies, sorted by expert (rank-major assignments).
+
+    The backward is a gather too (each token sums its K gradient rows, found through the inverse
+    permutation), not the scatter-add autograd would use for indexing: much faster on a CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, order_N, inverse_N):
+        ctx.save_for_backward(inverse_N)
+        ctx.T = x_TD.shape[0]
+        return x_TD.index_select(0, order_N % ctx.T)
+
+    @staticmethod
+    def backward(ctx, g_ND):
+        (inverse_N,) = ctx.saved_tensors
+        return g_ND.index_select(0, inverse_N).view(-1, ctx.T, g_ND.shape[-1]).sum(0), None, None
+
+
+class PermuteRows(torch.autograd.Function):
+    """y = x[index] for a permutation `index`; the backward is the gather g[inverse]."""
+
+    @staticmethod
+    def forward(ctx, x_ND, index_N, inverse_N):
+        ctx.save_for_backward(inverse_N)
+        return x_ND.index_select(0, index_N)
+
+    @staticmethod
+    def backward(ctx, g_ND):
+        (inverse_N,) = ctx.saved_tensors
+        return g_ND.index_select(0, inverse_N), None, None
+
+
+def grouped_expert_mlp(x_ND: torch.Tensor, counts: list[int], w1_EDF: torch.Tensor, w2_EFD: torch.Tensor,
+                       w3_EDF: torch.Tensor | None) -> torch.Tensor:
+    """y[slice_e] = act(x[slice_e] W1[e] (, x[slice_e] W3[e])) W2[e] for consecutive slices of sizes `counts`."""
+    return GroupedExpertMLP.apply(x_ND, counts, w1_EDF, w2_EFD, w3_EDF)
