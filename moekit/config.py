@@ -188,7 +188,7 @@ def resolve_config(spec: str) -> ModelConfig:
     if "model_type" in d:  # a Hugging Face config.json
         from moekit.hf import config_from_hf
 
-        return config_from_hf(d)
+        return config_from_hf(d, name=path.resolve().name if path.is_dir() else path.resolve().parent.name)
     return ModelConfig.from_dict(d)
 
 
