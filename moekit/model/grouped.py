@@ -117,3 +117,21 @@ def grouped_expert_mlp(x_ND: torch.Tensor, counts: list[int], w1_EDF: torch.Tens
                        w3_EDF: torch.Tensor | None) -> torch.Tensor:
     """y[slice_e] = act(x[slice_e] W1[e] (, x[slice_e] W3[e])) W2[e] for consecutive slices of sizes `counts`."""
     return GroupedExpertMLP.apply(x_ND, counts, w1_EDF, w2_EFD, w3_EDF)
+
+
+def use_grouped_mm(x_ND: torch.Tensor) -> bool:
+    """torch's grouped GEMM kernel: CUDA, bf16, sm80+ (torch.nn.functional.grouped_mm docs)."""
+    return (x_ND.is_cuda and x_ND.dtype == torch.bfloat16 and hasattr(F, "grouped_mm")
+            and torch.cuda.get_device_capability(x_ND.device) >= (8, 0))
+
+
+def grouped_mm_expert_mlp(x_ND: torch.Tensor, offs_E: torch.Tensor, w1_EDF: torch.Tensor, w2_EFD: torch.Tensor,
+                          w3_EDF: torch.Tensor | None) -> torch.Tensor:
+    """The same function as `grouped_expert_mlp`, with `offs_E` = cumulative slice ends (int32), through
+    torch's grouped GEMM (autograd included). Rows past offs_E[-1] (dropped assignments) are masked
+    on the way in and out, since the kernel leaves them unwritten."""
+    valid_N1 = (torch.arange(x_ND.shape[0], device=x_ND.device) < offs_E[-1])[:, None]
+    x_ND = torch.where(valid_N1, x_ND, 0)
+    h3 = F.grouped_mm(x_ND, w3_EDF, offs=offs_E) if w3_EDF is not None else None
+    y_ND = F.grouped_mm(activation(F.grouped_mm(x_ND, w1_EDF, offs=offs_E), h3), w2_EFD, offs=offs_E)
+    return torch.where(valid_N1, y_ND, 0)

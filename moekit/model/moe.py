@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.config import ModelConfig
-from moekit.model.grouped import DispatchRows, PermuteRows, activation, grouped_expert_mlp
+from moekit.model.grouped import (DispatchRows, PermuteRows, activation, grouped_expert_mlp, grouped_mm_expert_mlp,
+                                  use_grouped_mm)
 
 
 class MLP(nn.Module):
@@ -158,11 +159,14 @@ class MoE(nn.Module):
         order_N = torch.argsort(expert_N, stable=True)
         inverse_N = torch.empty_like(order_N)
         inverse_N[order_N] = torch.arange(N, device=order_N.device)
-        # One host sync for the slice sizes; experts without tokens are skipped (and not read).
-        counts = torch.bincount(expert_N, minlength=E + 1)[:E].tolist()
         w1, w2, w3 = self._weights(x_TD)
         x_ND = DispatchRows.apply(x_TD.to(w1.dtype), order_N, inverse_N)
-        y_ND = grouped_expert_mlp(x_ND, counts, w1, w2, w3).to(x_TD.dtype)
+        counts_E = torch.bincount(expert_N, minlength=E + 1)[:E]
+        if use_grouped_mm(x_ND):  # one fused kernel per matmul, no host sync (CUDA, bf16)
+            y_ND = grouped_mm_expert_mlp(x_ND, counts_E.cumsum(0).to(torch.int32), w1, w2, w3)
+        else:  # one host sync for the slice sizes; experts without tokens are skipped (and not read)
+            y_ND = grouped_expert_mlp(x_ND, counts_E.tolist(), w1, w2, w3)
+        y_ND = y_ND.to(x_TD.dtype)
         y_KTD = PermuteRows.apply(y_ND, inverse_N, order_N).view(-1, T, x_TD.shape[1])
         return (y_KTD * weight_N.view(-1, T, 1)).sum(0)
 
