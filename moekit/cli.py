@@ -13,6 +13,10 @@ import sys
 
 COMMANDS = {
     "info": ("moekit.info", "the model card of a preset, a run or a Hugging Face directory"),
+    "train": ("moekit.train.cli", "train a preset (tiny by default) on the embedded corpus or --data; --resume"),
+    "sample": ("moekit.train.sample", "sample text from a run: moekit sample RUN \"prompt\""),
+    "plan": ("moekit.plan.cli", "cost of training and serving: the GPT-4 report, train, serve, wall, chart"),
+    "bench": ("moekit.bench_cmd", "measure this machine: `moekit bench hardware` writes its hardware entry"),
 }
 
 
@@ -45,14 +49,16 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only `command`'s module is imported (to add its arguments), so startup stays fast."""
     parser = Parser(prog="moekit", description=__doc__.splitlines()[0],
                                      epilog="Model config overrides: --key=value, e.g. --n_layer=2 --top_k=1.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(p)
+        if name == command:
+            importlib.import_module(module).add_arguments(p)
     return parser
 
 
@@ -60,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         rest, overrides = split_overrides(argv)
-        parser = build_parser()
+        parser = build_parser(next((a for a in rest if a in COMMANDS), None))
         args = parser.parse_args(rest)
         if args.command is None:
             parser.print_help()

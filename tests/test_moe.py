@@ -23,7 +23,7 @@ def make_moe(mlp="gelu", n_expert=8, top_k=2, capacity_factor=0.0, d_model=32, d
 def grads(module, x, y):
     module.zero_grad()
     x.grad = None
-    (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+    (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).view_as(y)).sum().backward()
     return [x.grad.clone()] + [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
                                for p in module.parameters()]
 
