@@ -1,0 +1,241 @@
+"""`moekit plan [train|serve|wall|chart]`: the planner's command line, a thin layer over `moekit.plan`.
+
+    moekit plan                                   # the GPT-4 report (every claim of SPEC sections 1-4)
+    moekit plan train --gpu A100-80GB --gpus 25000 --tokens 13T --mfu 0.34
+    moekit plan serve --model gpt4 --gpu H100 --weight-dtype fp8 --kv-dtype fp8 --context 6144
+    moekit plan serve --model tiny --gpu local --tp 1 --pp 1 --batch 8 --json  # after moekit bench hardware
+    moekit plan wall --gpu H100 --gpus 8 --tps 20 --hbm-gb-s 3000
+    moekit plan chart --out charts/
+
+Every input has a flag, `--json` prints the full result, numbers take decimal suffixes (13T, 60M, 8k = 8,000).
+Model overrides (`--n_layer=60`) apply to `train` and `serve`. Bad input: one line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+from moekit.plan.hardware import DTYPE_BYTES
+
+_SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+
+
+def number(text: str) -> float:
+    """'13T' -> 1.3e13, '60M' -> 6e7, '2.15e25' -> 2.15e25."""
+    t = text.strip().replace(",", "").replace("_", "")
+    scale = _SUFFIX.get(t[-1:].lower(), 1) if t and t[-1:].isalpha() else 1
+    try:
+        value = float(t[:-1] if scale != 1 else t) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r} (e.g. 13T, 60M, 8k, 2.15e25)") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
+
+
+def integer(text: str) -> int:
+    value = number(text)
+    if value != int(value):
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
+    return int(value)
+
+
+def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
+    if model:
+        p.add_argument("--model", default="gpt4", help="preset name, moekit run or HF folder (default gpt4); "
+                                                      "--key=value overrides its config")
+    p.add_argument("--hardware", action="append", default=[], metavar="FILE",
+                   help="JSON/TOML file of extra GPU entries (repeatable); see moekit/plan/hardware.py")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the GPT-4 report as JSON")
+    sub = p.add_subparsers(dest="plan_command", metavar="{train,serve,wall,chart}")
+    gpu_help = "GPU name, `local`, or a hardware file (default %(default)s)"
+
+    t = sub.add_parser("train", help="FLOPs, days or MFU, dollars, memory per GPU, pipeline bubble")
+    _common(t)
+    t.add_argument("--gpu", default="A100-80GB", help=gpu_help)
+    t.add_argument("--gpus", type=integer, default=25_000, help="number of GPUs (default 25,000)")
+    t.add_argument("--tokens", type=number, default=13e12, help="training tokens (default 13T)")
+    when = t.add_mutually_exclusive_group()
+    when.add_argument("--mfu", type=float, help="model FLOPs utilization, 0-1 (default 0.34): gives the time")
+    when.add_argument("--days", type=float, help="wall-clock days: gives the MFU")
+    t.add_argument("--tp", type=integer, default=8, help="tensor-parallel degree (default 8)")
+    t.add_argument("--pp", type=integer, default=15, help="pipeline-parallel degree (default 15)")
+    t.add_argument("--ep", type=integer, default=1,
+                   help="expert-parallel degree, carved out of data parallelism (default 1)")
+    t.add_argument("--zero", type=integer, default=1, help="ZeRO stage 0-3 (default 1)")
+    t.add_argument("--batch-tokens", type=number, default=60e6, help="tokens per step (default 60M)")
+    t.add_argument("--seq-len", type=integer, help="training sequence length (default: the model's)")
+    t.add_argument("--micro-batch", type=integer, default=1, help="sequences per micro-batch (default 1)")
+    t.add_argument("--recompute", default="full", choices=["none", "full"], help="activation recomputation")
+    t.add_argument("--no-sequence-parallel", dest="sequence_parallel", action="store_false",
+                   help="keep d_model-sized activations whole on every tensor-parallel GPU")
+    t.add_argument("--dtype", default="bf16", help="the peak that MFU is measured against (default bf16)")
+    t.add_argument("--price-per-hour", type=float, help="$ per GPU-hour (default: the hardware table's)")
+    t.add_argument("--include-attention", action="store_true",
+                   help="count attention FLOPs (PaLM appendix B) in the time and MFU")
+
+    s = sub.add_parser("serve", help="memory, largest batch, tokens/s per user and cluster, MFU, $ per 1k")
+    _common(s)
+    s.add_argument("--gpu", default="H100", help=gpu_help)
+    s.add_argument("--gpus", type=integer,
+                   help="GPUs in all, a multiple of tp x pp x ep (default: one replica)")
+    s.add_argument("--tp", type=integer, default=8, help="tensor-parallel degree (default 8)")
+    s.add_argument("--pp", type=integer, default=16, help="pipeline-parallel degree (default 16)")
+    s.add_argument("--ep", type=integer, default=1, help="expert-parallel degree (default 1)")
+    s.add_argument("--weight-dtype", default="bf16", choices=list(DTYPE_BYTES), help="weight precision")
+    s.add_argument("--kv-dtype", default="bf16", choices=list(DTYPE_BYTES), help="KV-cache precision")
+    s.add_argument("--compute-dtype", choices=list(DTYPE_BYTES),
+                   help="matmul precision (default: fp8 for fp8 weights where supported, else bf16)")
+    s.add_argument("--context", type=integer,
+                   help="KV-cache tokens per sequence, mean over those in flight (default: the window)")
+    s.add_argument("--prompt-len", type=integer,
+                   help="prompt tokens, for the prefill cost and time to first token (default: --context)")
+    pick = s.add_mutually_exclusive_group()
+    pick.add_argument("--batch", type=integer,
+                      help="sequences per micro-batch (default: the largest that fits)")
+    pick.add_argument("--target-tps", type=float, help="tokens/s per user to meet with the largest batch")
+    s.add_argument("--micro-batches", type=integer, help="micro-batches in flight (default pp)")
+    s.add_argument("--price-per-hour", type=float, help="$ per GPU-hour (default: the hardware table's)")
+    s.add_argument("--utilization", type=float, default=1.0,
+                   help="busy fraction of the cluster's time (default 1)")
+    s.add_argument("--memory-fraction", type=float, default=0.9, help="usable fraction of HBM (default 0.9)")
+    s.add_argument("--prefill-chunk", type=integer, default=2048, help="prefill chunk tokens (default 2048)")
+
+    w = sub.add_parser("wall", help="the largest model a system decodes at a tokens/s-per-user target")
+    _common(w, model=False)
+    w.add_argument("--gpu", default="H100", help=gpu_help)
+    w.add_argument("--gpus", type=integer, default=8, help="number of GPUs (default 8)")
+    w.add_argument("--tps", type=float, default=20.0, help="tokens/s per user (default 20)")
+    w.add_argument("--weight-dtype", default="bf16", choices=list(DTYPE_BYTES), help="weight precision")
+    w.add_argument("--overhead", type=float, default=2.0,
+                   help="bytes moved per byte of weights (default 2: the article's overheads = weight reads)")
+    w.add_argument("--hbm-gb-s", type=float, help="override the GPU's bandwidth, GB/s (the article: 3000)")
+
+    c = sub.add_parser("chart", help="write the planner's PNG charts")
+    c.add_argument("--out", default="moekit-charts", help="directory for the PNGs (default ./moekit-charts)")
+
+
+def _count(x: float) -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:,.4g}{suffix}"
+    return f"{x:,.0f}"
+
+
+def _gb(x: float) -> str:
+    return f"{x / 1e9:,.1f} GB"
+
+
+def _money(x: float | None, digits: int = 2) -> str:
+    return "n/a (pass --price-per-hour)" if x is None else f"${x:,.{digits}f}"
+
+
+def format_train(p) -> str:
+    m = p.memory
+    experts = f" (experts {p.ep}-way)" if p.ep > 1 else ""
+    attention = "included" if p.include_attention else "would add"
+    lines = [
+        f"training {p.model} on {p.n_gpus:,} x {p.gpu}: tensor {p.tp} x pipeline {p.pp} x data {p.dp}"
+        f"{experts}, ZeRO-{p.zero_stage}, {_count(p.tokens)} tokens",
+        f"  FLOPs                {p.flops:.3g}   ({p.flops_per_token / 1e9:,.1f} GFLOP per token = 6 x "
+        f"active; attention {attention} {p.attention_flops_per_token / 1e9:,.1f})",
+        f"  MFU                  {p.mfu:.1%} of {p.peak_flops / 1e12:,.0f} TFLOP/s {p.dtype}",
+        f"  time                 {p.days:,.1f} days",
+        f"  GPU-hours            {p.gpu_hours:,.0f}",
+        f"  cost                 {_money(p.cost, 0)}",
+        f"  memory per GPU       {_gb(m.total)} of {_gb(m.capacity)} (stage {m.stage}: weights "
+        f"{_gb(m.weights)}, grads {_gb(m.gradients)}, Adam {_gb(m.optimizer)}, activations "
+        f"{_gb(m.activations)}, recompute {p.recompute})",
+        f"  pipeline             {p.micro_batches} micro-batches of {p.micro_batch} x {p.seq_len:,} tokens "
+        f"per step, bubble {p.bubble:.1%}; layers per stage {sorted(set(p.layers_per_stage))}",
+        f"  tokens per expert    {_count(p.tokens_per_expert)} per {_count(p.batch_tokens)}-token batch",
+    ]
+    return "\n".join(lines + [f"  note: {n}" for n in p.notes])
+
+
+def format_serve(p) -> str:
+    m, d = p.memory, p.decode
+    lines = [
+        f"serving {p.model} on {p.n_gpus} x {p.gpu}: {p.replicas} replica(s) of tensor {p.tp} x pipeline "
+        f"{p.pp} x expert {p.ep}; weights {p.weight_dtype}, KV {p.kv_dtype}, matmuls {p.compute_dtype}; "
+        f"{p.context:,} tokens of context",
+        f"  batch                {p.batch} per micro-batch x {p.micro_batches} in flight (largest that "
+        f"fits: {p.max_batch})",
+        f"  memory per GPU       {_gb(m.total)} of {_gb(m.usable)} usable (stage {m.stage}: weights "
+        f"{_gb(m.weights)}, KV cache {_gb(m.kv_cache)}, workspace {_gb(m.workspace)})",
+        f"  decode step          {d.seconds * 1e3:.2f} ms per stage (compute {d.compute_s * 1e3:.2f}, "
+        f"memory {d.memory_s * 1e3:.2f}, communication {d.comm_s * 1e3:.2f}, hop {d.hop_s * 1e3:.2f})",
+        f"  tokens/s per user    {p.tokens_per_s_per_user:,.2f}",
+        f"  tokens/s (cluster)   {p.tokens_per_s:,.0f} output, {p.input_tokens_per_s:,.0f} input (prefill)",
+        f"  utilization          MFU {p.mfu:.1%}, memory bandwidth {p.mbu:.1%}",
+    ]
+    if p.experts_touched:
+        lines.append(f"  experts touched      {p.experts_touched:.1f} per MoE layer per decode step")
+    lines.append(f"  time to first token  {p.time_to_first_token:.3f} s for {p.prompt_len:,} prompt tokens")
+    if p.cost_per_hour is not None:
+        lines.append(f"  $ per 1k tokens      output {_money(p.cost_per_1k_output, 5)}, input "
+                     f"{_money(p.cost_per_1k_input, 5)} ({_money(p.cost_per_hour)} per hour, "
+                     f"{p.utilization:.0%} busy)")
+    return "\n".join(lines + [f"  note: {n}" for n in p.notes])
+
+
+def format_wall(w) -> str:
+    return "\n".join([
+        f"the brick wall: {w.n_gpus} x {w.gpu} ({w.bandwidth / w.n_gpus / 1e9:,.0f} GB/s each) at "
+        f"{w.tokens_per_s:g} tokens/s per user, batch 1, {w.weight_dtype}, overhead x{w.overhead:g}",
+        f"  largest model        {w.max_params / 1e9:,.0f}B parameters read per token (MoE: active ones)",
+        f"  fits in memory       {w.max_params_memory / 1e9:,.0f}B parameters",
+        f"  FLOPS utilization    {w.flops_utilization:.2%} of the bf16 peak at the wall",
+    ])
+
+
+def run(args: argparse.Namespace) -> int:
+    from moekit import plan
+    from moekit.cli import apply_overrides
+
+    cmd = args.plan_command
+    if args.overrides and cmd not in ("train", "serve"):
+        raise ValueError(f"model overrides ({', '.join('--' + k for k in args.overrides)}) apply only to "
+                         "`moekit plan train` and `moekit plan serve`")
+    if cmd is None:
+        r = plan.gpt4_report()
+        print(json.dumps(r.to_dict(), indent=2) if args.json else plan.format_report(r))
+        return 0
+    if cmd == "chart":
+        for path in plan.write_charts(args.out):
+            print(path)
+        return 0
+    files = tuple(args.hardware)
+    if cmd == "wall":
+        result = plan.wall(args.gpu, args.gpus, args.tps, weight_dtype=args.weight_dtype,
+                           overhead=args.overhead, hbm_gb_s=args.hbm_gb_s, hardware_files=files)
+        text = format_wall
+    else:
+        cfg = apply_overrides(plan.as_config(args.model), args.overrides)
+        if cmd == "train":
+            result = plan.train(cfg, args.gpu, args.gpus, args.tokens, mfu=args.mfu, days=args.days,
+                                tp=args.tp, pp=args.pp, ep=args.ep, zero_stage=args.zero,
+                                batch_tokens=args.batch_tokens,
+                                seq_len=args.seq_len, micro_batch=args.micro_batch, recompute=args.recompute,
+                                sequence_parallel=args.sequence_parallel, dtype=args.dtype,
+                                price_per_hour=args.price_per_hour, include_attention=args.include_attention,
+                                hardware_files=files)
+            text = format_train
+        else:
+            result = plan.serve(cfg, args.gpu, n_gpus=args.gpus, tp=args.tp, pp=args.pp, ep=args.ep,
+                                weight_dtype=args.weight_dtype, kv_dtype=args.kv_dtype,
+                                compute_dtype=args.compute_dtype, context=args.context,
+                                prompt_len=args.prompt_len, batch=args.batch, target_tps=args.target_tps,
+                                micro_batches=args.micro_batches,
+                                price_per_hour=args.price_per_hour, utilization=args.utilization,
+                                memory_fraction=args.memory_fraction, prefill_chunk=args.prefill_chunk,
+                                hardware_files=files)
+            text = format_serve
+    print(json.dumps(result.to_dict(), indent=2) if args.json else text(result))
+    return 0

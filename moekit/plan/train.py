@@ -1,0 +1,237 @@
+"""Training cost model: FLOPs, time or MFU, GPU-hours, dollars, memory per GPU, pipeline bubble.
+
+    from moekit.plan import train
+    p = train("gpt4", gpu="A100-80GB", n_gpus=25_000, tokens=13e12, mfu=0.34)   # SPEC section 3
+    p.days, p.cost, p.memory.total / 1e9, p.bubble
+
+Formulas (SPEC section 6 unless cited):
+- model FLOPs = 6 x N x D, N = active parameters that enter a matmul (`moekit.counts`), D = tokens.
+  This is what MFU counts. The attention term, 3 x 4 x layers x seq_len x attention width per token
+  (PaLM, Chowdhery et al. 2022, appendix B), is reported beside it and counted only on request.
+- time = FLOPs / (GPUs x peak x MFU), or MFU = FLOPs / (GPUs x peak x time); $ = GPU-hours x $/hour.
+- memory per GPU under tensor (tp) x pipeline (pp) x data (dp) parallelism, experts split over
+  ep ranks of the data-parallel group (DeepSpeed-MoE / Megatron-LM: expert data parallelism dp/ep):
+  bf16 weights (2 B), bf16 gradients (2 B) and Adam states (fp32 master weights, m, v: 12 B), of
+  which ZeRO stage 1 shards the optimizer states, 2 also the gradients, 3 also the weights over
+  their data-parallel group (Rajbhandari et al. 2020, "ZeRO", figure 1).
+- activations per layer and token, bf16, with FlashAttention (no s x s scores stored): the tensors
+  autograd saves (norm inputs/outputs, Q, K, V, attention output, MLP hidden before and after the
+  activation, for MoE the k gathered token copies and expert outputs); split by tp, fully with
+  sequence parallelism and except the d_model-sized ones without (Korthikanti et al. 2022, section 4).
+  Full recomputation keeps only each layer's input plus one layer's working set. Under the 1F1B
+  schedule stage s keeps min(m, pp - s) micro-batches in flight (Narayanan et al. 2021).
+- pipeline bubble = (pp - 1) / (m + pp - 1) of the step, m micro-batches per step.
+- tokens per expert per batch = batch tokens x top_k / n_expert.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from moekit.config import ModelConfig
+from moekit.counts import flops_per_token
+from moekit.plan.hardware import GPU, get_gpu
+from moekit.plan.layout import Stage, as_config, check_parallel, kv_heads_per_gpu, stages
+
+RECOMPUTE = ("none", "full")
+PARAM_BYTES, GRAD_BYTES, ADAM_BYTES = 2, 2, 12  # mixed-precision Adam (ZeRO paper, section 3.1: K = 12)
+DEFAULT_MFU = 0.34  # the middle of the article's 32-36% (SPEC section 3)
+
+
+@dataclass
+class TrainMemory:
+    """Bytes on the fullest GPU (stage `stage`)."""
+
+    stage: int
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    capacity: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.capacity
+
+
+@dataclass
+class TrainPlan:
+    model: str
+    gpu: str
+    n_gpus: int
+    tokens: float
+    tp: int
+    pp: int
+    dp: int
+    ep: int
+    zero_stage: int
+    seq_len: int
+    micro_batch: int  # sequences per micro-batch
+    batch_tokens: float
+    recompute: str
+    dtype: str  # the peak MFU is measured against
+    flops_per_token: float  # 6 x N_active (matmul)
+    attention_flops_per_token: float  # 3 x 4 x L x seq_len x q_dim (PaLM appendix B)
+    flops: float  # the total that MFU and time count
+    include_attention: bool
+    peak_flops: float  # per GPU
+    mfu: float
+    seconds: float
+    gpu_hours: float
+    price_per_hour: float | None
+    cost: float | None
+    memory: TrainMemory
+    micro_batches: int
+    bubble: float
+    tokens_per_expert: float
+    layers_per_stage: list[int]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def days(self) -> float:
+        return self.seconds / 86_400
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(days=self.days, memory=dict(d["memory"], total=self.memory.total, fits=self.memory.fits))
+        return d
+
+
+def activation_bytes(cfg: ModelConfig, moe_layer: bool, tp: int, sequence_parallel: bool) -> float:
+    """Bytes autograd keeps for one token of one layer on one GPU (bf16, FlashAttention)."""
+    h, f = cfg.d_model, (cfg.d_ff if moe_layer else cfg.dense_d_ff)
+    kv = kv_heads_per_gpu(cfg, tp) * cfg.head_dim  # replicated when fewer KV heads than tp
+    hidden = (4 if cfg.mlp == "swiglu" else 2) * f  # gelu: fc1 out, gelu out; swiglu: w1, w3, silu, product
+    k = cfg.top_k if moe_layer else 1
+    # d_model-sized tensors: both norms' input and output, and for MoE the k gathered copies and outputs.
+    wide = 4 * h + (2 * k * h if moe_layer else 0)
+    split = (2 * cfg.q_dim + k * hidden) / tp + 2 * kv  # Q, attention output, MLP hidden; K and V
+    router = 2 * cfg.n_expert if moe_layer else 0  # fp32 logits, counted in bf16 units
+    return 2 * ((wide / tp if sequence_parallel else wide) + split + router)
+
+
+def _stage_memory(cfg: ModelConfig, st: Stage, *, tp: int, dp: int, ep: int, zero: int, in_flight: int,
+                  tokens_per_micro: int, recompute: str, sp: bool, capacity: float) -> TrainMemory:
+    dense_gpu = st.non_expert / tp
+    expert_gpu = st.experts / (tp * ep)
+    edp = dp // ep  # expert data-parallel group
+
+    def sharded(level: int) -> float:  # parameters per GPU for a state ZeRO shards from `level` on
+        return dense_gpu / (dp if zero >= level else 1) + expert_gpu / (edp if zero >= level else 1)
+
+    weights = PARAM_BYTES * sharded(3)
+    if zero >= 3:  # the gathered working copy of ~2 layers (FSDP prefetches the next one)
+        weights += PARAM_BYTES * 2 * (st.dense + st.experts) / max(st.layers, 1) / (tp * ep)
+    moe_frac = st.moe_layers / st.layers if st.layers else 0.0
+    per_token_layer = (moe_frac * activation_bytes(cfg, True, tp, sp)
+                       + (1 - moe_frac) * activation_bytes(cfg, False, tp, sp))
+    if recompute == "full":  # each layer's input, plus one layer recomputed at a time
+        layer_input = 2 * cfg.d_model / (tp if sp else 1)
+        acts = (in_flight * st.layers * layer_input + per_token_layer) * tokens_per_micro
+    else:
+        acts = in_flight * st.layers * per_token_layer * tokens_per_micro
+    if st.lm_head:  # fp32 logits of one micro-batch for the loss, split over the vocabulary by tp
+        acts += 4 * cfg.vocab_size / tp * tokens_per_micro
+    return TrainMemory(stage=st.index, weights=weights, gradients=GRAD_BYTES * sharded(2),
+                       optimizer=ADAM_BYTES * sharded(1), activations=acts, capacity=capacity)
+
+
+def train(model: ModelConfig | str = "gpt4", gpu: GPU | str = "A100-80GB", n_gpus: int = 25_000,
+          tokens: float = 13e12, *, mfu: float | None = None, days: float | None = None, tp: int = 8,
+          pp: int = 15, ep: int = 1, zero_stage: int = 1, batch_tokens: float = 60e6,
+          seq_len: int | None = None, micro_batch: int = 1, recompute: str = "full",
+          sequence_parallel: bool = True, dtype: str = "bf16", price_per_hour: float | None = None,
+          include_attention: bool = False, hardware_files: tuple = ()) -> TrainPlan:
+    """Plan a training run. Give `mfu` (time follows) or `days` (MFU follows); neither = 34% MFU.
+
+    Defaults are the article's GPT-4 run (SPEC section 3): 13T tokens, 8-way tensor x 15-way pipeline,
+    ZeRO stage 1, 60M-token batches of 8k sequences, $1 per A100-hour.
+    """
+    cfg = as_config(model)
+    hw = get_gpu(gpu, hardware_files)
+    check_parallel(cfg, tp, pp, ep)
+    seq_len = cfg.max_seq_len if seq_len is None else seq_len
+    for name, value in (("--gpus", n_gpus), ("--seq-len", seq_len), ("--micro-batch", micro_batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not tokens > 0 or not batch_tokens > 0:
+        raise ValueError(f"--tokens and --batch-tokens must be > 0, got {tokens} and {batch_tokens}")
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"--zero must be 0, 1, 2 or 3, got {zero_stage!r}")
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"--recompute must be one of {', '.join(RECOMPUTE)}, got {recompute!r}")
+    if mfu is not None and days is not None:
+        raise ValueError("give --mfu or --days, not both: one follows from the other")
+    if mfu is not None and not 0 < mfu <= 1:
+        raise ValueError(f"--mfu is a fraction in (0, 1], got {mfu} (34% is 0.34)")
+    if days is not None and not days > 0:
+        raise ValueError(f"--days must be > 0, got {days}")
+    if n_gpus < tp * pp * ep:
+        raise ValueError(f"{n_gpus} GPUs cannot hold one replica: tp {tp} x pp {pp} x ep {ep} GPUs")
+    notes = []
+    dp = n_gpus // (tp * pp)
+    if dp % ep:
+        raise ValueError(f"expert-parallel degree {ep} must divide the data-parallel degree {dp} "
+                         f"({n_gpus} GPUs / (tp {tp} x pp {pp}))")
+    if n_gpus % (tp * pp):
+        notes.append(f"{n_gpus:,} GPUs is not a multiple of tp x pp = {tp * pp}: the layout uses {dp} "
+                     f"replicas ({dp * tp * pp:,} GPUs); time and cost count all {n_gpus:,}")
+    price = hw.price_per_hour if price_per_hour is None else price_per_hour
+    if price is not None and price < 0:
+        raise ValueError(f"--price-per-hour must be >= 0, got {price}")
+
+    # FLOPs: 3 x forward (backward = 2 x forward), forward = 2 x matmul-active params (SPEC section 6).
+    fwd = flops_per_token(cfg, context=seq_len)
+    per_token, attn_per_token = 3 * fwd.matmul, 3 * fwd.attention
+    flops = tokens * (per_token + (attn_per_token if include_attention else 0))
+    peak = hw.peak_flops(dtype)
+    if days is not None:
+        seconds = days * 86_400
+        mfu = flops / (n_gpus * peak * seconds)
+        if mfu > 1:
+            raise ValueError(f"{days} days on {n_gpus:,} {hw.name} would need {mfu:.0%} MFU: impossible, "
+                             "give more days or GPUs")
+    else:
+        if mfu is None:
+            mfu = DEFAULT_MFU
+            notes.append(f"MFU {DEFAULT_MFU:.0%} assumed (the article's 32-36%); pass --mfu or --days")
+        seconds = flops / (n_gpus * peak * mfu)
+    gpu_hours = n_gpus * seconds / 3600
+
+    # Pipeline: micro-batches per step per replica, the 1F1B bubble.
+    sequences = batch_tokens / seq_len
+    m = math.ceil(sequences / dp / micro_batch)
+    if sequences / dp < micro_batch:
+        notes.append(f"a {batch_tokens:,.0f}-token batch gives each of {dp} replicas less than one "
+                     f"micro-batch of {micro_batch} x {seq_len} tokens")
+    m = max(m, 1)
+    bubble = (pp - 1) / (m + pp - 1)
+
+    tokens_per_micro = micro_batch * seq_len
+    layout = stages(cfg, pp)
+    mems = [_stage_memory(cfg, st, tp=tp, dp=dp, ep=ep, zero=zero_stage, in_flight=min(m, pp - st.index),
+                          tokens_per_micro=tokens_per_micro, recompute=recompute, sp=sequence_parallel,
+                          capacity=hw.memory_bytes)
+            for st in layout]
+    memory = max(mems, key=lambda x: x.total)
+    if not memory.fits:
+        notes.append(f"does not fit: stage {memory.stage} needs {memory.total / 1e9:.1f} GB per GPU, "
+                     f"{hw.name} has {hw.memory_gb:g} GB (over by "
+                     f"{(memory.total - memory.capacity) / 1e9:.1f} GB)")
+    return TrainPlan(
+        model=cfg.name, gpu=hw.name, n_gpus=n_gpus, tokens=tokens, tp=tp, pp=pp, dp=dp, ep=ep,
+        zero_stage=zero_stage, seq_len=seq_len, micro_batch=micro_batch, batch_tokens=batch_tokens,
+        recompute=recompute, dtype=dtype, flops_per_token=per_token, attention_flops_per_token=attn_per_token,
+        flops=flops, include_attention=include_attention, peak_flops=peak, mfu=mfu, seconds=seconds,
+        gpu_hours=gpu_hours, price_per_hour=price, cost=None if price is None else gpu_hours * price,
+        memory=memory, micro_batches=m, bubble=bubble,
+        tokens_per_expert=batch_tokens * cfg.top_k / cfg.n_expert,
+        layers_per_stage=[st.layers for st in layout], notes=notes)
+
+
+__all__ = ["TrainMemory", "TrainPlan", "activation_bytes", "train"]
