@@ -27,6 +27,11 @@ from moekit.presets import get_preset
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def time_round_robin(fns: dict, x: torch.Tensor, repeats: int) -> dict[str, float]:
     """Median ms of forward + backward per function, measured in turns (A, B, C, A, B, C, ...) so that
     a change in the machine's load hits every candidate alike; two warm-up rounds first."""
@@ -34,9 +39,11 @@ def time_round_robin(fns: dict, x: torch.Tensor, repeats: int) -> dict[str, floa
     for i in range(repeats + 2):
         for name, fn in fns.items():
             x.grad = None
+            sync(x.device)
             t0 = time.perf_counter()
             y = fn(x)
             y.backward(torch.ones_like(y))
+            sync(x.device)
             if i >= 2:
                 times[name].append((time.perf_counter() - t0) * 1e3)
     return {name: statistics.median(t) for name, t in times.items()}
@@ -66,17 +73,20 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096, help="tokens per batch (e.g. 4 x 1024)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args()
     torch.manual_seed(0)
     base = get_preset("gpt4-mini")
     E, K, D, F = base.n_expert, base.top_k, base.d_model, base.d_ff
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     result = {"shape": {"tokens": args.tokens, "d_model": D, "n_expert": E, "top_k": K, "d_ff": F},
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor()
-              or platform.machine(), "ms_fwd_bwd": {}, "ratios": {}}
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "device": where,
+              "ms_fwd_bwd": {}, "ratios": {}}
     for dname in args.dtypes.split(","):
         dtype = DTYPES[dname]
         x = torch.randn(args.tokens // 1024 or 1, min(args.tokens, 1024), D)
-        x = x.to(dtype).requires_grad_()
+        x = x.to(device, dtype).requires_grad_()
         fns, ms = {}, {}
         for mlp in ("gelu", "swiglu"):
             cfg = base.replace(mlp=mlp)
@@ -84,7 +94,7 @@ def main() -> None:
             for p in moe.parameters():
                 torch.nn.init.normal_(p, std=0.02)
             # The equal-active dense MLP: same matmul FLOPs per token as top_k experts.
-            dense = MLP(cfg.replace(n_expert=1, top_k=1), K * F).to(dtype)
+            dense = MLP(cfg.replace(n_expert=1, top_k=1), K * F).to(device, dtype)
             if mlp == "swiglu":
                 for impl in ("eager", "grouped_mm", "batched_mm"):
                     gib = args.tokens * K * 3 * D * F * x.element_size() / 2**30
@@ -92,10 +102,10 @@ def main() -> None:
                         ms[f"hf_mixtral_{impl}"] = f"skipped: would gather {gib:.0f} GiB of weight copies"
                         continue
                     try:
-                        fns[f"hf_mixtral_{impl}"] = hf_block(moe, impl).to(dtype)
+                        fns[f"hf_mixtral_{impl}"] = hf_block(moe, impl).to(device, dtype)
                     except Exception as e:  # an implementation this torch/CPU lacks
                         ms[f"hf_mixtral_{impl}"] = f"unavailable: {type(e).__name__}: {str(e)[:80]}"
-            moe.to(dtype)
+            moe.to(device, dtype)
             fns[f"moe_{mlp}"] = lambda t, m=moe: m(t)[0]
             fns[f"dense_{mlp}"] = lambda t, m=dense: m(t)[0]
         ms.update(time_round_robin(fns, x, args.repeats))
