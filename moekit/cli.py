@@ -16,6 +16,8 @@ COMMANDS = {
     "info": ("moekit.info", "the model card of a preset, a run or a Hugging Face directory"),
     "train": ("moekit.train.cli", "train a preset (tiny by default) on the embedded corpus or --data; --resume"),
     "sample": ("moekit.train.sample", "sample text from a run: moekit sample RUN \"prompt\""),
+    "generate": ("moekit.infer.cli", "stream a completion: moekit generate --model RUN|HF_DIR \"prompt\""),
+    "serve": ("moekit.serve.cli", "OpenAI-compatible HTTP server: moekit serve --model RUN|HF_DIR [--port 8000]"),
     "plan": ("moekit.plan.cli", "cost of training and serving: the GPT-4 report, train, serve, wall, chart"),
     "bench": ("moekit.bench_cmd", "measure this machine: `moekit bench hardware` writes its hardware entry"),
 }

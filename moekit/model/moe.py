@@ -88,6 +88,13 @@ def capacity_keep(experts_TK: torch.Tensor, n_expert: int, capacity: int) -> tor
     return (position_N < capacity).view(experts_TK.shape[1], -1).t()
 
 
+def count_per_expert(expert_N: torch.Tensor, n: int) -> torch.Tensor:
+    """How many entries of `expert_N` name each of `n` experts. Unlike torch.bincount, this needs no
+    host sync on CUDA (bincount must read the maximum to size its output)."""
+    return torch.zeros(n, dtype=torch.long, device=expert_N.device).scatter_add_(
+        0, expert_N.reshape(-1), torch.ones_like(expert_N.reshape(-1)))
+
+
 def load_balancing_loss(probs_TE: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
     """Switch Transformer (Fedus et al. 2021, eq. 4), normalized so that perfect balance gives 1:
 
@@ -98,7 +105,7 @@ def load_balancing_loss(probs_TE: torch.Tensor, experts_TK: torch.Tensor) -> tor
     gradient.
     """
     E = probs_TE.shape[-1]
-    f_E = torch.bincount(experts_TK.reshape(-1), minlength=E).to(probs_TE.dtype) / experts_TK.numel()
+    f_E = count_per_expert(experts_TK, E).to(probs_TE.dtype) / experts_TK.numel()
     return E * (f_E * probs_TE.mean(dim=0)).sum()
 
 
@@ -139,7 +146,7 @@ class MoE(nn.Module):
         info = RoutingInfo(
             aux_loss=load_balancing_loss(probs_TE, experts_TK),
             z_loss=torch.logsumexp(logits_TE, dim=-1).square().mean(),
-            tokens_per_expert_E=torch.bincount(kept_N, minlength=E).detach(),
+            tokens_per_expert_E=count_per_expert(kept_N, E),
             dropped=dropped.detach(),
             entropy=-(probs_TE * probs_TE.clamp_min(1e-20).log()).sum(-1).mean().detach(),
         )
@@ -161,7 +168,7 @@ class MoE(nn.Module):
         inverse_N[order_N] = torch.arange(N, device=order_N.device)
         w1, w2, w3 = self._weights(x_TD)
         x_ND = DispatchRows.apply(x_TD.to(w1.dtype), order_N, inverse_N)
-        counts_E = torch.bincount(expert_N, minlength=E + 1)[:E]
+        counts_E = count_per_expert(expert_N, E + 1)[:E]
         if use_grouped_mm(x_ND):  # one fused kernel per matmul, no host sync (CUDA, bf16)
             y_ND = grouped_mm_expert_mlp(x_ND, counts_E.cumsum(0).to(torch.int32), w1, w2, w3)
         else:  # one host sync for the slice sizes; experts without tokens are skipped (and not read)

@@ -1,0 +1,390 @@
+"""The inference engine: continuous batching over a paged KV cache, with speculative decoding.
+
+    engine = Engine(model, tokenizer, kv_cache_gb=1.0)
+    outs = engine.generate(["def main(", "import "], SamplingParams(temperature=0, max_tokens=32))
+    rid = engine.add_request("Once upon", SamplingParams(max_tokens=50, seed=1))
+    for delta in engine.stream(rid):            # drives engine.step() until rid finishes
+        print(delta.new_text, end="")
+
+Each `step()` is schedule -> run -> sample -> update, with plain data between them (DESIGN.md
+principle 5, vLLM v1's EngineCore.step): the scheduler picks tokens under a budget, the runner
+computes them in one forward pass over the paged cache, the sampler (or, for draft tokens, the
+rejection sampler) turns logits into tokens, and each request commits them and checks its stop
+conditions; then the proposer, if any, drafts the next step's tokens. Requests join and leave
+between any two steps (continuous batching, Yu et al. 2022 "Orca"; SPEC section 4).
+
+Bad input (an over-long prompt, bad sampling parameters, a draft with another vocabulary) raises
+`ValueError` before anything changes, so the engine keeps serving the other requests.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from moekit.infer import speculative
+from moekit.infer.kv_cache import KVCacheManager, PagedKVCache, num_blocks_for
+from moekit.infer.request import Request
+from moekit.infer.runner import ModelRunner, RunItem
+from moekit.infer.sampler import Logprob, Row, SamplingParams, choose, logprobs, target_probs
+from moekit.infer.scheduler import Scheduler, SchedulerConfig
+from moekit.infer.tokenizer import TextCodec, as_codec
+from moekit.model.transformer import Transformer
+
+MAX_FINISHED_KEPT = 10_000  # finished requests kept for `stream`/`result` until collected
+
+
+@dataclass
+class RequestOutput:
+    """What one step added to one request (a streaming delta)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None = None
+    new_logprobs: list[Logprob] = field(default_factory=list)
+
+
+@dataclass
+class Completion:
+    """A finished request, as `generate` returns it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    logprobs: list[Logprob]
+    num_cached_tokens: int  # prompt tokens served by the prefix cache
+    num_preemptions: int
+
+
+@dataclass
+class Counters:
+    steps: int = 0
+    prompt_tokens: int = 0  # prompt tokens of admitted requests
+    computed_tokens: int = 0  # tokens through the target's forward pass (recomputation included)
+    generated_tokens: int = 0
+    spec_drafted: int = 0
+    spec_accepted: int = 0
+    spec_drafted_per_pos: list[int] = field(default_factory=list)
+    spec_accepted_per_pos: list[int] = field(default_factory=list)
+    tokens_per_expert: torch.Tensor | None = None  # (MoE layers, E), cumulative
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer=None, *, kv_cache_gb: float | None = None,
+                 num_blocks: int | None = None, block_size: int = 16, max_num_batched_tokens: int = 2048,
+                 max_num_seqs: int = 256, max_model_len: int | None = None, enable_prefix_caching: bool = True,
+                 draft: Transformer | None = None, ngram: bool = False, num_spec_tokens: int = 4,
+                 eos_token_ids: Sequence[int] | None = None):
+        self.model = model.eval()
+        self.cfg = cfg = model.cfg
+        w = model.tok_emb.weight
+        self.device, dtype = w.device, w.dtype
+        self.codec: TextCodec | None = as_codec(tokenizer)
+        self.eos_token_ids = tuple(eos_token_ids if eos_token_ids is not None else
+                                   (self.codec.eos_token_ids if self.codec else ()))
+        if num_blocks is None:
+            num_blocks = num_blocks_for(cfg, 1.0 if kv_cache_gb is None else kv_cache_gb, block_size, dtype)
+            # More blocks than max_num_seqs full-length requests can hold would never be used: cap the
+            # allocation (a tiny model in a 1 GiB budget would otherwise zero 1 GiB for nothing).
+            full = -(-min(cfg.max_seq_len, max_model_len or cfg.max_seq_len) // block_size)
+            num_blocks = min(num_blocks, max_num_seqs * full)
+        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
+        self.cache = PagedKVCache(cfg, num_blocks, block_size, dtype, self.device)
+        self.runner = ModelRunner(model, self.cache)
+        # One request must always fit the whole pool, or it could wait forever.
+        limits = [cfg.max_seq_len, num_blocks * block_size] + ([max_model_len] if max_model_len else [])
+        if draft is not None:
+            limits.append(draft.cfg.max_seq_len)
+        self.max_model_len = min(limits)
+        if self.max_model_len < 2:
+            raise ValueError(f"the KV cache holds {num_blocks * block_size} tokens, too few to serve anything: "
+                             "raise --kv-cache-gb")
+        self.scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens, max_num_seqs, self.max_model_len), self.kv)
+        if num_spec_tokens < 1:
+            raise ValueError(f"num_spec_tokens must be >= 1, got {num_spec_tokens}")
+        self.proposer = None
+        if draft is not None and ngram:
+            raise ValueError("choose one proposer: a draft model or n-gram lookup, not both")
+        if draft is not None:
+            if draft.cfg.vocab_size != cfg.vocab_size:
+                raise ValueError(f"the draft model has a vocabulary of {draft.cfg.vocab_size} tokens and the target "
+                                 f"{cfg.vocab_size}: a draft must use the target's tokenizer")
+            self.proposer = speculative.DraftProposer(draft.eval(), num_blocks, block_size, num_spec_tokens)
+        elif ngram:
+            self.proposer = speculative.NgramProposer(num_spec_tokens)
+        self.num_spec_tokens = num_spec_tokens
+        self.requests: dict[str, Request] = {}  # unfinished
+        self.finished: dict[str, Request] = {}  # finished, not yet collected
+        self.counters = Counters()
+        self._arrivals = 0
+        self._seeds = random.Random()
+
+    # ---- requests ---------------------------------------------------------------------------------
+    def _make_request(self, prompt: str | Sequence[int], params: SamplingParams | None,
+                      request_id: str | None) -> Request:
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt, str):
+            if self.codec is None:
+                raise ValueError("this engine has no tokenizer: pass the prompt as a list of token ids")
+            ids = self.codec.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        if min(ids) < 0 or max(ids) >= self.cfg.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.cfg.vocab_size}), got {min(ids)}..{max(ids)}")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens but the context holds {self.max_model_len} "
+                             "(prompt + output): shorten the prompt")
+        if params.stop and self.codec is None:
+            raise ValueError("stop strings need a tokenizer to detokenize the output; use stop_token_ids")
+        rid = request_id if request_id is not None else f"req-{self._arrivals}"
+        if rid in self.requests or rid in self.finished:
+            raise ValueError(f"request id {rid!r} is already in use")
+        seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
+        gen = torch.Generator().manual_seed(seed)  # on the CPU: the same draws on any device
+        return Request(rid, ids, params, arrival=self._arrivals, generator=gen, eos_token_ids=self.eos_token_ids)
+
+    def _submit(self, req: Request) -> str:
+        self._arrivals += 1
+        self.requests[req.request_id] = req
+        self.counters.prompt_tokens += req.num_prompt_tokens
+        self.scheduler.add(req)
+        return req.request_id
+
+    def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a request; its id. A bad request raises ValueError and changes nothing."""
+        return self._submit(self._make_request(prompt, params, request_id))
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its blocks; False if it is unknown or already finished."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        self._finish(req, "abort")
+        return True
+
+    def _finish(self, req: Request, reason: str) -> None:
+        self.requests.pop(req.request_id, None)
+        self.scheduler.finish(req, reason)
+        if self.proposer is not None:
+            self.proposer.free(req)
+        self.finished[req.request_id] = req
+        while len(self.finished) > MAX_FINISHED_KEPT:
+            self.finished.pop(next(iter(self.finished)))
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- one step ------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run one forward pass, sample, commit; the deltas of the requests that moved."""
+        sched = self.scheduler.schedule()
+        if self.proposer is not None:
+            for req in sched.preempted:
+                self.proposer.free(req)
+        if not sched.scheduled:
+            return []
+        items = []
+        for s in sched.scheduled:
+            req = s.request
+            c = req.num_computed_tokens
+            tokens = req.all_token_ids[c:c + s.num_tokens - len(s.spec_token_ids)] + s.spec_token_ids
+            items.append(RunItem(tokens, c, self.kv.block_ids(req.request_id),
+                                 len(s.spec_token_ids) + 1 if s.reaches_end else 0, req.request_id))
+        out = self.runner.forward(items)
+        cnt = self.counters
+        cnt.steps += 1
+        cnt.computed_tokens += sched.num_tokens
+        if out.tokens_per_expert_LE is not None:
+            cnt.tokens_per_expert = out.tokens_per_expert_LE + (
+                cnt.tokens_per_expert if cnt.tokens_per_expert is not None else 0)
+
+        # Every row to sample, across requests, goes through the sampler's tensor code at once; the
+        # requests without drafts get their token in the same batched call (one device sync).
+        rows, n_rows, plain = [], [], []
+        for s, it in zip(sched.scheduled, items, strict=True):
+            req, spec = s.request, s.spec_token_ids
+            if it.num_logits and not spec:
+                plain.append(len(rows))
+            history = req.output_token_ids if req.params.has_penalties else []  # only penalties read it
+            for i in range(it.num_logits):
+                rows.append(Row(req.params, req.generator, req.prompt_token_ids, history + spec[:i]))
+            n_rows.append(it.num_logits)
+        probs_RV = target_probs(out.logits_RV, rows) if rows else None
+        chosen = dict(zip(plain, choose(probs_RV[plain], [rows[i] for i in plain]), strict=True)) if plain else {}
+
+        outputs, r0 = [], 0
+        for s, n in zip(sched.scheduled, n_rows, strict=True):
+            req = s.request
+            req.num_computed_tokens += s.num_tokens
+            if n == 0:  # a prefill chunk that does not reach the prompt's end yet
+                continue
+            outputs.append(self._commit(req, s.spec_token_ids, probs_RV[r0:r0 + n], out.logits_RV[r0:r0 + n],
+                                        chosen.get(r0)))
+            r0 += n
+        if self.proposer is not None:
+            self._propose()
+        return outputs
+
+    def _commit(self, req: Request, spec: list[int], p_RV: torch.Tensor, raw_RV: torch.Tensor,
+                token: int | None) -> RequestOutput:
+        if spec:
+            q_KV = req.spec_probs[:len(spec)] if req.spec_probs is not None else None
+            new = speculative.verify(p_RV, spec, q_KV, req.generator, req.params.greedy)
+            n_acc = len(new) - 1
+            req.num_computed_tokens -= len(spec) - n_acc  # roll back the rejected drafts' K/V
+            self._count_spec(len(spec), n_acc)
+        else:
+            new = [token]
+        req.spec_token_ids, req.spec_probs = [], None
+
+        reason, committed = None, []
+        for tok in new:
+            committed.append(tok)
+            reason = req.append_token(tok, self.max_model_len)
+            if reason:
+                break
+        if req.params.logprobs is not None:
+            req.logprobs += logprobs(raw_RV[:len(committed)], committed, [req.params.logprobs] * len(committed))
+        self.counters.generated_tokens += len(committed)
+        if self.codec is not None:
+            new_text = req.detokenize(self.codec.decode)
+            if req.params.stop and req.check_stop_strings(new_text):
+                reason = "stop"
+            elif not req.params.stop:
+                req.text += new_text
+        if spec and not reason:
+            self.kv.trim(req, req.num_computed_tokens)
+            self.proposer.rollback(req)
+        if reason:
+            self._finish(req, reason)
+        hold = 0 if reason else max(req.params.max_stop_len - 1, 0)  # a stop string may be starting
+        sent = req.text_sent
+        req.text_sent = max(sent, len(req.text) - hold)
+        return RequestOutput(req.request_id, committed, req.text[sent:req.text_sent], req.finished,
+                             req.finish_reason, req.logprobs[len(req.logprobs) - len(committed):]
+                             if req.params.logprobs is not None else [])
+
+    def _count_spec(self, n_draft: int, n_acc: int) -> None:
+        cnt = self.counters
+        grow = n_draft - len(cnt.spec_drafted_per_pos)
+        if grow > 0:
+            cnt.spec_drafted_per_pos += [0] * grow
+            cnt.spec_accepted_per_pos += [0] * grow
+        cnt.spec_drafted += n_draft
+        cnt.spec_accepted += n_acc
+        for i in range(n_draft):
+            cnt.spec_drafted_per_pos[i] += 1
+            cnt.spec_accepted_per_pos[i] += i < n_acc
+
+    def _propose(self) -> None:
+        reqs, ks = [], []
+        for req in self.scheduler.running:
+            if req.num_computed_tokens != req.num_tokens - 1:
+                continue  # still prefilling
+            # Never draft past the request's limits: the bonus token needs one slot of its own.
+            room = min(req.params.max_tokens - req.num_output_tokens, self.max_model_len - req.num_tokens)
+            k = min(self.num_spec_tokens, room - 1)
+            if k >= 1:
+                reqs.append(req)
+                ks.append(k)
+        if reqs:
+            self.proposer.propose(reqs, ks)
+
+    # ---- collecting results -------------------------------------------------------------------------
+    def stream(self, request_id: str) -> Iterator[RequestOutput]:
+        """Deltas of one request until it finishes, stepping the engine (and so every request) as needed."""
+        req = self.requests.get(request_id) or self.finished.get(request_id)
+        if req is None:
+            raise ValueError(f"unknown request id {request_id!r}")
+        n_tok, n_text = 0, 0
+        while True:
+            hold = 0 if req.finished else max(req.params.max_stop_len - 1, 0)
+            text_end = max(n_text, len(req.text) - hold)
+            if req.num_output_tokens > n_tok or text_end > n_text or req.finished:
+                toks = req.output_token_ids[n_tok:]
+                lps = req.logprobs[n_tok:] if req.params.logprobs is not None else []
+                delta = RequestOutput(request_id, toks, req.text[n_text:text_end], req.finished,
+                                      req.finish_reason, lps)
+                n_tok, n_text = req.num_output_tokens, text_end
+                yield delta
+                if req.finished:
+                    self.finished.pop(request_id, None)
+                    return
+            else:
+                self.step()
+
+    def result(self, request_id: str) -> Completion:
+        """The completion of a finished request (collected: a second call raises)."""
+        req = self.finished.pop(request_id, None)
+        if req is None:
+            raise ValueError(f"request {request_id!r} is unknown, unfinished or already collected")
+        return Completion(req.request_id, req.prompt_token_ids, req.output_token_ids, req.text,
+                          req.finish_reason or "", req.logprobs, req.num_cached_tokens, req.num_preemptions)
+
+    def generate(self, prompts: Sequence[str | Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
+        """Run every prompt to completion (continuously batched with any other queued request)."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
+        made = []
+        for i, (p, sp) in enumerate(zip(prompts, plist, strict=True)):  # validate all before queueing any
+            req = self._make_request(p, sp, f"gen-{self._arrivals + i}")
+            req.arrival = self._arrivals + i
+            made.append(req)
+        ids = []
+        for req in made:
+            ids.append(self._submit(req))
+        while any(rid in self.requests for rid in ids):
+            self.step()
+        return [self.result(rid) for rid in ids]
+
+    # ---- metrics ------------------------------------------------------------------------------------
+    def metrics(self) -> dict:
+        """Counters for the server's /metrics: queue, KV pool, prefix cache, preemption, speculation, experts."""
+        c, kv = self.counters, self.kv
+        return {
+            "requests_running": self.scheduler.num_running,
+            "requests_waiting": self.scheduler.num_waiting,
+            "kv_blocks_total": kv.num_blocks,
+            "kv_blocks_used": kv.num_blocks - kv.num_free_blocks,
+            "kv_blocks_free": kv.num_free_blocks,
+            "kv_blocks_cached": len(kv.pool.cached),
+            "kv_block_size": kv.block_size,
+            "kv_bytes_per_token": self.cache.bytes_per_token,
+            "max_model_len": self.max_model_len,
+            "prefix_cache_queries": kv.queries,
+            "prefix_cache_hits": kv.hits,
+            "preemptions": self.scheduler.num_preemptions,
+            "steps": c.steps,
+            "prompt_tokens": c.prompt_tokens,
+            "computed_tokens": c.computed_tokens,
+            "generated_tokens": c.generated_tokens,
+            "spec_drafted": c.spec_drafted,
+            "spec_accepted": c.spec_accepted,
+            "spec_drafted_per_pos": list(c.spec_drafted_per_pos),
+            "spec_accepted_per_pos": list(c.spec_accepted_per_pos),
+            "tokens_per_expert": c.tokens_per_expert.tolist() if c.tokens_per_expert is not None else [],
+        }
+
+    def check_idle(self) -> None:
+        """Raise unless no request is alive and the KV pools are whole (for tests)."""
+        if self.requests:
+            raise AssertionError(f"requests still alive: {list(self.requests)[:4]}")
+        self.kv.check_whole()
+        if isinstance(self.proposer, speculative.DraftProposer):
+            self.proposer.kv.check_whole()

@@ -1,0 +1,265 @@
+"""Paged KV cache: a pool of fixed-size blocks, per-request block tables and prefix caching.
+
+The design is vLLM v1's (vllm/v1/core/block_pool.py, kv_cache_manager.py; Kwon et al. 2023,
+"PagedAttention"):
+
+- The cache is `num_blocks` blocks of `block_size` tokens; a request's K/V lives in the blocks of
+  its block table, in order, so no request needs one contiguous region and nothing is reserved for
+  tokens not yet generated. Token `i` of a request sits in slot `table[i // P] * P + i % P`.
+- Prefix caching: a *full* block of committed tokens gets a hash chained with its parent block's
+  hash (so a block's hash names the whole prefix that ends with it); a new request whose first
+  blocks hash the same reuses them instead of computing them again (a shared system prompt is
+  computed once). SHA-256, as vLLM's `sha256` option, so that two different prefixes never collide.
+- Reference counts: a block is held by every request whose table contains it. At zero it goes to
+  the tail of the free queue but keeps its hash and contents: it is still a cache hit until it is
+  reallocated. Allocation takes blocks from the head (least recently freed first, LRU eviction);
+  a request's blocks are freed last block first, so that the ends of prefixes are evicted before
+  their beginnings (vLLM `free`).
+
+The bookkeeping (`BlockPool`, `KVCacheManager`) holds no tensors; `PagedKVCache` holds them.
+Shape legend: L layers, N blocks, P tokens per block, S slots (N x P), G KV heads, Dh head_dim.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from array import array
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from moekit.config import ModelConfig
+from moekit.counts import kv_bytes_per_token
+
+
+class HasTokens(Protocol):  # what the manager needs of a request (scheduler.Request)
+    request_id: str
+    all_token_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass(eq=False)
+class Block:
+    block_id: int
+    ref_cnt: int = 0
+    block_hash: bytes | None = None  # set while the block holds a full, committed, cached block
+
+
+def hash_block(parent: bytes | None, token_ids: list[int]) -> bytes:
+    """SHA-256 of the parent block's hash and this block's token ids: names the whole prefix."""
+    h = hashlib.sha256(parent or b"root")
+    h.update(array("q", token_ids).tobytes())
+    return h.digest()
+
+
+class BlockPool:
+    """All blocks, the free queue (LRU order) and the hash -> block map of cached blocks."""
+
+    def __init__(self, num_blocks: int):
+        if num_blocks < 1:
+            raise ValueError(f"the KV cache needs at least one block, got {num_blocks}: raise --kv-cache-gb")
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Insertion order is eviction order: the head is taken first (an OrderedDict gives O(1)
+        # removal from the middle, which a cache hit on a free block needs: vLLM's doubly linked list).
+        self.free: OrderedDict[int, Block] = OrderedDict((b.block_id, b) for b in self.blocks)
+        self.cached: dict[bytes, Block] = {}
+        self.num_evictions = 0
+
+    @property
+    def num_free(self) -> int:  # free blocks, cached or not: all can be allocated
+        return len(self.free)
+
+    def allocate(self, n: int) -> list[Block]:
+        if n > len(self.free):
+            raise RuntimeError(f"asked for {n} blocks with {len(self.free)} free")  # callers check first
+        out = []
+        for _ in range(n):
+            _, block = self.free.popitem(last=False)
+            if block.block_hash is not None:  # evict: its contents are about to be overwritten
+                del self.cached[block.block_hash]
+                block.block_hash = None
+                self.num_evictions += 1
+            block.ref_cnt = 1
+            out.append(block)
+        return out
+
+    def touch(self, blocks: list[Block]) -> None:
+        """Take a reference on cache hits; a free one leaves the free queue (it is in use again)."""
+        for b in blocks:
+            if b.ref_cnt == 0:
+                del self.free[b.block_id]
+            b.ref_cnt += 1
+
+    def release(self, blocks_in_eviction_order: list[Block]) -> None:
+        for b in blocks_in_eviction_order:
+            b.ref_cnt -= 1
+            assert b.ref_cnt >= 0, f"block {b.block_id} released more often than taken"
+            if b.ref_cnt == 0:
+                self.free[b.block_id] = b  # the tail: evicted after every block freed before it
+
+    def cache(self, block: Block, block_hash: bytes) -> None:
+        # Two requests that computed the same prefix in the same step hold equal blocks; the first one
+        # registered stays the cached copy, the other is an ordinary block (vLLM keeps both).
+        if block.block_hash is None and block_hash not in self.cached:
+            block.block_hash = block_hash
+            self.cached[block_hash] = block
+
+    def lookup(self, block_hash: bytes) -> Block | None:
+        return self.cached.get(block_hash)
+
+
+class KVCacheManager:
+    """Block tables of requests over a BlockPool, with prefix caching (vLLM v1 KVCacheManager)."""
+
+    def __init__(self, num_blocks: int, block_size: int = 16, enable_caching: bool = True):
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.pool = BlockPool(num_blocks)
+        self.tables: dict[str, list[Block]] = {}
+        self.hashes: dict[str, list[bytes]] = {}  # chained hashes of the request's full blocks
+        self.num_cached: dict[str, int] = {}  # how many of its leading blocks are registered
+        self.queries = 0  # prompt tokens looked up in the prefix cache
+        self.hits = 0  # of which found
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.pool.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.tables.get(request_id, [])]
+
+    def _block_hashes(self, req: HasTokens) -> list[bytes]:
+        hashes = self.hashes.setdefault(req.request_id, [])
+        P, tokens = self.block_size, req.all_token_ids
+        while (len(hashes) + 1) * P <= len(tokens):  # tokens only grow: earlier hashes stay valid
+            i = len(hashes)
+            hashes.append(hash_block(hashes[-1] if hashes else None, tokens[i * P:(i + 1) * P]))
+        return hashes
+
+    def get_computed_blocks(self, req: HasTokens) -> tuple[list[Block], int]:
+        """The longest run of leading full blocks already in the cache, and the tokens they hold.
+
+        At least the last token is left to compute: its logits give the next token.
+        """
+        if not self.enable_caching:
+            return [], 0
+        hashes = self._block_hashes(req)
+        max_blocks = (len(req.all_token_ids) - 1) // self.block_size
+        hits = []
+        for h in hashes[:max_blocks]:
+            block = self.pool.lookup(h)
+            if block is None:
+                break
+            hits.append(block)
+        self.queries += len(req.all_token_ids)
+        self.hits += len(hits) * self.block_size
+        return hits, len(hits) * self.block_size
+
+    def can_allocate(self, req: HasTokens, num_new_tokens: int, computed: list[Block] = ()) -> bool:
+        return self._blocks_needed(req, num_new_tokens, computed) <= self.pool.num_free - sum(
+            b.ref_cnt == 0 for b in computed)
+
+    def _blocks_needed(self, req: HasTokens, num_new_tokens: int, computed: list[Block]) -> int:
+        held = len(self.tables.get(req.request_id, [])) + len(computed)
+        num_computed = req.num_computed_tokens + len(computed) * self.block_size
+        return max(0, math.ceil((num_computed + num_new_tokens) / self.block_size) - held)
+
+    def allocate_slots(self, req: HasTokens, num_new_tokens: int, computed: list[Block] = ()) -> bool:
+        """Make the request's table cover its computed tokens, `computed` cache hits and `num_new_tokens`.
+
+        False, with nothing changed, when the pool lacks the blocks (the scheduler then preempts).
+        Cache hits on free blocks count against the free blocks: taking them removes them from the queue.
+        """
+        if not self.can_allocate(req, num_new_tokens, computed):
+            return False
+        n_new = self._blocks_needed(req, num_new_tokens, computed)
+        table = self.tables.setdefault(req.request_id, [])
+        if computed:
+            self.pool.touch(list(computed))
+            table.extend(computed)
+            self.num_cached[req.request_id] = len(table)
+        table.extend(self.pool.allocate(n_new))
+        if self.enable_caching:
+            # Register the blocks that will be full of committed tokens once this step has run. Another
+            # request may hit them in this same step: the runner writes every token's K/V of a layer
+            # before any attention of that layer reads the cache (vLLM's reshape_and_cache, then attention).
+            # Draft tokens are never cached: they are not in `all_token_ids` until accepted.
+            num_computed = req.num_computed_tokens + len(computed) * self.block_size
+            self._cache_full_blocks(req, min(num_computed + num_new_tokens, len(req.all_token_ids)))
+        return True
+
+    def _cache_full_blocks(self, req: HasTokens, num_tokens: int) -> None:
+        table = self.tables[req.request_id]
+        n_full = num_tokens // self.block_size
+        start = self.num_cached.get(req.request_id, 0)
+        if n_full <= start:
+            return
+        hashes = self._block_hashes(req)
+        for i in range(start, n_full):
+            self.pool.cache(table[i], hashes[i])
+        self.num_cached[req.request_id] = n_full
+
+    def trim(self, req: HasTokens, num_tokens: int) -> None:
+        """Free the blocks past the first `num_tokens` tokens (speculative rollback).
+
+        Never touches a cached block: those hold only committed tokens, which rollback keeps.
+        """
+        table = self.tables.get(req.request_id)
+        if not table:
+            return
+        keep = math.ceil(num_tokens / self.block_size)
+        if keep < len(table):
+            doomed = table[keep:]
+            del table[keep:]
+            self.pool.release(doomed[::-1])
+
+    def free(self, req: HasTokens) -> None:
+        """Release all the request's blocks, last block first (evicted before the prefix it extends)."""
+        table = self.tables.pop(req.request_id, [])
+        self.pool.release(table[::-1])
+        self.hashes.pop(req.request_id, None)
+        self.num_cached.pop(req.request_id, None)
+
+    def check_whole(self) -> None:
+        """Raise unless every block is free and unreferenced (tests call it after each run)."""
+        held = [b.block_id for b in self.pool.blocks if b.ref_cnt]
+        if held or self.tables or self.pool.num_free != self.num_blocks:
+            raise AssertionError(f"KV pool not whole: blocks {held[:8]} still referenced, tables of "
+                                 f"{list(self.tables)[:4]} alive, {self.pool.num_free}/{self.num_blocks} free")
+
+
+# ---- the tensors --------------------------------------------------------------------------------
+def num_blocks_for(cfg: ModelConfig, kv_cache_gb: float, block_size: int, dtype: torch.dtype) -> int:
+    """How many blocks fit in `kv_cache_gb` GiB: 2 (K, V) x layers x KV heads x head_dim x bytes per token."""
+    if not kv_cache_gb > 0:
+        raise ValueError(f"--kv-cache-gb must be > 0, got {kv_cache_gb}")
+    per_block = kv_bytes_per_token(cfg, torch.finfo(dtype).bits // 8) * block_size
+    return int(kv_cache_gb * 2**30 // per_block)
+
+
+class PagedKVCache:
+    """Per layer, K and V as flat slot arrays (S, G, Dh): slot = block_id * P + offset.
+
+    K/V are stored per KV head, so multi-query attention (G = 1) stores one head, not n_head.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        self.block_size, self.num_blocks = block_size, num_blocks
+        shape = (num_blocks * block_size, cfg.n_kv_head, cfg.head_dim)
+        self.k_SGDh = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
+        self.v_SGDh = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
+        self.bytes_per_token = int(kv_bytes_per_token(cfg, torch.finfo(dtype).bits // 8))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k_SGDh + self.v_SGDh)

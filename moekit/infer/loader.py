@@ -1,0 +1,122 @@
+"""Load a model to serve: a moekit training run or a Hugging Face Llama/Mistral/Mixtral folder.
+
+    model, codec = load_model("runs/tiny")                        # newest good checkpoint + tokenizer.json
+    model, codec = load_model("Mixtral-8x7B-v0.1", dtype=torch.bfloat16)
+
+A run folder (written by `moekit train`) holds config.json (a ModelConfig), tokenizer.json, and
+weights in `checkpoints/step_*/model.safetensors` (newest first; an unreadable one falls back to
+the previous) or an exported `model.safetensors`. These files are the contract between training
+and serving: `moekit.infer` reads them itself and never imports `moekit.train` (DESIGN.md).
+Only safetensors are read, never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
+
+from moekit.config import ModelConfig
+from moekit.infer.tokenizer import TextCodec, as_codec
+from moekit.model.attention import rope_inv_freq
+from moekit.model.transformer import Transformer
+
+EOT = "<|endoftext|>"  # a moekit run's document separator (moekit/train/tokenizer.py)
+
+
+def _tokenizer(path: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+        raise ValueError(f"{path} is not a Hugging Face tokenizer.json ({str(e).splitlines()[0]})") from None
+
+
+def _run_weights(run: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    folder = run / "checkpoints"
+    ckpts = sorted((p for p in folder.glob("step_*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]),
+                   reverse=True) if folder.is_dir() else []
+    errors = []
+    for f in [c / "model.safetensors" for c in ckpts] + [run / "model.safetensors"]:
+        if not f.is_file():
+            continue
+        try:
+            return load_file(f), f
+        except (SafetensorError, OSError) as e:
+            errors.append(f"{f}: {e}")
+    why = f" ({errors[0]})" if errors else ""
+    raise FileNotFoundError(f"{run} has no readable model.safetensors in checkpoints/step_*/ or at its top{why}; "
+                            "train it with `moekit train`")
+
+
+def load_run(run: str | Path, dtype: torch.dtype = torch.float32,
+             device: torch.device | str = "cpu") -> tuple[Transformer, TextCodec]:
+    run = Path(run)
+    cfg = ModelConfig.load(run / "config.json")
+    tensors, source = _run_weights(run)
+    if cfg.tie_embeddings and "lm_head.weight" not in tensors and "tok_emb.weight" in tensors:
+        tensors["lm_head.weight"] = tensors["tok_emb.weight"]  # tied tensors are stored once
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{source} does not match {run / 'config.json'} (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]})")
+    for name, t in tensors.items():
+        if t.shape != expected[name].shape:
+            raise ValueError(f"{source}: {name} has shape {tuple(t.shape)}, config.json implies "
+                             f"{tuple(expected[name].shape)}")
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    model.inv_freq = rope_inv_freq(cfg).to(device)
+    tok_file = run / "tokenizer.json"
+    if not tok_file.is_file():
+        raise FileNotFoundError(f"{run} has no tokenizer.json")
+    tok = _tokenizer(tok_file)
+    eot = tok.token_to_id(EOT)
+    if eot is None:
+        raise ValueError(f"{tok_file} has no {EOT} token; is it a moekit run's tokenizer?")
+    if tok.get_vocab_size() > cfg.vocab_size:
+        raise ValueError(f"{tok_file} has {tok.get_vocab_size()} tokens but the model only {cfg.vocab_size}")
+    return model.eval(), TextCodec(tok, prefix_ids=(eot,), eos_token_ids=(eot,), add_special_tokens=False)
+
+
+def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu") -> tuple[Transformer, TextCodec | None]:
+    from moekit.hf import load_hf
+
+    model = load_hf(path, dtype=dtype, device=device)
+    src = model.hf_source
+    if src.tokenizer is None:
+        return model, None
+    tok = _tokenizer(src.tokenizer)
+    eos = src.config.get("eos_token_id")
+    eos_ids = tuple(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
+    bos = src.config.get("bos_token_id")
+    codec = as_codec(tok)  # a config without eos_token_id: the tokenizer's own end-of-text token
+    codec.bos_token_id = bos if isinstance(bos, int) else None
+    codec.eos_token_ids = eos_ids or codec.eos_token_ids
+    return model, codec
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu") -> tuple[Transformer, TextCodec | None]:
+    """(model in eval mode, its TextCodec or None) from a moekit run or a Hugging Face model folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a folder: give a moekit run (runs/NAME) or a Hugging Face model folder")
+    config = path / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{path} has no config.json: is it a moekit run or a Hugging Face model folder?")
+    try:
+        d = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config} is not valid JSON: {e}") from None
+    if isinstance(d, dict) and "model_type" in d:
+        return load_hf_model(path, dtype, device)
+    return load_run(path, dtype, device)

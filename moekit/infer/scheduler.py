@@ -1,0 +1,138 @@
+"""The scheduler: which tokens of which requests the next forward pass computes (vLLM v1 style).
+
+There is no prefill phase and no decode phase (vllm/v1/core/sched/scheduler.py): every request
+has `num_computed_tokens` and `num_tokens`, and a step schedules, for each request, some of the
+tokens between the two, under a token budget (`max_num_batched_tokens`):
+
+1. Running requests first, oldest first: a decoding request needs 1 token (plus its draft tokens
+   when speculating), a request part-way through its prompt needs the next chunk (chunked prefill:
+   a long prompt never stalls the decoding requests). If the KV pool has no block for it, the
+   *newest* running request is preempted: its blocks are freed and it goes back to the front of
+   the waiting queue, to be recomputed later (vLLM's recompute preemption; its tokens are kept, so
+   nothing is lost, and the prefix cache often still holds its blocks).
+2. Then, if nothing was preempted, waiting requests in arrival order while budget, blocks and
+   `max_num_seqs` last; a prompt whose leading blocks are in the prefix cache starts from there.
+
+First come, first served, with no starvation: the waiting queue is never overtaken (a request
+that does not fit blocks the ones behind it), running requests are served oldest first, and only
+the newest is ever preempted, so the oldest request always makes progress.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass, field
+
+from moekit.infer.kv_cache import KVCacheManager
+from moekit.infer.request import Request, Status
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_batched_tokens: int = 2048  # tokens per forward pass (decode tokens + prefill chunks)
+    max_num_seqs: int = 256  # requests running at once
+    max_model_len: int = 2048  # prompt + output tokens of one request
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class Scheduled:
+    request: Request
+    num_tokens: int  # tokens computed this step, draft tokens included
+    spec_token_ids: list[int]  # the draft tokens among them (the last len() scheduled tokens)
+
+    @property
+    def reaches_end(self) -> bool:  # does this chunk end at the last committed token (so: sample)?
+        req = self.request
+        return req.num_computed_tokens + self.num_tokens - len(self.spec_token_ids) >= req.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[Scheduled] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+        self.config, self.kv = config, kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in arrival order: the last one is the newest
+        self.num_preemptions = 0
+
+    def add(self, req: Request) -> None:
+        req.status = Status.WAITING
+        self.waiting.append(req)
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        req.status = Status.PREEMPTED
+        req.num_computed_tokens = 0
+        req.spec_token_ids, req.spec_probs = [], None
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)  # several preempted in one step: the oldest ends up in front
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n_spec = len(req.spec_token_ids)
+            n = min(req.num_tokens + n_spec - req.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(req, n):
+                victim = self.running.pop()  # the newest: not yet scheduled in this step, or req itself
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    break
+            if req.status is Status.PREEMPTED:
+                break  # it was the newest; everything older is scheduled
+            spec = req.spec_token_ids[:max(0, n - (req.num_tokens - req.num_computed_tokens))]
+            out.scheduled.append(Scheduled(req, n, spec))
+            budget -= n
+            i += 1
+
+        if out.preempted:  # vLLM: no admission in a step that had to preempt
+            return out
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            hits, n_hit = self.kv.get_computed_blocks(req)
+            n = min(req.num_tokens - n_hit, budget)
+            if not self.kv.allocate_slots(req, n, hits):
+                break  # first come, first served: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            req.num_computed_tokens = req.num_cached_tokens = n_hit
+            req.status = Status.RUNNING
+            bisect.insort(self.running, req, key=lambda r: r.arrival)  # a re-admitted request keeps its age
+            out.scheduled.append(Scheduled(req, n, []))
+            budget -= n
+        return out
+
+    def finish(self, req: Request, reason: str) -> None:
+        """Take a request out (finished or aborted) and free its blocks."""
+        if req.status is Status.RUNNING:
+            self.running.remove(req)
+        elif req.status in (Status.WAITING, Status.PREEMPTED):
+            self.waiting.remove(req)
+        self.kv.free(req)
+        req.status, req.finish_reason = Status.FINISHED, reason
+        req.spec_token_ids, req.spec_probs = [], None
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)

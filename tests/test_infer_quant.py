@@ -1,0 +1,132 @@
+"""int8 weight-only quantization: exact against the dequantized float model (both MoE dispatch paths),
+and close to the fp32 model: >= 95% greedy agreement and a KL bound on a briefly trained tiny model.
+
+The issue asks for a model trained by `moekit train`; a test must not depend on a trained run, so
+the test trains one here in ~2 s (plain AdamW on a synthetic second-order Markov language whose
+next token is predictable 90% of the time), which gives the peaked distributions of a trained
+model that a random model lacks.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_infer_utils import tiny_model
+
+from moekit.infer import Engine, SamplingParams
+from moekit.infer.quant import Int8Linear, Int8MoE, quantize_int8, quantize_per_channel, weight_bytes
+from moekit.model.moe import MoE
+
+KL_BOUND = 2e-3  # nats per token, mean over positions (measured 1.9e-4, agreement 99.7%, for this model)
+
+
+def test_per_channel_rounding_error_is_at_most_half_a_step():
+    w = torch.randn(24, 40) * torch.linspace(0.01, 3, 24)[:, None]  # channels of very different ranges
+    q, scale = quantize_per_channel(w, reduce_dim=1)
+    assert q.dtype == torch.int8 and scale.shape == (24,) and int(q.abs().max()) == 127
+    assert ((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-7).all()
+
+
+def dequantized_copy(qmodel):
+    """A float model holding exactly the int8 model's weights (q x scale): the oracle for the int8 paths."""
+    ref = tiny_model(0, moe_every=1, mlp="gelu")
+    ref.load_state_dict(qmodel_float_state(qmodel))
+    return ref
+
+
+def qmodel_float_state(qmodel):
+    state = {}
+    for name, mod in qmodel.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(mod, Int8Linear):
+            state[prefix + "weight"] = mod.weight.float() * mod.scales[:, None]
+        elif isinstance(mod, Int8MoE):
+            for w in ("w1", "w2"):
+                state[prefix + w] = getattr(mod, f"{w}_q").float() * getattr(mod, f"{w}_scale")[:, None, :]
+            state[prefix + "router.weight"] = mod.router.weight
+    for k, v in qmodel.state_dict().items():
+        if k.endswith(("norm.weight", "tok_emb.weight")):
+            state[k] = v
+    return state
+
+
+@pytest.mark.parametrize("dispatch", ["sorted", "gather"])
+def test_int8_model_equals_its_dequantized_float_model(dispatch):
+    model = tiny_model(0, moe_every=1, mlp="gelu")
+    q = quantize_int8(copy.deepcopy(model))
+    assert all(isinstance(m, Int8MoE) for m in q.moe_layers())
+    assert not any(isinstance(m, torch.nn.Linear) for m in q.modules())
+    ref = dequantized_copy(q)
+    for m in list(q.moe_layers()) + list(ref.moe_layers()):
+        m.dispatch = dispatch
+    idx = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        out_q, out_ref = q(idx), ref(idx)
+    assert (out_q.logits - out_ref.logits).abs().max() < 1e-4
+    for a, b in zip(out_q.routing, out_ref.routing, strict=True):  # routing info still reported
+        assert torch.equal(a.tokens_per_expert_E, b.tokens_per_expert_E)
+    assert weight_bytes(q) < weight_bytes(model) / 2.5  # int8 + scales vs fp32 (the tied lm_head gets a copy)
+
+
+def synthetic_batch(g: torch.Generator, table: torch.Tensor, n: int, length: int) -> torch.Tensor:
+    V = table.shape[0]
+    seq = torch.randint(0, V, (n, 2), generator=g)
+    for _ in range(length - 2):
+        nxt = table[seq[:, -2], seq[:, -1]]
+        noise = torch.rand(n, generator=g) < 0.1
+        nxt = torch.where(noise, torch.randint(0, V, (n,), generator=g), nxt)
+        seq = torch.cat([seq, nxt[:, None]], 1)
+    return seq
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(0)
+    V = 48
+    model = tiny_model(0, vocab_size=V, d_model=64, n_head=4, n_kv_head=1, d_ff=96, moe_every=1, max_seq_len=64)
+    g = torch.Generator().manual_seed(0)
+    table = torch.randint(0, V, (V, V), generator=g)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(150):
+        x = synthetic_batch(g, table, 32, 33)
+        loss = model(x[:, :-1], x[:, 1:]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return model, synthetic_batch(g, table, 16, 40), loss.item()
+
+
+def test_int8_agrees_with_fp32_on_a_trained_model(trained):
+    model, held_out, final_loss = trained
+    assert final_loss < 2.0  # it learned the language (uniform: ln 48 = 3.9; the noise floor ~0.7)
+    q = quantize_int8(copy.deepcopy(model))
+    with torch.no_grad():
+        lp32 = model(held_out).logits.log_softmax(-1)
+        lp8 = q(held_out).logits.log_softmax(-1)
+    agree = (lp32.argmax(-1) == lp8.argmax(-1)).float().mean()
+    kl = F.kl_div(lp8, lp32, log_target=True, reduction="none").sum(-1).mean()
+    assert agree >= 0.95, f"teacher-forced greedy agreement {agree:.3f}"
+    assert kl < KL_BOUND, f"mean KL(fp32 || int8) {kl:.2e} nats"
+
+    # Free-running greedy generation through the engine, token by token against fp32.
+    prompts = [row[:8].tolist() for row in held_out]
+    params = SamplingParams(temperature=0, max_tokens=24)
+    engines = [Engine(m, num_blocks=128, block_size=8) for m in (model, q)]
+    a, b = (e.generate(prompts, params) for e in engines)
+    for e in engines:
+        e.check_idle()
+    same = sum(x == y for oa, ob in zip(a, b, strict=True) for x, y in zip(oa.token_ids, ob.token_ids, strict=True))
+    assert same / (len(prompts) * 24) >= 0.95
+
+
+def test_quantized_moe_keeps_routing_and_dispatch():
+    model = tiny_model(1)
+    moe = model.moe_layers()[0]
+    assert isinstance(moe, MoE)
+    quantize_int8(model)
+    assert isinstance(model.moe_layers()[0], Int8MoE) and model.moe_layers()[0] is moe  # swapped in place
+    assert moe.w1_q.dtype == torch.int8 and moe.w1_scale.shape == (4, 48) and moe.w2_scale.shape == (4, 32)
+    assert "w1" not in dict(moe.named_parameters())
