@@ -27,8 +27,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.config import ModelConfig
-from moekit.model.grouped import (DispatchRows, PermuteRows, activation, grouped_expert_mlp, grouped_mm_expert_mlp,
-                                  use_grouped_mm)
+from moekit.model.grouped import (
+    DispatchRows,
+    PermuteRows,
+    activation,
+    grouped_expert_mlp,
+    grouped_mm_expert_mlp,
+    use_grouped_mm,
+)
 
 
 class MLP(nn.Module):
