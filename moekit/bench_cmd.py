@@ -14,6 +14,7 @@ import importlib
 
 BENCHMARKS = {
     "hardware": ("moekit.plan.measure", "memory read, GEMV and GEMM speed of this machine (hardware entry)"),
+    "serve": ("moekit.serve.bench", "latency and throughput of an OpenAI-compatible server (vLLM bench serve)"),
 }
 
 

@@ -118,7 +118,7 @@ def test_bench_hardware_writes_the_table_format(tmp_path, capsys):
 
 def test_bench_needs_a_benchmark(capsys):
     assert main(["bench"]) == 2
-    assert "choose a benchmark: moekit bench {hardware}" in capsys.readouterr().err
+    assert "choose a benchmark: moekit bench {hardware,serve}" in capsys.readouterr().err
     assert main(["bench", "hardware", "--out", "/"]) == 2  # a directory, not a file
 
 

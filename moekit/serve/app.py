@@ -1,0 +1,327 @@
+"""The FastAPI app: OpenAI's endpoints over an AsyncEngine, with auth, limits and OpenAI-shaped errors.
+
+    app = build_app(ServeConfig(model="runs/tiny"), load=lambda: Engine(...))
+    uvicorn.run(app, host="127.0.0.1", port=8000)        # `moekit serve` does this (cli.py)
+
+Routes: GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST /v1/chat/completions (the
+/v1 routes need `Authorization: Bearer KEY` when the server has a key), GET /health (200 when
+ready, 503 while loading, shutting down or after an engine failure), GET /metrics (Prometheus),
+GET /version. Every error, unknown routes included, is `{"error": {message, type, param, code}}`.
+
+A request goes: key (401, compared in constant time with `hmac.compare_digest`) -> state (503)
+-> body size (413, checked on Content-Length before reading and while reading) -> JSON and
+parameters (400, protocol.py) -> chat template and tokenization -> context length (400 that
+states the limit) -> admission (429 with Retry-After when the waiting queue is full) -> engine.
+Streams are server-sent events, `data: {chunk}` ... `data: [DONE]` (OpenAI); a client that
+disconnects, streaming or not, has its requests aborted, which frees their KV blocks before the
+engine's next step. An error after a stream started is sent as a `data: {"error": ...}` event,
+which the official clients raise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+
+import moekit
+from moekit.infer.engine import Engine
+from moekit.serve import protocol
+from moekit.serve.async_engine import AsyncEngine, Handle
+from moekit.serve.chat import ChatTemplate
+from moekit.serve.config import ServeConfig
+from moekit.serve.errors import APIError, bad_request, error_body
+from moekit.serve.metrics import ServerMetrics
+from moekit.serve.responses import Responder, TokenText
+
+log = logging.getLogger("moekit.serve")
+DRAIN_CAP = 64 * 1024 * 1024  # an oversized body is read (and dropped) up to this, so the 413 reaches the client
+ROUTES = "GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health, GET /metrics"
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+class _EventStream(StreamingResponse):
+    """A StreamingResponse that aborts its requests however it ends (finished, disconnected, cancelled)."""
+
+    def __init__(self, content, handle: Handle, headers: dict):
+        super().__init__(content, media_type="text/event-stream", headers=headers)
+        self.handle = handle
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except asyncio.CancelledError:  # the SIGTERM drain timed out (uvicorn cancels): end the stream properly
+            self.handle.close()
+            end = _sse(error_body(503, "The request was cancelled: the server is shutting down; retry later",
+                                  code="service_unavailable")) + "data: [DONE]\n\n"
+            with contextlib.suppress(Exception):
+                await send({"type": "http.response.body", "body": end.encode(), "more_body": False})
+        finally:
+            self.handle.close()
+
+
+class OpenAIServer:
+    def __init__(self, cfg: ServeConfig, load: Callable[[], Engine], template: ChatTemplate):
+        self.cfg, self.template = cfg, template
+        self.created = int(time.time())
+        self.engine = AsyncEngine(load, max_num_seqs=cfg.max_num_seqs, max_waiting=cfg.max_waiting,
+                                  log_interval=cfg.log_interval)
+        self.metrics = ServerMetrics(lambda: self.engine.snapshot, lambda: self.engine.state)
+        self.engine.metrics = self.metrics
+        self._limits: protocol.Limits | None = None
+        self._token_text: TokenText | None = None
+
+    def drain(self) -> None:
+        """SIGTERM: refuse new requests (503) and let the ones in flight finish."""
+        if self.engine.state in ("loading", "ready"):
+            self.engine.state = "draining"
+            log.info("draining: %d requests in flight; new requests get 503", self.engine.inflight)
+
+    # ---- checks --------------------------------------------------------------------------------------
+    def _auth(self, request: Request) -> None:
+        key = self.cfg.api_key
+        if key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise APIError(401, "Missing API key: send the header `Authorization: Bearer YOUR_KEY`",
+                           code="invalid_api_key")
+        if not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise APIError(401, "Incorrect API key provided: use the key this server was started with (--api-key)",
+                           code="invalid_api_key")
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.cfg.max_body_bytes
+        stream = request.stream().__aiter__()
+        declared = request.headers.get("content-length", "")
+        size, chunks = 0, []
+        if not (declared.isdigit() and int(declared) > limit):
+            async for chunk in stream:
+                size += len(chunk)
+                if size > limit:
+                    break
+                chunks.append(chunk)
+            else:
+                return b"".join(chunks)
+        async for chunk in stream:  # read the rest and drop it, so that the client reads our answer
+            size += len(chunk)
+            if size > DRAIN_CAP:
+                break
+        size = max(size, int(declared) if declared.isdigit() else 0)
+        raise APIError(413, f"The request body is {size:,} bytes; this server accepts at most {limit:,} "
+                            "(--max-body-bytes): send a smaller request", code="request_too_large")
+
+    def _limits_now(self) -> protocol.Limits:
+        if self._limits is None:
+            e = self.engine.engine
+            self._limits = protocol.Limits(tuple(self.cfg.served_model_names), e.cfg.vocab_size, e.max_model_len,
+                                           self.cfg.max_n)
+            self._token_text = TokenText(e.codec)
+        return self._limits
+
+    # ---- routes ------------------------------------------------------------------------------------
+    async def health(self) -> Response:
+        self.engine.check_ready()
+        return JSONResponse({"status": "ok"})
+
+    async def metrics_route(self) -> Response:
+        body, content_type = self.metrics.render()
+        return Response(body, media_type=content_type)
+
+    def _model_card(self, name: str) -> dict:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "moekit", "root": self.cfg.model,
+                "parent": None, "max_model_len": self._limits_now().max_model_len}
+
+    async def models(self, request: Request) -> Response:
+        self._auth(request)
+        self.engine.check_ready()
+        return JSONResponse({"object": "list", "data": [self._model_card(n) for n in self.cfg.served_model_names]})
+
+    async def model(self, request: Request, model_id: str) -> Response:
+        self._auth(request)
+        self.engine.check_ready()
+        if model_id not in self.cfg.served_model_names:
+            raise APIError(404, f"The model `{model_id}` does not exist. This server serves: "
+                                f"{', '.join(self.cfg.served_model_names)}", param="model", code="model_not_found")
+        return JSONResponse(self._model_card(model_id))
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, chat=False)
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, chat=True)
+
+    # ---- generation --------------------------------------------------------------------------------
+    async def _encode(self, prompt, param: str) -> list[int]:
+        if isinstance(prompt, list):
+            return prompt
+        codec = self.engine.engine.codec
+        if codec is None:
+            raise bad_request("this model has no tokenizer: send the prompt as token ids", param)
+        # A long text is tokenized off the event loop, which keeps serving the other clients meanwhile.
+        ids = codec.encode(prompt) if len(prompt) < 8192 else await asyncio.to_thread(codec.encode, prompt)
+        if not ids:
+            raise bad_request(f"the {param} is empty once tokenized: give some text", param)
+        return ids
+
+    def _max_tokens(self, req: protocol.GenerateRequest, n_prompt: int, param: str) -> int:
+        ctx = self._limits_now().max_model_len
+        if n_prompt >= ctx:
+            raise bad_request(f"This model's maximum context length is {ctx} tokens, and your prompt has {n_prompt} "
+                              f"tokens, which leaves no room for output: shorten the {param}", param,
+                              code="context_length_exceeded")
+        if req.max_tokens is None:
+            return min(self.cfg.max_tokens_default, ctx - n_prompt)
+        if n_prompt + req.max_tokens > ctx:
+            raise bad_request(f"This model's maximum context length is {ctx} tokens. However, you requested "
+                              f"{n_prompt + req.max_tokens} tokens ({n_prompt} in the {param}, {req.max_tokens} in "
+                              f"the completion): reduce the length of the {param} or max_tokens", "max_tokens",
+                              code="context_length_exceeded")
+        return req.max_tokens
+
+    async def _generate(self, request: Request, chat: bool) -> Response:
+        self._auth(request)
+        self.engine.check_ready()
+        body = protocol.parse_json(await self._read_body(request))
+        limits = self._limits_now()
+        req = protocol.parse_chat(body, limits) if chat else protocol.parse_completion(body, limits)
+        param = "messages" if chat else "prompt"
+        if chat:
+            try:
+                req.prompts = [self.template.render(req.messages)]
+            except ValueError as e:
+                raise bad_request(str(e), "messages") from None
+            if self.template.stop:
+                stops = req.params.stop + [s for s in self.template.stop if s not in req.params.stop]
+                req.params = dataclasses.replace(req.params, stop=stops)
+        prompt_ids = [await self._encode(p, param) for p in req.prompts]
+        seed = req.params.seed
+        items = []
+        for ids in prompt_ids:
+            params = dataclasses.replace(req.params, max_tokens=self._max_tokens(req, len(ids), param))
+            # n choices of one seeded request get seeds seed, seed + 1, ... (vLLM's parallel sampling)
+            items += [(ids, params if seed is None or i == 0 else dataclasses.replace(params, seed=seed + i))
+                      for i in range(req.n)]
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        echo = None
+        if req.echo:
+            codec = self.engine.engine.codec
+            echo = [p if isinstance(p, str) else codec.decode(p) if codec else "" for p in req.prompts]
+        responder = Responder(req, rid, int(time.time()), self._token_text, echo)
+        handle = await self.engine.submit(items, rid)
+        headers = {"X-Request-Id": rid}
+        if req.stream:
+            return _EventStream(self._stream(handle, responder), handle,
+                                {**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await self._collect(request, handle, responder, headers)
+
+    async def _stream(self, handle: Handle, responder: Responder):
+        try:
+            for chunk in responder.first_chunks():
+                yield _sse(chunk)
+            async for events in handle.events():
+                parts = []
+                for ev in events:
+                    delta = responder.add(ev)
+                    if delta is not None:
+                        parts.append(_sse(responder.delta_chunk(ev.index, *delta)))
+                if parts:
+                    yield "".join(parts)
+            if responder.req.include_usage:
+                yield _sse(responder.usage_chunk())
+        except APIError as e:  # the status line is sent already: the error travels as an event
+            self.metrics.errors.labels(str(e.status)).inc()
+            yield _sse(e.body())
+        finally:
+            handle.close()
+        yield "data: [DONE]\n\n"
+
+    async def _collect(self, request: Request, handle: Handle, responder: Responder, headers: dict) -> Response:
+        async def gather() -> None:
+            async for events in handle.events():
+                for ev in events:
+                    responder.add(ev)
+
+        async def disconnected() -> None:  # the body is read: the next message is the client leaving
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        work, gone = asyncio.ensure_future(gather()), asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (work, gone):
+                task.cancel()
+            handle.close()
+        if not work.cancelled() and work.done():
+            work.result()  # an APIError from the engine is raised here
+            return JSONResponse(responder.response(), headers=headers)
+        return Response(status_code=499)  # nobody is listening (nginx's "client closed request")
+
+
+def build_app(cfg: ServeConfig, load: Callable[[], Engine], template: ChatTemplate | None = None) -> FastAPI:
+    """The app; `load` builds the Engine in the engine thread (the server answers 503 until it returns)."""
+    server = OpenAIServer(cfg, load, template or ChatTemplate())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.engine.start()
+        yield
+        await server.engine.stop()
+
+    app = FastAPI(title="moekit", version=moekit.__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.server = server
+    app.add_api_route("/health", server.health, methods=["GET"])
+    app.add_api_route("/metrics", server.metrics_route, methods=["GET"])
+    app.add_api_route("/version", lambda: {"version": moekit.__version__}, methods=["GET"])
+    app.add_api_route("/v1/models", server.models, methods=["GET"])
+    app.add_api_route("/v1/models/{model_id:path}", server.model, methods=["GET"])
+    app.add_api_route("/v1/completions", server.completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
+
+    def error_response(status: int, body: dict, headers: dict | None = None) -> JSONResponse:
+        server.metrics.errors.labels(str(status)).inc()
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
+        return error_response(e.status, e.body(), e.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        where = f"{request.method} {request.url.path}"
+        if e.status_code == 404:
+            return error_response(404, error_body(404, f"Unknown route {where}; this server has {ROUTES}",
+                                                  code="unknown_url"))
+        if e.status_code == 405:
+            return error_response(405, error_body(405, f"{where} is not allowed; this server has {ROUTES}",
+                                                  code="method_not_allowed"))
+        return error_response(e.status_code, error_body(e.status_code, str(e.detail)))
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, e: ClientDisconnect) -> Response:
+        return Response(status_code=499)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, e: Exception) -> JSONResponse:  # a bug: say so, keep serving
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return error_response(500, error_body(500, f"Internal server error ({type(e).__name__}: {e}); please "
+                                                   "report it", code="internal_error"))
+
+    return app

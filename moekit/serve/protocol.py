@@ -1,0 +1,295 @@
+"""Request bodies of `/v1/completions` and `/v1/chat/completions` -> a validated `GenerateRequest`.
+
+Parameters, ranges and defaults are those of OpenAI's API reference (Completions, Chat
+Completions); vLLM's extra sampling parameters (top_k, min_p, repetition_penalty, ignore_eos,
+stop_token_ids) are accepted too, as vLLM's server does. Every bad value is a 400 whose message
+names the parameter, the rule and the value received, and whose `param` is the parameter's name.
+Unknown fields are ignored (vLLM does the same, so clients that send newer fields keep working);
+known features this server lacks (tools, logit_bias, suffix, ...) are a 400 rather than silently
+ignored, because ignoring them would change the answer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+from moekit.infer.sampler import MAX_LOGPROBS, SamplingParams
+from moekit.serve.errors import APIError, bad_request, show
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+MAX_STOP = 16  # stop strings per request (OpenAI allows 4; vLLM has no limit)
+MAX_SEED = 2**63 - 1
+
+
+@dataclass
+class Limits:
+    """What validation needs to know of the served model."""
+
+    model_names: tuple[str, ...]
+    vocab_size: int
+    max_model_len: int
+    max_n: int
+
+
+@dataclass
+class GenerateRequest:
+    chat: bool
+    model: str
+    prompts: list  # completions: strings or token-id lists; chat: filled in from `messages` by the app
+    messages: list[dict] | None  # chat, normalized to [{"role", "content": str}]
+    params: SamplingParams  # max_tokens is resolved per prompt once its length is known
+    max_tokens: int | None  # as given; None: the server default, capped by the context left
+    n: int
+    stream: bool
+    include_usage: bool
+    logprobs: int | None  # alternatives per token when logprobs are asked for, else None
+    echo: bool = False
+
+
+# ---- typed getters: JSON null means "the default", as in OpenAI's API ------------------------------
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _integer(body: dict, name: str, default, lo: int, hi: int | None = None):
+    v = body.get(name)
+    if v is None:
+        return default
+    rule = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+    if not _is_int(v) or v < lo or (hi is not None and v > hi):
+        raise bad_request(f"{name} must be {rule}, got {show(v)}", name)
+    return v
+
+
+def _number(body: dict, name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
+    v = body.get(name)
+    if v is None:
+        return default
+    ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+          and (v > lo if lo_open else v >= lo) and v <= hi)
+    if not ok:
+        if math.isfinite(hi):
+            rule = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        else:
+            rule = f"{'>' if lo_open else '>='} {lo:g}"
+        raise bad_request(f"{name} must be a number {rule}, got {show(v)}", name)
+    return float(v)
+
+
+def _boolean(body: dict, name: str, default: bool) -> bool:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise bad_request(f"{name} must be true or false, got {show(v)}", name)
+    return v
+
+
+def _text(s: str, param: str) -> str:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate such as "\ud800" is valid JSON but not text
+        raise bad_request(f"{param} contains an unpaired UTF-16 surrogate escape: send valid Unicode text",
+                          param) from None
+    return s
+
+
+def _unsupported(body: dict, name: str, allowed: tuple, what: str) -> None:
+    if body.get(name) not in (None, *allowed):
+        raise bad_request(f"{name} is not supported by this server ({what}); remove it", name)
+
+
+# ---- shared parameters ---------------------------------------------------------------------------
+def _check_model(body: dict, limits: Limits) -> str:
+    model = body.get("model")
+    if model is None:  # vLLM serves its model when none is named
+        return limits.model_names[0]
+    if not isinstance(model, str):
+        raise bad_request(f"model must be a string, got {show(model)}", "model")
+    if model not in limits.model_names:
+        raise APIError(404, f"The model `{model}` does not exist. This server serves: "
+                            f"{', '.join(limits.model_names)} (see GET /v1/models)", param="model",
+                       code="model_not_found")
+    return model
+
+
+def _stop(body: dict) -> list[str]:
+    v = body.get("stop")
+    if v is None:
+        return []
+    stops = [v] if isinstance(v, str) else v
+    if (not isinstance(stops, list) or len(stops) > MAX_STOP
+            or any(not isinstance(s, str) or not s for s in stops)):
+        raise bad_request(f"stop must be a non-empty string or an array of at most {MAX_STOP} non-empty strings, "
+                          f"got {show(v)}", "stop")
+    return [_text(s, "stop") for s in stops]
+
+
+def _token_ids(v, param: str, vocab_size: int) -> list[int]:
+    bad = next((t for t in v if not _is_int(t) or not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise bad_request(f"{param} holds {show(bad)}, which is not a token id of this model: ids are integers in "
+                          f"[0, {vocab_size})", param)
+    return list(v)
+
+
+def _sampling(body: dict, limits: Limits, logprobs: int | None) -> SamplingParams:
+    top_k = _integer(body, "top_k", 0, -1)
+    stop_token_ids = body.get("stop_token_ids")
+    if stop_token_ids is not None and not isinstance(stop_token_ids, list):
+        raise bad_request(f"stop_token_ids must be an array of token ids, got {show(stop_token_ids)}", "stop_token_ids")
+    try:
+        return SamplingParams(
+            max_tokens=1,  # resolved per prompt
+            temperature=_number(body, "temperature", 1.0, 0, 2),
+            top_p=_number(body, "top_p", 1.0, 0, 1, lo_open=True),
+            top_k=max(top_k, 0),  # vLLM: -1 = off; moekit: 0 = off
+            min_p=_number(body, "min_p", 0.0, 0, 1),
+            presence_penalty=_number(body, "presence_penalty", 0.0, -2, 2),
+            frequency_penalty=_number(body, "frequency_penalty", 0.0, -2, 2),
+            repetition_penalty=_number(body, "repetition_penalty", 1.0, 0, math.inf, lo_open=True),
+            seed=_integer(body, "seed", None, 0, MAX_SEED),
+            stop=_stop(body),
+            stop_token_ids=_token_ids(stop_token_ids or [], "stop_token_ids", limits.vocab_size),
+            ignore_eos=_boolean(body, "ignore_eos", False),
+            logprobs=logprobs,
+        )
+    except ValueError as e:  # SamplingParams' own checks; the getters above should catch everything first
+        raise bad_request(str(e)) from None
+
+
+def _common(body: dict, limits: Limits, n_prompts: int) -> dict:
+    n = _integer(body, "n", 1, 1, limits.max_n)
+    if n * n_prompts > limits.max_n:
+        raise bad_request(f"n x the number of prompts is {n * n_prompts}; this server returns at most "
+                          f"{limits.max_n} choices per request", "n")
+    max_tokens = _integer(body, "max_tokens", None, 1)
+    stream = _boolean(body, "stream", False)
+    opts = body.get("stream_options")
+    if opts is not None:
+        if not stream:
+            raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+        if not isinstance(opts, dict):
+            raise bad_request(f"stream_options must be an object such as {{\"include_usage\": true}}, got {show(opts)}",
+                              "stream_options")
+    include_usage = _boolean(opts or {}, "include_usage", False)
+    _unsupported(body, "logit_bias", ({},), "it has no logit bias")
+    return dict(n=n, max_tokens=max_tokens, stream=stream, include_usage=include_usage)
+
+
+def parse_json(raw: bytes) -> dict:
+    """The body as a JSON object, or a 400 that says what is wrong with it."""
+    if not raw.strip():
+        raise bad_request('the request body is empty: send a JSON object such as {"model": ..., "prompt": ...}')
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise bad_request(f"the request body is not valid UTF-8 (byte {e.start}): send JSON encoded as UTF-8") from None
+
+    def no_constant(name: str):  # Python's json accepts NaN and Infinity; JSON does not
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        body = json.loads(text, parse_constant=no_constant)
+    except json.JSONDecodeError as e:
+        raise bad_request(f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except ValueError as e:
+        raise bad_request(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise bad_request("the request body is nested too deeply to parse") from None
+    if not isinstance(body, dict):
+        raise bad_request(f"the request body must be a JSON object, got a JSON {type(body).__name__}")
+    return body
+
+
+# ---- the two endpoints -----------------------------------------------------------------------------
+def parse_completion(body: dict, limits: Limits) -> GenerateRequest:
+    model = _check_model(body, limits)
+    prompts = _prompts(body.get("prompt"), limits.vocab_size)
+    common = _common(body, limits, len(prompts))
+    _unsupported(body, "suffix", ("",), "it does not insert text")
+    if body.get("best_of") not in (None, common["n"]):
+        raise bad_request(f"best_of must equal n ({common['n']}) on this server, got {show(body.get('best_of'))}",
+                          "best_of")
+    logprobs = _integer(body, "logprobs", None, 0, MAX_LOGPROBS)
+    echo = _boolean(body, "echo", False)
+    if echo and logprobs is not None:
+        raise bad_request("echo with logprobs needs the prompt's logprobs, which this server does not compute: "
+                          "use one of them", "echo")
+    return GenerateRequest(False, model, prompts, None, _sampling(body, limits, logprobs), logprobs=logprobs,
+                           echo=echo, **common)
+
+
+def parse_chat(body: dict, limits: Limits) -> GenerateRequest:
+    model = _check_model(body, limits)
+    messages = _messages(body.get("messages"))
+    if body.get("max_completion_tokens") is not None:  # the newer name of max_tokens (OpenAI)
+        body = {**body, "max_tokens": _integer(body, "max_completion_tokens", None, 1)}
+    common = _common(body, limits, 1)
+    for name, allowed in (("tools", ([],)), ("tool_choice", ("none",)), ("functions", ([],)),
+                          ("function_call", ("none",)), ("prediction", ()), ("audio", ())):
+        _unsupported(body, name, allowed, "it has no tool calls or audio")
+    _unsupported(body, "response_format", ({"type": "text"},), "it has no structured output")
+    _unsupported(body, "modalities", (["text"],), "it writes text only")
+    want = _boolean(body, "logprobs", False)
+    top = _integer(body, "top_logprobs", None, 0, MAX_LOGPROBS)
+    if top is not None and not want:
+        raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+    logprobs = (top or 0) if want else None
+    return GenerateRequest(True, model, [], messages, _sampling(body, limits, logprobs), logprobs=logprobs, **common)
+
+
+def _prompts(v, vocab_size: int) -> list:
+    if isinstance(v, str):
+        return [_text(v, "prompt")]
+    if isinstance(v, list) and v:
+        if all(isinstance(p, str) for p in v):
+            return [_text(p, "prompt") for p in v]
+        if all(_is_int(t) for t in v):
+            return [_token_ids(v, "prompt", vocab_size)]
+        if all(isinstance(p, list) and p for p in v):
+            return [_token_ids(p, "prompt", vocab_size) for p in v]
+    if v is None:
+        raise bad_request("prompt is missing: give the text to continue", "prompt")
+    raise bad_request("prompt must be a string, an array of strings, an array of token ids or an array of "
+                      f"non-empty token-id arrays, got {show(v)}", "prompt")
+
+
+def _messages(v) -> list[dict]:
+    if not isinstance(v, list) or not v:
+        raise bad_request('messages must be a non-empty array such as [{"role": "user", "content": "Hi"}], '
+                          f"got {show(v)}", "messages")
+    out = []
+    for i, m in enumerate(v):
+        p = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise bad_request(f"{p} must be an object with a role and a content, got {show(m)}", p)
+        role = m.get("role")
+        if role not in ROLES:
+            raise bad_request(f"{p}.role must be one of {', '.join(ROLES)}; got {show(role)}", f"{p}.role")
+        if m.get("tool_calls"):
+            raise bad_request(f"{p}.tool_calls is not supported by this server (it has no tool calls)",
+                              f"{p}.tool_calls")
+        content = m.get("content")
+        if content is None and role == "assistant":
+            content = ""
+        elif isinstance(content, list):
+            content = "\n".join(_text_part(part, f"{p}.content[{j}]") for j, part in enumerate(content))
+        elif not isinstance(content, str):
+            raise bad_request(f"{p}.content must be a string or an array of text parts, got {show(content)}",
+                              f"{p}.content")
+        out.append({"role": role, "content": _text(content, f"{p}.content")})
+    return out
+
+
+def _text_part(part, param: str) -> str:
+    if not isinstance(part, dict) or part.get("type") != "text":
+        kind = part.get("type") if isinstance(part, dict) else None
+        raise bad_request(f"{param} must be a text part {{\"type\": \"text\", \"text\": ...}}; "
+                          f"{show(kind) + ' parts are' if kind else 'this is'} not supported (this model reads text)",
+                          param)
+    if not isinstance(part.get("text"), str):
+        raise bad_request(f"{param}.text must be a string, got {show(part.get('text'))}", f"{param}.text")
+    return part["text"]
