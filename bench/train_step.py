@@ -1,0 +1,114 @@
+"""Tokens/s and MFU of a full training step (forward, backward, clip, AdamW) in bf16 autocast and fp32.
+
+    python bench/train_step.py [--preset gpt4-mini] [--batch-tokens 4096] [--seq-len 1024] [--repeats 3]
+
+MFU (SPEC section 6) = training FLOPs per second / peak, with training FLOPs = 3 x forward FLOPs
+of the *active* parameters plus attention (`moekit.train.metrics.train_flops_per_token`). The
+peak of each dtype is the best n x n x n GEMM measured in this same run (`measure_gemm_peak`), so
+the MFU says how close the whole step gets to this machine's matrix-multiply speed. One model and
+one optimizer serve both dtypes; steps alternate bf16, fp32, bf16, ... so that a change in the
+machine's load hits both alike. The optimizer's share of the step is reported apart (AdamW touches
+all parameters, the forward only the active ones). Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from moekit.counts import count_params
+from moekit.model.transformer import Transformer
+from moekit.presets import get_preset
+from moekit.train.config import TrainConfig
+from moekit.train.data import Mixture, PackedSource
+from moekit.train.loop import Trainer, cpu_has_bf16
+from moekit.train.metrics import measure_gemm_peak, train_flops_per_token
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="gpt4-mini")
+    ap.add_argument("--batch-tokens", type=int, default=4096)
+    ap.add_argument("--seq-len", type=int, default=0, help="0 = the preset's max_seq_len")
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3, help="timed steps per dtype (after one warm-up each)")
+    ap.add_argument("--gemm-n", type=int, default=2048)
+    args = ap.parse_args()
+
+    cfg = get_preset(args.preset)
+    seq_len = args.seq_len or cfg.max_seq_len
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # Random tokens stand in for data: speed does not depend on which tokens they are.
+    rng = np.random.default_rng(0)
+    src = PackedSource("random", 1.0, rng.integers(0, cfg.vocab_size, 4_000_000, dtype=np.uint16), seq_len)
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(device)
+    tc = TrainConfig(steps=1000, batch_tokens=args.batch_tokens, batch_tokens_start=0, grad_accum=args.grad_accum,
+                     warmup_steps=10)
+    trainer = Trainer(model, tc, seq_len, Mixture([src], 0), {}, torch.ones(cfg.vocab_size), tempfile.mkdtemp(),
+                      device, None)
+    opt_step, opt_times = trainer.opt.step, []
+
+    def timed_opt_step():
+        t0 = time.perf_counter()
+        opt_step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        opt_times.append(time.perf_counter() - t0)
+
+    trainer.opt.step = timed_opt_step
+
+    peaks = {name: [] for name in DTYPES}
+    times = {name: [] for name in DTYPES}
+    opt_share = {name: [] for name in DTYPES}
+    tokens = {}
+    for i in range(args.repeats + 1):
+        for name, dtype in DTYPES.items():
+            peaks[name].append(measure_gemm_peak(dtype, device, n=args.gemm_n, min_seconds=0.5))
+            trainer.dtype = dtype if dtype != torch.float32 else None
+            t0 = time.perf_counter()
+            rec = trainer.train_step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i > 0:  # the first step of each dtype is a warm-up
+                times[name].append(time.perf_counter() - t0)
+                opt_share[name].append(opt_times[-1])
+            tokens[name] = rec["batch_tokens"]
+
+    fpt = train_flops_per_token(cfg, seq_len)
+    c = count_params(cfg)
+    result = {
+        "bench": "train_step", "preset": cfg.name, "device": str(device), "threads": torch.get_num_threads(),
+        "cpu_bf16_units": cpu_has_bf16() if device.type == "cpu" else None, "machine": platform.machine(),
+        "load_avg_1min": os.getloadavg()[0],
+        "params_total": c.total, "params_active": c.active, "seq_len": seq_len,
+        "flops_per_token_train": fpt,
+    }
+    for name in DTYPES:
+        step_s = statistics.median(times[name])
+        tok_s = tokens[name] / step_s
+        peak = max(peaks[name])
+        result[name] = {
+            "batch_tokens": tokens[name], "step_s": step_s, "tok_s": tok_s,
+            "achieved_gflops": tok_s * fpt / 1e9, "gemm_peak_gflops": peak / 1e9,
+            "mfu": tok_s * fpt / peak, "optimizer_s": statistics.median(opt_share[name]),
+            "mfu_without_optimizer": tokens[name] * fpt / (step_s - statistics.median(opt_share[name])) / peak,
+        }
+    result["bf16_speedup_over_fp32"] = result["fp32"]["step_s"] / result["bf16"]["step_s"]
+    result["bf16_mfu_vs_bf16_peak"] = result["bf16"]["mfu"]
+    result["target_mfu"] = 0.35
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

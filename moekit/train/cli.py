@@ -1,0 +1,328 @@
+"""`moekit train`: train a preset on the embedded corpus or on your data, resume it, extend its context.
+
+    moekit train                                         # tiny preset -> runs/tiny, ~6 minutes on 2 cores
+    moekit train --preset gpt4-mini --steps 2000 --data code=./src:4 --data text=./docs:2
+    moekit train --n_layer=2 --max-minutes 1 --out runs/quick   # --key=value: model overrides
+    moekit train --resume runs/tiny                      # continue exactly where the last checkpoint left off
+    moekit train --init-from runs/tiny --seq-len 1024    # context extension with RoPE position interpolation
+
+Everything is checked before anything is written: a bad flag, data path or run folder prints one
+line and exits with code 2, leaving files as they were. The run folder holds config.json,
+train_config.json, tokenizer.json, metrics.jsonl, checkpoints/ and, at the end, model.safetensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from moekit.config import ModelConfig
+from moekit.presets import get_preset
+from moekit.train.checkpoint import CKPT_DIR, load_latest, model_tensors
+from moekit.train.config import TrainConfig
+from moekit.train.corpus import resolve_sources
+from moekit.train.data import Mixture, PackedSource, tokenize_cached, val_windows
+from moekit.train.tokenizer import cached_tokenizer, load_tokenizer, token_bytes, tokenizer_hash
+from moekit.util import atomic_write, atomic_write_text
+
+DEFAULT_MINUTES = 6.0  # `moekit train` with no arguments: 6 minutes of training, ~7 in all on 2 cores
+RESUMABLE = {"max_minutes", "steps"}  # the only settings a --resume may change
+_HELP = {
+    "seq_len": "tokens per training sequence (default: the model's max_seq_len); with --init-from, a longer "
+               "one extends the context with RoPE position interpolation",
+    "batch_tokens": "tokens per optimizer step at the end of the batch ramp",
+    "batch_tokens_start": "tokens per step at the start of the ramp (0 = no ramp; with --batch-tokens alone: "
+                          "a quarter of it)",
+    "batch_ramp_tokens": "tokens trained while the batch grows linearly to --batch-tokens",
+    "grad_accum": "micro-batches per step (gradient accumulation)",
+    "lr": "peak learning rate", "min_lr_ratio": "final learning rate as a fraction of --lr (cosine decay)",
+    "warmup_steps": "linear warmup steps", "weight_decay": "AdamW weight decay (matrices only)",
+    "grad_clip": "max global gradient norm (0 = off)",
+    "steps": "optimizer steps (default: as many as fit in --max-minutes)",
+    "max_minutes": f"training-time budget in minutes (default {DEFAULT_MINUTES:g} when --steps is not given)",
+    "eval_every": "evaluate every N steps (0 = only at the end)", "eval_tokens": "validation tokens per source",
+    "log_every": "log a line every N steps", "save_every": "checkpoint every N steps (0 = only at the end)",
+    "keep_checkpoints": "checkpoints to keep", "val_fraction": "share of files held out for validation",
+    "dtype": "auto (bf16 autocast where the hardware has bf16 matmuls), bf16 or fp32",
+}
+_SPECIAL = {"data", "tokenizer", "init_from"}
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="model preset (default: tiny); see `moekit info`")
+    p.add_argument("--out", help="run folder (default: runs/PRESET)")
+    p.add_argument("--resume", metavar="RUN", help="continue a run from its newest good checkpoint")
+    p.add_argument("--init-from", metavar="RUN", help="start from a run's weights with a fresh optimizer "
+                   "(default --lr: a tenth of the pre-training one; no batch ramp)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--data", action="append", metavar="NAME=PATH[:EPOCHS]",
+                   help="a training source (repeatable): a file or folder of .txt/.md/.py/.jsonl, or "
+                        "@stdlib-text / @stdlib-code; default: text=@stdlib-text:2 code=@stdlib-code:4")
+    p.add_argument("--tokenizer", metavar="PATH", help="an existing tokenizer.json (default: train a BPE)")
+    p.add_argument("--sample-prompt", default="def", help="prompt of the sample printed at the end")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar, log lines only")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in _SPECIAL:
+            continue
+        kind = {"int": int, "float": float}.get(f.type, str)
+        text = _HELP.get(f.name, f.name.replace("_", " "))
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, dest=f.name,
+                       help=text if "default" in text else f"{text} (default: {_default(f)})")
+    p.epilog = ("Model overrides: --key=value with a ModelConfig field, e.g. --n_layer=2 --top_k=1 (see "
+                "`moekit info tiny --json`). Training flags are written with dashes.")
+
+
+def _default(f: dataclasses.Field):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def _given(args: argparse.Namespace) -> dict:
+    """The TrainConfig flags the user passed (argparse defaults are None)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+            if f.name not in _SPECIAL and getattr(args, f.name) is not None}
+
+
+# ---- checks before anything is written -----------------------------------------------------------------
+def is_run(path: Path) -> bool:
+    return (path / "train_config.json").is_file() or (path / CKPT_DIR).is_dir()
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """`out` must be a new or empty folder (or an old run with --overwrite) under a writable parent."""
+    if out.exists():
+        if not out.is_dir():
+            raise ValueError(f"--out {out} exists and is not a folder")
+        if any(out.iterdir()) and not (overwrite and is_run(out)):
+            what = "holds a run" if is_run(out) else "is not empty"
+            raise ValueError(f"--out {out} {what}: continue it with --resume {out}, choose another --out, or "
+                             "pass --overwrite to replace a run")
+        target = out
+    else:
+        target = out.parent
+        while not target.exists():
+            target = target.parent
+        if not target.is_dir():
+            raise ValueError(f"cannot create --out {out}: {target} is a file, not a folder")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write to {target}: choose a writable --out")
+
+
+def create_out_dir(out: Path, overwrite: bool) -> None:
+    if overwrite and out.is_dir() and is_run(out):
+        for name in ("checkpoints", "metrics.jsonl", "model.safetensors", "config.json", "train_config.json",
+                     "tokenizer.json"):
+            p = out / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"cannot write to --out {out} ({e.strerror}): choose a writable folder") from None
+
+
+def extend_context(cfg: ModelConfig, seq_len: int) -> ModelConfig:
+    """Linear RoPE position interpolation (Chen et al. 2023) to a longer context; GPT-4: 8k -> 32k."""
+    rs = cfg.rope_scaling
+    if rs is not None and rs.get("rope_type") != "linear":
+        raise ValueError(f"--seq-len: context extension needs linear RoPE scaling; the run uses {rs['rope_type']}")
+    factor = (float(rs["factor"]) if rs else 1.0) * seq_len / cfg.max_seq_len
+    return cfg.replace(max_seq_len=seq_len, rope_scaling={"rope_type": "linear", "factor": factor})
+
+
+# ---- data ------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Prepared:
+    tokenizer: object
+    tokenizer_json: str
+    mixture: Mixture
+    val: dict
+    token_bytes_V: torch.Tensor
+    fingerprints: dict
+
+
+def prepare_data(tc: TrainConfig, seq_len: int, vocab_size: int, tokenizer_path: str | None, log) -> Prepared:
+    """Sources -> tokenizer -> token caches -> packed mixture + validation windows (writes only the cache)."""
+    sources = resolve_sources(tc.data)
+    t0 = time.perf_counter()
+    if tokenizer_path:
+        tok = load_tokenizer(tokenizer_path)
+    else:
+        tok, _ = cached_tokenizer(sources, tc.val_fraction, vocab_size, log=log)
+    th = tokenizer_hash(tok)
+    packed, val = [], {}
+    for s in sources:
+        train_tokens = tokenize_cached(s, "train", tc.val_fraction, tok, th)
+        val_tokens = tokenize_cached(s, "val", tc.val_fraction, tok, th)
+        packed.append(PackedSource(s.name, s.epochs, train_tokens, seq_len))
+        val[s.name] = val_windows(val_tokens, seq_len, tc.eval_tokens)
+        log(f"data {s.name}: {len(train_tokens):,} train / {len(val_tokens):,} val tokens, {s.epochs:g} epochs "
+            f"({s.path})")
+    mixture = Mixture(packed, tc.seed)
+    log("mixture: " + ", ".join(f"{p.name} {100 * w:.1f}%" for p, w in zip(packed, mixture.probs, strict=True))
+        + f" of sequences (tokens x epochs); data ready in {time.perf_counter() - t0:.1f}s")
+    return Prepared(tok, tok.to_str(pretty=True), mixture, val, torch.from_numpy(token_bytes(tok)),
+                    {s.name: s.fingerprint() for s in sources})
+
+
+# ---- the command -----------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> int:
+    from moekit.cli import apply_overrides
+    from moekit.model.transformer import Transformer
+    from moekit.train.loop import Trainer, amp_dtype, resolve_device, seed_everything
+    from moekit.train.metrics import peak_flops
+
+    log = tqdm.write
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    misnamed = sorted(k for k in args.overrides if k in train_fields)
+    if misnamed:
+        raise ValueError(f"--{misnamed[0]} is a training flag: write it with dashes, "
+                         f"--{misnamed[0].replace('_', '-')}")
+    given = _given(args)
+    if args.resume:
+        return resume(args, given, log)
+    if args.data:
+        given["data"] = [f"{s.name}={s.path}:{s.epochs:g}" for s in resolve_sources(args.data)]
+    if "steps" not in given and "max_minutes" not in given:
+        given["max_minutes"] = DEFAULT_MINUTES
+    if args.init_from:
+        # Continued training starts from trained weights: no batch ramp, and a tenth of the pre-training
+        # learning rate unless told otherwise (position interpolation, Chen et al. 2023, fine-tuned
+        # LLaMA at 2e-5 after pre-training at 3e-4; a full learning rate undoes what was learned).
+        given.setdefault("lr", _default(_FIELDS["lr"]) / 10)
+        given.setdefault("batch_tokens_start", 0)
+    if "batch_tokens" in given and "batch_tokens_start" not in given:  # keep the default ramp's 1/4 start
+        given["batch_tokens_start"] = given["batch_tokens"] // 4
+    tc = TrainConfig(**given)
+
+    if args.init_from:
+        init = Path(args.init_from)
+        if not (init / "config.json").is_file() or not (init / CKPT_DIR).is_dir():
+            raise ValueError(f"--init-from {init} is not a moekit run with checkpoints")
+        if args.preset:
+            raise ValueError("--init-from takes the model from the run: drop --preset")
+        cfg = apply_overrides(ModelConfig.load(init / "config.json"), args.overrides)
+        base_len = cfg.max_seq_len
+        tokenizer_path = args.tokenizer or str(init / "tokenizer.json")
+    else:
+        cfg = apply_overrides(get_preset(args.preset or "tiny"), args.overrides)
+        tokenizer_path = args.tokenizer
+    seq_len = tc.seq_len or cfg.max_seq_len
+    if seq_len > cfg.max_seq_len:
+        cfg = extend_context(cfg, seq_len) if args.init_from else cfg.replace(max_seq_len=seq_len)
+    tc = tc.replace(seq_len=seq_len, tokenizer=tokenizer_path or "", init_from=args.init_from or "")
+    suffix = ("-ft" if seq_len == base_len else f"-{seq_len}") if args.init_from else ""
+    out = Path(args.out or f"runs/{cfg.name}{suffix}")
+    check_out_dir(out, args.overwrite)
+    device = resolve_device(tc.device)
+
+    data = prepare_data(tc, seq_len, cfg.vocab_size, tokenizer_path, log)
+    n_vocab = data.tokenizer.get_vocab_size()
+    if n_vocab > cfg.vocab_size:
+        if "vocab_size" in args.overrides or args.init_from:
+            raise ValueError(f"the tokenizer has {n_vocab:,} tokens, more than the model's vocab_size "
+                             f"{cfg.vocab_size:,}")
+        log(f"vocab_size {cfg.vocab_size:,} -> {n_vocab:,} to fit the tokenizer")
+        cfg = cfg.replace(vocab_size=n_vocab)
+
+    seed_everything(tc.seed)
+    model = Transformer(cfg).to(device)
+    if args.init_from:  # before the run folder exists: a bad checkpoint leaves nothing behind
+        path, _ = load_latest(args.init_from, model, log=log)
+        log(f"weights from {path}" + (f"; context {seq_len:,} with RoPE interpolation x"
+                                      f"{cfg.rope_scaling['factor']:g}" if cfg.rope_scaling else ""))
+
+    create_out_dir(out, args.overwrite)
+    cfg.save(out / "config.json")
+    tc.save(out / "train_config.json")
+    atomic_write_text(out / "tokenizer.json", data.tokenizer_json)
+    dtype = amp_dtype(tc.dtype, device)
+    peak, peak_src = peak_flops(dtype or torch.float32, device)
+    trainer = Trainer(model, tc, seq_len, data.mixture, data.val, data.token_bytes_V, out, device, peak,
+                      {"fingerprints": data.fingerprints})
+    trainer.metrics.write({"event": "start", "model": cfg.to_dict(), "train": tc.to_dict(), "device": str(device),
+                           "dtype": str(dtype or torch.float32), "peak_flops": peak, "peak_source": peak_src,
+                           "flops_per_token": trainer.flops_per_token})
+    return _train_and_report(trainer, out, args, log, peak, peak_src)
+
+
+def resume(args: argparse.Namespace, given: dict, log) -> int:
+    from moekit.model.transformer import Transformer
+    from moekit.train.loop import Trainer, amp_dtype, resolve_device
+    from moekit.train.metrics import peak_flops
+
+    run_dir = Path(args.resume)
+    if not (run_dir / "train_config.json").is_file() or not (run_dir / "config.json").is_file():
+        raise ValueError(f"--resume {run_dir} is not a moekit run (no train_config.json and config.json); "
+                         "start one with `moekit train --out DIR`")
+    fixed = sorted(set(given) - RESUMABLE)
+    extra = [f for f, v in (("--data", args.data), ("--tokenizer", args.tokenizer), ("--init-from", args.init_from),
+                            ("--preset", args.preset), ("--out", args.out)) if v]
+    if fixed or extra or args.overrides:
+        bad = [f"--{n.replace('_', '-')}" for n in fixed] + extra + [f"--{k}" for k in args.overrides]
+        raise ValueError(f"--resume continues a run with its saved settings; only --max-minutes and --steps may "
+                         f"change (got {', '.join(bad)})")
+    tc = TrainConfig.load(run_dir / "train_config.json").replace(**given)
+    cfg = ModelConfig.load(run_dir / "config.json")
+    device = resolve_device(tc.device)
+    data = prepare_data(tc, tc.seq_len, cfg.vocab_size, str(run_dir / "tokenizer.json"), log)
+    model = Transformer(cfg).to(device)
+    trainer = Trainer(model, tc, tc.seq_len, data.mixture, data.val, data.token_bytes_V, run_dir, device, None,
+                      {"fingerprints": data.fingerprints})
+    path, ckpt = load_latest(run_dir, model, trainer.opt, log=log)
+    trainer.restore(ckpt)
+    log(f"resumed {run_dir} from {path.name}: step {ckpt['step']}, {ckpt['tokens_seen']:,} tokens")
+    if trainer.finished():
+        log(f"the run is complete at step {trainer.state.step}; pass --steps N (more) or --max-minutes M "
+            "to train further")
+        return 0
+    changed = sorted(n for n, fp in data.fingerprints.items() if ckpt.get("fingerprints", {}).get(n) != fp)
+    if changed:
+        log(f"warning: data source(s) {', '.join(changed)} changed since the checkpoint: the resumed run "
+            "will not repeat the original one exactly")
+    if given:
+        tc.save(run_dir / "train_config.json")
+    trainer.peak, peak_src = peak_flops(amp_dtype(tc.dtype, device) or torch.float32, device)
+    trainer.metrics.write({"event": "resume", "step": ckpt["step"], "checkpoint": str(path),
+                           "peak_flops": trainer.peak, "peak_source": peak_src})
+    return _train_and_report(trainer, run_dir, args, log, trainer.peak, peak_src)
+
+
+def _train_and_report(trainer, out: Path, args: argparse.Namespace, log, peak: float, peak_src: str) -> int:
+    from moekit.train.loop import fmt
+    from moekit.train.sample import complete
+
+    c = trainer.model.cfg
+    log(f"training {c.name} ({sum(p.numel() for p in trainer.model.parameters()):,} parameters) on "
+        f"{trainer.device}, {str(trainer.dtype or torch.float32).removeprefix('torch.')}, seq {trainer.seq_len}; "
+        f"MFU against {peak / 1e9:,.0f} GFLOP/s ({peak_src})")
+    t0 = time.perf_counter()
+    result = trainer.run(log=log, progress=not args.no_progress)
+    atomic_write(out / "model.safetensors", lambda tmp: save_file(
+        model_tensors(trainer.model), tmp, metadata={"format": "pt", "step": str(trainer.state.step)}))
+    s = trainer.state
+    log(f"done: {s.step} steps, {s.tokens_seen:,} tokens in {time.perf_counter() - t0:.0f}s "
+        f"(this session); tokens per source {json.dumps(trainer.mixture.tokens_seen())}")
+    per_source = ", ".join(f"{k} {fmt(v['bpb'])}" for k, v in result.items() if k != "all")
+    print(f"validation: loss {result['all']['loss']:.3f}, {fmt(result['all']['bpb'])} bits per byte ({per_source})")
+    trainer.model.eval()
+    sample = complete(trainer.model, _tokenizer(out), args.sample_prompt, max_new_tokens=120, seed=0)
+    print(f"sample:\n{args.sample_prompt}{sample}\n")
+    print(f"next:\n  moekit sample {out} \"def\"\n  moekit generate --model {out} \"import\"\n"
+          f"  moekit serve --model {out}\n  moekit train --resume {out} --steps {s.step + 100}   # train longer")
+    return 0
+
+
+def _tokenizer(out: Path):
+    return load_tokenizer(out / "tokenizer.json")

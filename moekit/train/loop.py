@@ -1,0 +1,398 @@
+"""The training loop: AdamW, warmup + cosine, a batch-size ramp, grad accumulation, bf16 autocast, eval.
+
+GPT-4's recipe at any scale (SPEC section 3): the batch grows linearly in tokens per step from
+`batch_tokens_start` to `batch_tokens` over the first `batch_ramp_tokens` tokens (GPT-4 ramped to
+60M over days; GPT-3, Brown et al. 2020 appendix B, over its first 4-12B tokens). Every quantity
+that shapes a step (learning rate, batch size, the data drawn) is a pure function of the state a
+checkpoint records, so `--resume` reproduces the uninterrupted run's losses bit for bit.
+
+- AdamW with decoupled weight decay on matrices only: norms, biases and other 1-D tensors are not
+  decayed (nanoGPT `configure_optimizers`, torchtitan). Master weights stay fp32; matmuls run in
+  bf16 under autocast where the hardware has bf16 units.
+- The loss is `ModelOutput.loss`: cross-entropy + the MoE load-balancing and router z-losses.
+- Without `--steps`, the run's length is `--max-minutes` and the cosine runs over time: its progress
+  is the share of the post-warmup time budget spent, so the learning rate reaches its floor at the
+  deadline even when the machine's speed changes. Such a run depends on timing; bit-exact resume
+  is a property of runs with `--steps` (a timed run resumes with its elapsed time and schedule).
+
+Shape legend: B sequences, T tokens per sequence, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from moekit.train.checkpoint import rng_state, save_checkpoint
+from moekit.train.config import TrainConfig
+from moekit.train.data import Mixture
+from moekit.train.metrics import MetricsLog, RoutingStats, bits_per_byte, format_log_line, mfu, train_flops_per_token
+
+CALIBRATION_STEPS = 3  # steps timed before a --max-minutes run estimates its step count
+
+
+# ---- numerics and seeding ---------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available; use --device cpu")
+    return torch.device(name)
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 matmuls (AVX-512 BF16 or AMX): there bf16 autocast beats fp32 (oneDNN kernels)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None = plain fp32) for --dtype auto|bf16|fp32."""
+    if choice == "fp32":
+        return None
+    supported = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
+    if choice == "bf16" or supported:
+        return torch.bfloat16
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+# ---- optimizer and schedules -------------------------------------------------------------------------
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay tensors of 2+ dimensions (matmul weights, embeddings, stacked experts), not norms or biases."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
+    groups = param_groups(model, tc.weight_decay)
+    kwargs = dict(lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)  # one kernel for all tensors (CPU and CUDA)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def lr_at(step: int, tc: TrainConfig, total_steps: int | None, progress: float | None = None) -> float:
+    """Learning rate of the step with 0-based index `step`: linear warmup, then cosine to lr x min_lr_ratio.
+
+    The cosine's progress is (step - warmup) / (total_steps - warmup), or `progress` when given (a
+    --max-minutes run measures it in time: the fraction of the post-warmup time budget spent).
+    """
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    if progress is None:
+        if not total_steps:
+            return tc.lr
+        progress = (step - tc.warmup_steps) / max(1, total_steps - tc.warmup_steps)
+    progress = min(1.0, max(0.0, progress))
+    return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def batch_tokens_at(tokens_seen: int, tc: TrainConfig) -> float:
+    """Tokens per step after `tokens_seen` tokens: linear from batch_tokens_start to batch_tokens."""
+    if not tc.batch_tokens_start or tokens_seen >= tc.batch_ramp_tokens:
+        return float(tc.batch_tokens)
+    frac = tokens_seen / tc.batch_ramp_tokens
+    return tc.batch_tokens_start + (tc.batch_tokens - tc.batch_tokens_start) * frac
+
+
+def sequences_at(tokens_seen: int, tc: TrainConfig, seq_len: int) -> int:
+    """Sequences in the next step: the ramp's tokens in whole sequences, at least one per micro-batch."""
+    return max(tc.grad_accum, round(batch_tokens_at(tokens_seen, tc) / seq_len))
+
+
+def micro_sizes(n_seqs: int, grad_accum: int) -> list[int]:
+    """Split a step's sequences into `grad_accum` micro-batches as evenly as possible."""
+    q, r = divmod(n_seqs, grad_accum)
+    return [q + (i < r) for i in range(grad_accum) if q + (i < r) > 0]
+
+
+def steps_that_fit(step: int, tokens_seen: int, token_budget: float, tc: TrainConfig, seq_len: int) -> int:
+    """The total step count when `token_budget` more tokens are trained, following the batch ramp."""
+    while True:
+        n = sequences_at(tokens_seen, tc, seq_len) * seq_len
+        if n > token_budget:
+            return step
+        token_budget -= n
+        tokens_seen += n
+        step += 1
+
+
+# ---- evaluation ----------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, val: dict[str, list[np.ndarray]], token_bytes_V: torch.Tensor,
+             batch: int, device: torch.device, dtype: torch.dtype | None) -> dict:
+    """Validation loss (nats per token) and bits per byte for each source and for all together."""
+    was_training = model.training
+    model.eval()
+    out, total = {}, {"nats": 0.0, "tokens": 0, "bytes": 0}
+    for name, windows in val.items():
+        nats, n_tok, n_bytes = 0.0, 0, 0
+        i = 0
+        while i < len(windows):
+            j = i + 1  # a batch of windows of equal length (only the last one of a stream can be shorter)
+            while j < len(windows) and j - i < batch and len(windows[j]) == len(windows[i]):
+                j += 1
+            xy_BT = torch.from_numpy(np.stack(windows[i:j])).to(device)
+            x_BT, y_BT = xy_BT[:, :-1], xy_BT[:, 1:]
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                logits_BTV = model(x_BT).logits
+            nats += F.cross_entropy(logits_BTV.flatten(0, 1).float(), y_BT.flatten(), reduction="sum").item()
+            n_tok += y_BT.numel()
+            n_bytes += int(token_bytes_V[y_BT.cpu()].sum())
+            i = j
+        out[name] = {"loss": nats / max(1, n_tok), "bpb": bits_per_byte(nats, n_bytes) if n_bytes else None,
+                     "tokens": n_tok, "bytes": n_bytes}
+        total = {"nats": total["nats"] + nats, "tokens": total["tokens"] + n_tok, "bytes": total["bytes"] + n_bytes}
+    out["all"] = {"loss": total["nats"] / max(1, total["tokens"]),
+                  "bpb": bits_per_byte(total["nats"], total["bytes"]) if total["bytes"] else None,
+                  "tokens": total["tokens"], "bytes": total["bytes"]}
+    model.train(was_training)
+    return out
+
+
+def fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+# ---- the loop --------------------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    """What a checkpoint records beyond tensors; with them it determines the rest of the run."""
+
+    step: int = 0  # optimizer steps taken
+    tokens_seen: int = 0
+    total_steps: int | None = None  # --steps; for a --max-minutes run, an estimate (progress bar, logs)
+    train_seconds: float = 0.0  # wall time spent in the loop, over all resumes
+    warmup_seconds: float | None = None  # train_seconds when warmup ended (the time schedule's origin)
+    last_eval: dict = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, model: torch.nn.Module, tc: TrainConfig, seq_len: int, mixture: Mixture,
+                 val: dict[str, list[np.ndarray]], token_bytes_V: torch.Tensor, run_dir: Path,
+                 device: torch.device, peak_flops: float | None, extra_state: dict | None = None):
+        self.model, self.tc, self.seq_len, self.mixture, self.val = model, tc, seq_len, mixture, val
+        self.token_bytes_V, self.run_dir, self.device = token_bytes_V, Path(run_dir), device
+        self.dtype = amp_dtype(tc.dtype, device)
+        self.opt = build_optimizer(model, tc)
+        self.state = TrainState(total_steps=tc.steps or None)
+        self.timed = not tc.steps  # the length of the run is a time budget (see the module docstring)
+        self.eval_seconds: float | None = None  # how long the last evaluation took
+        self.flops_per_token = train_flops_per_token(model.cfg, seq_len)
+        self.peak = peak_flops
+        self.extra_state = extra_state or {}  # recorded in checkpoints (data fingerprints, ...)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.routing = RoutingStats()
+        self._stop_signal: int | None = None
+
+    # -- state ----------------------------------------------------------------------------------------
+    def checkpoint_state(self) -> dict:
+        s = self.state
+        return {"tokens_seen": s.tokens_seen, "total_steps": s.total_steps, "train_seconds": s.train_seconds,
+                "warmup_seconds": s.warmup_seconds, "last_eval": s.last_eval, "data": self.mixture.state_dict(),
+                "rng": rng_state(),
+                **self.extra_state}
+
+    def restore(self, ckpt: dict) -> None:
+        """Take up a checkpoint's state (its tensors are already loaded into model and optimizer)."""
+        from moekit.train.checkpoint import set_rng_state
+
+        self.state = TrainState(step=ckpt["step"], tokens_seen=ckpt["tokens_seen"], total_steps=ckpt["total_steps"],
+                                train_seconds=ckpt["train_seconds"], warmup_seconds=ckpt.get("warmup_seconds"),
+                                last_eval=ckpt.get("last_eval", {}))
+        if self.tc.steps:  # --steps given again on resume wins (a longer run changes the schedule's end)
+            self.state.total_steps = self.tc.steps
+        self.mixture.load_state_dict(ckpt["data"])
+        set_rng_state(ckpt["rng"])
+
+    def save(self) -> Path:
+        return save_checkpoint(self.run_dir, self.state.step, self.model, self.opt, self.checkpoint_state(),
+                               keep=self.tc.keep_checkpoints)
+
+    # -- one optimizer step --------------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        tc, s = self.tc, self.state
+        n_seqs = sequences_at(s.tokens_seen, tc, self.seq_len)
+        lr = lr_at(s.step, tc, s.total_steps, self.time_progress())
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        sums: dict[str, torch.Tensor] = {}
+        for m in micro_sizes(n_seqs, tc.grad_accum):
+            x_BT, y_BT, _ = self.mixture.next_batch(m)
+            x_BT, y_BT = x_BT.to(self.device, non_blocking=True), y_BT.to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+                out = self.model(x_BT, y_BT)
+            # Each micro-batch's mean loss weighted by its share of the step: the step's gradient is
+            # the gradient of the mean over all its tokens, however the sequences are split.
+            (out.loss * (m / n_seqs)).backward()
+            for key in ("loss", "ce_loss", "aux_loss", "z_loss"):
+                value = getattr(out, key)
+                if value is not None:  # summed on the device; read once per step
+                    sums[key] = sums.get(key, 0) + value.detach().float() * (m / n_seqs)
+            self.routing.add(out.routing)
+        grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip).item()
+                     if tc.grad_clip > 0 else None)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        s.step += 1
+        s.tokens_seen += n_seqs * self.seq_len
+        losses = {k: (sums[k].item() if k in sums else None) for k in ("loss", "ce_loss", "aux_loss", "z_loss")}
+        return {**losses, "lr": lr, "grad_norm": grad_norm, "batch_tokens": n_seqs * self.seq_len}
+
+    # -- evaluation ------------------------------------------------------------------------------------
+    def eval_batch(self) -> int:
+        return max(1, self.tc.batch_tokens // self.seq_len // self.tc.grad_accum)
+
+    def run_eval(self) -> dict:
+        result = evaluate(self.model, self.val, self.token_bytes_V, self.eval_batch(), self.device, self.dtype)
+        self.state.last_eval = {"step": self.state.step, **result}
+        self.metrics.write({"step": self.state.step, "tokens": self.state.tokens_seen, "eval": result})
+        return result
+
+    # -- the run ---------------------------------------------------------------------------------------
+    def end_seconds(self) -> float:
+        """When a --max-minutes run stops training: the budget less a margin and the final evaluation."""
+        budget = self.tc.max_minutes * 60
+        final_eval = self.eval_seconds if self.eval_seconds is not None else 0.02 * budget
+        return 0.98 * budget - final_eval
+
+    def finished(self) -> bool:
+        s = self.state
+        return s.train_seconds >= self.end_seconds() if self.timed else s.step >= s.total_steps
+
+    def time_progress(self) -> float | None:
+        """The cosine's progress in a --max-minutes run: the share of the post-warmup time spent.
+
+        Measured in time, not steps, so the learning rate reaches its floor at the deadline whatever
+        the machine's speed does on the way (other jobs on a shared CPU can halve it).
+        """
+        s = self.state
+        if not self.timed or s.step < self.tc.warmup_steps:
+            return None
+        if s.warmup_seconds is None:
+            s.warmup_seconds = s.train_seconds
+        return (s.train_seconds - s.warmup_seconds) / max(1e-9, self.end_seconds() - s.warmup_seconds)
+
+    def estimate_total_steps(self, seconds_per_token: float) -> int:
+        """Steps a --max-minutes run will take at the measured speed (for the progress bar and logs)."""
+        s = self.state
+        budget = max(0.0, self.end_seconds() - s.train_seconds) / seconds_per_token
+        return max(s.step + 1, steps_that_fit(s.step, s.tokens_seen, budget, self.tc, self.seq_len))
+
+    def _install_signal_handlers(self) -> dict:
+        def handler(signum, frame):
+            self._stop_signal = signum
+
+        old = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                old[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread: no graceful stop
+            pass
+        return old
+
+    def run(self, log=tqdm.write, progress: bool = True) -> dict:
+        """Train until the horizon (or the time budget), evaluating and checkpointing on the way.
+
+        `log` prints a line (tqdm.write keeps the progress bar intact).
+        """
+        tc, s = self.tc, self.state
+        deadline = tc.max_minutes * 60 if tc.max_minutes else math.inf
+        bar = tqdm(total=s.total_steps, initial=s.step, unit="step", dynamic_ncols=True,
+                   disable=not progress or None, desc="train")
+        old_handlers = self._install_signal_handlers()
+        session_start = (s.train_seconds, s.tokens_seen)
+        interval = {"t": 0.0, "tokens": 0, "n": 0, "loss": 0.0, "ce_loss": 0.0}
+        first_step = s.step
+        self.model.train()
+        try:
+            while s.train_seconds < deadline and not self.finished():
+                t0 = time.perf_counter()
+                rec = self.train_step()
+                dt = time.perf_counter() - t0
+                s.train_seconds += dt
+                interval["t"] += dt
+                interval["tokens"] += rec["batch_tokens"]
+                interval["n"] += 1
+                interval["loss"] += rec["loss"]
+                interval["ce_loss"] += rec["ce_loss"]
+                if self.timed and s.step - first_step >= CALIBRATION_STEPS and s.step % tc.log_every == 0:
+                    spt = (s.train_seconds - session_start[0]) / (s.tokens_seen - session_start[1])
+                    if s.total_steps is None:
+                        log(f"time budget {tc.max_minutes:g} min: about "
+                            f"{self.estimate_total_steps(spt)} steps at {1 / spt:,.0f} tok/s")
+                    s.total_steps = self.estimate_total_steps(spt)
+                if bar.total != s.total_steps:
+                    bar.total = s.total_steps
+                    bar.refresh()
+                bar.update(1)
+                if s.step % tc.log_every == 0:
+                    self._log_interval(interval, rec, bar, log)
+                    interval = {"t": 0.0, "tokens": 0, "n": 0, "loss": 0.0, "ce_loss": 0.0}
+                done = s.step == s.total_steps and not self.timed
+                if tc.eval_every and s.step % tc.eval_every == 0 and not done:
+                    t0 = time.perf_counter()
+                    result = self.run_eval()
+                    self.eval_seconds = time.perf_counter() - t0
+                    s.train_seconds += self.eval_seconds
+                    log(f"step {s.step} | val loss {result['all']['loss']:.3f} | val bpb {fmt(result['all']['bpb'])}")
+                if tc.save_every and s.step % tc.save_every == 0 and not done:
+                    t0 = time.perf_counter()
+                    self.save()
+                    s.train_seconds += time.perf_counter() - t0
+                if self._stop_signal is not None:
+                    log(f"signal {self._stop_signal}: saving step {s.step} and stopping")
+                    break
+        finally:
+            bar.close()
+            for sig, h in old_handlers.items():
+                signal.signal(sig, h)
+        if interval["n"]:  # the last steps since a log line
+            self._log_interval(interval, rec, bar, log)
+        result = self.run_eval()
+        path = self.save()
+        self.metrics.write({"event": "end", "step": s.step, "tokens": s.tokens_seen,
+                            "train_seconds": s.train_seconds, "checkpoint": str(path),
+                            "tokens_per_source": self.mixture.tokens_seen(),
+                            "epochs_per_source": self.mixture.epochs_seen(), "stopped_by_signal": self._stop_signal})
+        return result
+
+    def _log_interval(self, interval: dict, rec: dict, bar, log) -> None:
+        s = self.state
+        tok_s = interval["tokens"] / max(interval["t"], 1e-9)
+        util = mfu(tok_s, self.flops_per_token, self.peak) if self.peak else None
+        routing = self.routing.summary()
+        self.routing.reset()
+        imbalance = max(routing["imbalance"]) if routing else None
+        loss = interval["loss"] / interval["n"]
+        record = {"step": s.step, "loss": loss, "ce_loss": interval["ce_loss"] / interval["n"],
+                  "aux_loss": rec["aux_loss"], "z_loss": rec["z_loss"], "lr": rec["lr"],
+                  "grad_norm": rec["grad_norm"], "batch_tokens": rec["batch_tokens"], "tokens": s.tokens_seen,
+                  "total_steps": s.total_steps,
+                  "tok_s": tok_s, "mfu": util, "train_seconds": s.train_seconds, "routing": routing,
+                  "tokens_per_source": self.mixture.tokens_seen(), "epochs_per_source": self.mixture.epochs_seen()}
+        self.metrics.write(record)
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * util:.1f}%" if util else "-")
+        log(format_log_line(s.step, loss, rec["lr"], tok_s, util, imbalance))

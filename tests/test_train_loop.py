@@ -1,0 +1,259 @@
+"""The training loop's arithmetic: LR schedule, batch ramp, grad accumulation, bits per byte, MFU, routing
+metrics, the KV-cache sampler against full recomputation, and context extension."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moekit.config import ModelConfig
+from moekit.counts import count_params, flops_per_token
+from moekit.model.moe import RoutingInfo
+from moekit.model.transformer import Transformer
+from moekit.train.cli import extend_context
+from moekit.train.config import TrainConfig
+from moekit.train.data import Mixture, PackedSource
+from moekit.train.loop import (
+    Trainer,
+    batch_tokens_at,
+    evaluate,
+    lr_at,
+    micro_sizes,
+    param_groups,
+    sequences_at,
+    steps_that_fit,
+)
+from moekit.train.metrics import (
+    RoutingStats,
+    bits_per_byte,
+    format_log_line,
+    measure_gemm_peak,
+    mfu,
+    train_flops_per_token,
+)
+from moekit.train.sample import generate, sample_next
+
+CFG = ModelConfig(vocab_size=50, n_layer=2, d_model=16, n_head=2, head_dim=8, d_ff=32, n_expert=4, top_k=2,
+                  max_seq_len=32)
+
+
+def test_lr_warmup_then_cosine_to_the_floor():
+    tc = TrainConfig(steps=110, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, tc, 110) == pytest.approx(1e-4) and lr_at(9, tc, 110) == pytest.approx(1e-3)
+    assert lr_at(10, tc, 110) == pytest.approx(1e-3)
+    assert lr_at(60, tc, 110) == pytest.approx(1e-4 + 0.9e-3 * 0.5)  # half way down the cosine
+    assert lr_at(110, tc, 110) == pytest.approx(1e-4) and lr_at(500, tc, 110) == pytest.approx(1e-4)
+    after = [lr_at(s, tc, 110) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(after, after[1:], strict=False))
+
+
+def test_batch_ramp_grows_linearly_in_tokens_per_step():
+    tc = TrainConfig(steps=1, batch_tokens=1024, batch_tokens_start=256, batch_ramp_tokens=10_000, grad_accum=2)
+    assert batch_tokens_at(0, tc) == 256 and batch_tokens_at(5_000, tc) == 640
+    assert batch_tokens_at(10_000, tc) == 1024 and batch_tokens_at(10**9, tc) == 1024
+    assert sequences_at(0, tc, 64) == 4 and sequences_at(5_000, tc, 64) == 10 and sequences_at(10**6, tc, 64) == 16
+    assert sequences_at(0, tc, 512) == 2  # never fewer sequences than micro-batches
+    assert batch_tokens_at(0, TrainConfig(steps=1, batch_tokens=1024, batch_tokens_start=0)) == 1024  # no ramp
+    # The step count that a token budget buys follows the ramp.
+    seen, step, budget = 0, 0, 20_000
+    while sequences_at(seen, tc, 64) * 64 <= budget:
+        budget -= sequences_at(seen, tc, 64) * 64
+        seen += sequences_at(seen, tc, 64) * 64
+        step += 1
+    assert steps_that_fit(0, 0, 20_000, tc, 64) == step and 20 < step < 80
+
+
+def test_micro_batches_split_evenly():
+    assert micro_sizes(10, 3) == [4, 3, 3] and micro_sizes(2, 4) == [1, 1] and sum(micro_sizes(17, 5)) == 17
+
+
+@pytest.mark.parametrize("bad", [dict(lr=0), dict(batch_tokens=0), dict(grad_accum=0), dict(dtype="fp8"),
+                                 dict(batch_tokens_start=10**6), dict(batch_tokens_start=10, batch_ramp_tokens=0),
+                                 dict(max_minutes=0),
+                                 dict(val_fraction=0.7), dict(warmup_steps=-1)])
+def test_train_config_rejects_bad_values(bad):
+    with pytest.raises(ValueError):
+        TrainConfig(**{"steps": 0 if "max_minutes" in bad else 10, **bad})
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    cfg = CFG.replace(n_expert=1, top_k=1, norm="layernorm", bias=True)
+    model = Transformer(cfg)
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert any("norm" in names[id(p)] for p in no_decay["params"])
+    assert any(names[id(p)].endswith("bias") for p in no_decay["params"])
+    moe = Transformer(CFG)
+    assert any(p.dim() == 3 for p in param_groups(moe, 0.1)[0]["params"])  # stacked experts are decayed
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    # The Switch load-balancing loss is a product of two batch means, so it is not additive over
+    # micro-batches (as in every framework); with it off, 3 micro-batches give the 1-batch gradient.
+    grads = []
+    for accum in (1, 3):
+        torch.manual_seed(0)
+        model = Transformer(CFG.replace(aux_loss_coef=0.0))
+        src = PackedSource("s", 1.0, np.arange(2000, dtype=np.uint16) % 50, 16)
+        tc = TrainConfig(steps=1, batch_tokens=96, batch_tokens_start=0, grad_accum=accum, dtype="fp32",
+                         grad_clip=0)
+        trainer = Trainer(model, tc, 16, Mixture([src], 0), {}, torch.ones(50), tmp_path / str(accum),
+                          torch.device("cpu"), None)
+        captured = {}
+
+        def capture(model=model, captured=captured):  # instead of an AdamW step: keep the gradients
+            captured.update({n: p.grad.clone() for n, p in model.named_parameters()})
+
+        trainer.opt.step = capture
+        rec = trainer.train_step()
+        grads.append((captured, rec["loss"]))
+    (g1, l1), (g3, l3) = grads
+    assert l1 == pytest.approx(l3, rel=1e-5)
+    for name in g1:
+        torch.testing.assert_close(g3[name], g1[name], rtol=1e-4, atol=1e-6)
+
+
+# ---- bits per byte and MFU ---------------------------------------------------------------------------
+def test_bits_per_byte_arithmetic():
+    # 1,000 tokens of a uniform model over 256 symbols, each token 2 bytes: 8 bits/token, 4 bits/byte.
+    assert bits_per_byte(1000 * math.log(256), 2000) == pytest.approx(4.0)
+    with pytest.raises(ValueError):
+        bits_per_byte(1.0, 0)
+
+
+def test_evaluate_matches_a_direct_cross_entropy_and_a_uniform_model():
+    torch.manual_seed(0)
+    model = Transformer(CFG)
+    windows = [np.random.default_rng(i).integers(0, 50, 17) for i in range(5)] + [np.arange(9)]
+    token_bytes = torch.arange(50) % 4 + 1  # pretend token t spells t % 4 + 1 bytes
+    res = evaluate(model, {"v": windows}, token_bytes, batch=2, device=torch.device("cpu"), dtype=None)
+    nats, n_tok, n_bytes = 0.0, 0, 0
+    for w in windows:
+        t = torch.from_numpy(w)[None]
+        logits = model(t[:, :-1]).logits
+        nats += F.cross_entropy(logits[0], t[0, 1:], reduction="sum").item()
+        n_tok += len(w) - 1
+        n_bytes += int(token_bytes[t[0, 1:]].sum())
+    assert res["v"]["tokens"] == n_tok and res["v"]["bytes"] == n_bytes
+    assert res["v"]["loss"] == pytest.approx(nats / n_tok, rel=1e-5)
+    assert res["v"]["bpb"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-5)
+    assert res["all"] == res["v"]
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # uniform predictions: loss = ln V exactly
+    res = evaluate(model, {"v": windows}, token_bytes, 4, torch.device("cpu"), None)
+    assert res["v"]["loss"] == pytest.approx(math.log(50), rel=1e-6)
+    assert res["v"]["bpb"] == pytest.approx(math.log2(50) * n_tok / n_bytes, rel=1e-6)
+
+
+def test_mfu_counts_active_parameters_and_attention():
+    cfg = CFG.replace(tie_embeddings=True)
+    c = count_params(cfg)
+    matmul = c.active  # tied: the embedding is read by the lm_head matmul
+    attention = 4 * cfg.n_layer * 32 * cfg.n_head * cfg.head_dim  # QK^T and AV over 32 tokens
+    assert train_flops_per_token(cfg, 32) == 3 * (2 * matmul + attention)
+    assert c.active < c.total  # only 2 of 4 experts count
+    assert train_flops_per_token(cfg, 32) == 3 * flops_per_token(cfg, 32).total
+    assert mfu(1000.0, 6e9, 1e13) == pytest.approx(0.6)
+    line = format_log_line(120, 3.2101, 3e-4, 152_000, 0.412, 1.081)
+    assert line == "step 120 | loss 3.210 | lr 3.0e-04 | 152.0k tok/s | mfu 41.2% | moe imbalance 1.08"
+
+
+def test_gemm_probe_measures_a_positive_peak():
+    peak = measure_gemm_peak(torch.float32, "cpu", n=128, min_seconds=0.01)
+    assert math.isfinite(peak) and peak > 1e6
+
+
+def test_routing_stats_imbalance_entropy_dropped_dead():
+    stats = RoutingStats()
+    info = lambda counts, dropped, ent: RoutingInfo(torch.tensor(0.0), torch.tensor(0.0), torch.tensor(counts),  # noqa
+                                                     torch.tensor(dropped), torch.tensor(ent))
+    stats.add([info([4, 4, 0, 0], 0, 1.0), info([2, 2, 2, 2], 2, 1.2)])
+    stats.add([info([4, 0, 0, 0], 0, 0.5), info([2, 2, 2, 2], 0, 1.4)])
+    s = stats.summary()
+    assert s["tokens_per_expert"] == [[8, 4, 0, 0], [4, 4, 4, 4]]
+    assert s["imbalance"] == [pytest.approx(8 / 3), 1.0]
+    assert s["dead_experts"] == [2, 0] and s["entropy"] == [pytest.approx(0.75), pytest.approx(1.3)]
+    assert s["dropped_frac"] == [0.0, pytest.approx(2 / 18)]
+    stats.reset()
+    assert stats.summary() is None
+
+
+# ---- sampling --------------------------------------------------------------------------------------
+def generate_no_cache(model, prompt, n, temperature, top_k, gen, stop_id=None):
+    """Oracle: recompute the whole sequence for every new token."""
+    ids = list(prompt)
+    for _ in range(n):
+        logits = model(torch.tensor([ids])).logits[0, -1]
+        ids.append(sample_next(logits, temperature, top_k, gen))
+        if ids[-1] == stop_id:
+            break
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("temperature, top_k", [(0.0, 0), (1.0, 10), (0.7, 0)])
+def test_kv_cache_sampler_matches_full_recomputation(temperature, top_k):
+    torch.manual_seed(0)
+    model = Transformer(CFG).eval()
+    with torch.no_grad():
+        fast = generate(model, [1, 2, 3], 20, temperature, top_k, torch.Generator().manual_seed(5))
+        slow = generate_no_cache(model, [1, 2, 3], 20, temperature, top_k, torch.Generator().manual_seed(5))
+    assert fast == slow and len(fast) == 20
+    with torch.no_grad():  # stops at the end-of-document token, and at the context length
+        stop = fast[5]
+        assert generate(model, [1, 2, 3], 100, temperature, top_k, torch.Generator().manual_seed(5),
+                        stop_id=stop) == fast[:fast.index(stop) + 1]
+        assert len(generate(model, [1] * 30, 100, temperature, top_k, torch.Generator().manual_seed(0))) == 2
+
+
+def test_top_k_only_samples_the_k_most_likely():
+    logits = torch.tensor([0.0, 5.0, 4.0, -1.0, 3.0])
+    gen = torch.Generator().manual_seed(0)
+    assert {sample_next(logits, 1.0, 2, gen) for _ in range(200)} == {1, 2}
+
+
+# ---- context extension ----------------------------------------------------------------------------------
+def test_context_extension_sets_linear_rope_interpolation():
+    cfg = extend_context(CFG, 128)
+    assert cfg.max_seq_len == 128 and cfg.rope_scaling == {"rope_type": "linear", "factor": 4.0}
+    again = extend_context(cfg, 256)  # 32 -> 128 -> 256: factor 8 relative to the original training length
+    assert again.rope_scaling["factor"] == 8.0
+    # Interpolated positions: position 4p of the extended model sees the angles of position p of the base.
+    from moekit.model.attention import rope_inv_freq
+    assert torch.allclose(rope_inv_freq(cfg) * 4, rope_inv_freq(CFG))
+
+
+def test_a_timed_run_anneals_on_the_clock(tmp_path):
+    src = PackedSource("s", 1.0, np.arange(5000, dtype=np.uint16) % 50, 16)
+    tc = TrainConfig(max_minutes=1.0, warmup_steps=2, batch_tokens=64, batch_tokens_start=0, eval_every=0)
+    trainer = Trainer(Transformer(CFG), tc, 16, Mixture([src], 0), {}, torch.ones(50), tmp_path,
+                      torch.device("cpu"), None)
+    s = trainer.state
+    end = 0.98 * 60 - 0.02 * 60  # the budget less a margin and the (estimated) final evaluation
+    assert trainer.end_seconds() == pytest.approx(end)
+    s.step, s.train_seconds = 1, 3.0
+    assert trainer.time_progress() is None  # still warming up, by steps
+    s.step, s.train_seconds = 2, 5.0
+    assert trainer.time_progress() == 0.0 and s.warmup_seconds == 5.0
+    s.train_seconds = 5.0 + (end - 5.0) / 2
+    assert trainer.time_progress() == pytest.approx(0.5) and not trainer.finished()
+    assert lr_at(s.step, tc, None, trainer.time_progress()) == pytest.approx(tc.lr * (0.1 + 0.9 * 0.5))
+    s.train_seconds = end
+    assert trainer.finished() and lr_at(99, tc, None, trainer.time_progress()) == pytest.approx(0.1 * tc.lr)
+    s.train_seconds, s.tokens_seen = 10.0, 128
+    assert trainer.estimate_total_steps(1e-3) == 2 + int((end - 10.0) / 1e-3) // 64
+
+
+def test_a_stop_signal_ends_the_run_with_a_checkpoint(tmp_path):
+    src = PackedSource("s", 1.0, np.arange(5000, dtype=np.uint16) % 50, 16)
+    val = {"s": [np.arange(17) % 50]}
+    tc = TrainConfig(steps=50, batch_tokens=32, batch_tokens_start=0, eval_every=0, save_every=0, log_every=100)
+    trainer = Trainer(Transformer(CFG), tc, 16, Mixture([src], 0), val, torch.ones(50, dtype=torch.long), tmp_path,
+                      torch.device("cpu"), None)
+    trainer._stop_signal = 15  # as if SIGTERM arrived during the first step
+    result = trainer.run(log=lambda m: None, progress=False)
+    assert trainer.state.step == 1 and result["s"]["tokens"] == 16
+    assert (tmp_path / "checkpoints" / "step_00000001" / "state.json").is_file()
