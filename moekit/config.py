@@ -176,15 +176,17 @@ def resolve_config(spec: str) -> ModelConfig:
     path = Path(spec)
     if not path.exists():
         raise ValueError(f"{spec!r} is neither a preset ({', '.join(PRESETS)}) nor an existing path")
-    file = path / "config.json" if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"{path} has no config.json: is it a moekit run or a Hugging Face model folder?")
-    try:
-        d = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{file} must hold a JSON object")
+    if path.is_dir():
+        from moekit.util import read_config_json
+
+        d = read_config_json(path)
+    else:  # a config JSON file of its own
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path} must hold a JSON object")
     if "model_type" in d:  # a Hugging Face config.json
         from moekit.hf import config_from_hf
 

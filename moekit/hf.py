@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 from moekit.config import ModelConfig
 from moekit.model.attention import rope_inv_freq
 from moekit.model.transformer import Transformer
+from moekit.util import read_config_json
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM"}
 # transformers' defaults for keys a config.json may leave out (models/*/configuration_*.py, v5).
@@ -242,18 +243,7 @@ class HFSource:
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    if not path.is_dir():
-        raise FileNotFoundError(f"Hugging Face model folder {path} does not exist")
-    file = path / "config.json"
-    if not file.is_file():
-        raise FileNotFoundError(f"{path} has no config.json: is it a Hugging Face model folder?")
-    try:
-        d = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{file} must hold a JSON object")  # noqa: TRY004 (the CLI reports ValueError)
-    return d
+    return read_config_json(path, "a Hugging Face model folder")
 
 
 def _weight_files(path: Path) -> dict[str, list[str]]:

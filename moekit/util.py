@@ -1,11 +1,14 @@
-"""Small helpers shared across moekit: atomic file writes (never leave a half-written file)."""
+"""Small helpers shared across moekit: atomic file writes (never leave a half-written file), reading a
+config.json, and the --device flag."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
@@ -34,3 +37,37 @@ def _umask() -> int:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_config_json(folder: str | Path, what: str = "a moekit run or a Hugging Face model folder") -> dict[str, Any]:
+    """The JSON object in `folder`/config.json, or one clear error naming what is wrong."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"model folder {folder} does not exist: give {what}")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder: give {what}")
+    file = folder / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: is it {what}?")
+    try:
+        d = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{file} must hold a JSON object")
+    return d
+
+
+def resolve_device(name: str):
+    """The torch.device for a --device flag: auto (CUDA when there is one), cpu, cuda, cuda:N."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name such as cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available; use --device cpu")
+    return dev

@@ -87,13 +87,6 @@ def assert_same_logits(ref_model, model, lengths=(1, 9, 40), atol=1e-5):
         assert (out - ref).abs().max().item() <= atol, f"T={T}: max diff {(out - ref).abs().max().item():.2e}"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on a busy 2-core machine they wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

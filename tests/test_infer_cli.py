@@ -86,7 +86,7 @@ def test_bad_models_and_prompts_are_one_line_and_exit_2(tmp_path, capsys):
     write_run(tmp_path / "other", seed=1, tokenizer=other)
     (tmp_path / "empty").mkdir()
     cases = [
-        (["--model", str(tmp_path / "missing"), "hi"], "is not a folder"),
+        (["--model", str(tmp_path / "missing"), "hi"], "missing does not exist"),
         (["--model", str(tmp_path / "empty"), "hi"], "has no config.json"),
         (["--model", str(tmp_path / "run"), "a" * 300], "shorten the prompt"),
         (["--model", str(tmp_path / "run"), "hi", "--draft", str(tmp_path / "other")], "does not use the tokenizer"),

@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from moekit.util import resolve_device
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the text to continue ('-' reads standard input)")
@@ -37,18 +39,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1...")
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device name such as cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is available; use --device cpu")
-    return dev
-
-
 def run(args: argparse.Namespace) -> int:
     from moekit.infer.engine import Engine
     from moekit.infer.loader import load_model
@@ -65,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--draft and --ngram are two proposers: choose one")
     if not args.kv_cache_gb > 0:
         raise ValueError(f"--kv-cache-gb must be > 0, got {args.kv_cache_gb}")
-    device = _device(args.device)
+    device = resolve_device(args.device)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt

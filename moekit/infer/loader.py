@@ -12,7 +12,6 @@ Only safetensors are read, never pickle.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from moekit.config import ModelConfig
 from moekit.infer.tokenizer import TextCodec, as_codec
 from moekit.model.attention import rope_inv_freq
 from moekit.model.transformer import Transformer
+from moekit.util import read_config_json
 
 EOT = "<|endoftext|>"  # a moekit run's document separator (moekit/train/tokenizer.py)
 
@@ -108,15 +108,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu") -> tuple[Transformer, TextCodec | None]:
     """(model in eval mode, its TextCodec or None) from a moekit run or a Hugging Face model folder."""
     path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a folder: give a moekit run (runs/NAME) or a Hugging Face model folder")
-    config = path / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"{path} has no config.json: is it a moekit run or a Hugging Face model folder?")
-    try:
-        d = json.loads(config.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config} is not valid JSON: {e}") from None
-    if isinstance(d, dict) and "model_type" in d:
+    d = read_config_json(path)
+    if "model_type" in d:
         return load_hf_model(path, dtype, device)
     return load_run(path, dtype, device)

@@ -26,6 +26,7 @@ from pathlib import Path
 import uvicorn
 
 from moekit.serve.config import MAX_N, ServeConfig
+from moekit.util import resolve_device
 
 log = logging.getLogger("moekit.serve")
 
@@ -95,25 +96,11 @@ def _check_model_dir(path: str, flag: str) -> None:
         raise FileNotFoundError(f"{flag} {path} has no config.json: is it a moekit run or a Hugging Face folder?")
 
 
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device name such as cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is available; use --device cpu")
-    return dev
-
-
 def engine_loader(cfg: ServeConfig):
     """A function that loads the model(s) and builds the Engine (run in the engine thread)."""
     import torch
 
-    device = _device(cfg.device)  # checked now, so that a bad --device is a one-line error at start
+    device = resolve_device(cfg.device)  # checked now, so that a bad --device is a one-line error at start
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
 

@@ -180,8 +180,9 @@ def prepare_data(tc: TrainConfig, seq_len: int, vocab_size: int, tokenizer_path:
 def run(args: argparse.Namespace) -> int:
     from moekit.cli import apply_overrides
     from moekit.model.transformer import Transformer
-    from moekit.train.loop import Trainer, amp_dtype, resolve_device, seed_everything
+    from moekit.train.loop import Trainer, amp_dtype, seed_everything
     from moekit.train.metrics import peak_flops
+    from moekit.util import resolve_device
 
     log = tqdm.write
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -259,8 +260,9 @@ def run(args: argparse.Namespace) -> int:
 
 def resume(args: argparse.Namespace, given: dict, log) -> int:
     from moekit.model.transformer import Transformer
-    from moekit.train.loop import Trainer, amp_dtype, resolve_device
+    from moekit.train.loop import Trainer, amp_dtype
     from moekit.train.metrics import peak_flops
+    from moekit.util import resolve_device
 
     run_dir = Path(args.resume)
     if not (run_dir / "train_config.json").is_file() or not (run_dir / "config.json").is_file():

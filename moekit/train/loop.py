@@ -41,14 +41,6 @@ CALIBRATION_STEPS = 3  # steps timed before a --max-minutes run estimates its st
 
 
 # ---- numerics and seeding ---------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is available; use --device cpu")
-    return torch.device(name)
-
-
 def cpu_has_bf16() -> bool:
     """Native bf16 matmuls (AVX-512 BF16 or AMX): there bf16 autocast beats fp32 (oneDNN kernels)."""
     try:
