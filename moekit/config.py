@@ -141,16 +141,12 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
+        from moekit.util import read_json_object
+
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"model config {path} does not exist")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{path} must hold a JSON object of ModelConfig fields")
-        return cls.from_dict(d)
+        return cls.from_dict(read_json_object(path))
 
     def replace(self, **overrides: Any) -> ModelConfig:
         """A copy with some fields changed; derived fields are recomputed unless given."""
@@ -176,17 +172,9 @@ def resolve_config(spec: str) -> ModelConfig:
     path = Path(spec)
     if not path.exists():
         raise ValueError(f"{spec!r} is neither a preset ({', '.join(PRESETS)}) nor an existing path")
-    if path.is_dir():
-        from moekit.util import read_config_json
+    from moekit.util import read_config_json, read_json_object
 
-        d = read_config_json(path)
-    else:  # a config JSON file of its own
-        try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{path} must hold a JSON object")
+    d = read_config_json(path) if path.is_dir() else read_json_object(path)  # a run / HF folder, or a JSON file
     if "model_type" in d:  # a Hugging Face config.json
         from moekit.hf import config_from_hf
 

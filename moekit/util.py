@@ -49,8 +49,13 @@ def read_config_json(folder: str | Path, what: str = "a moekit run or a Hugging 
     file = folder / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{folder} has no config.json: is it {what}?")
+    return read_json_object(file)
+
+
+def read_json_object(file: str | Path) -> dict[str, Any]:
+    """The JSON object in `file`, or a ValueError that names the file and what is wrong."""
     try:
-        d = json.loads(file.read_text())
+        d = json.loads(Path(file).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{file} is not valid JSON: {e}") from None
     if not isinstance(d, dict):
