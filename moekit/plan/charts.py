@@ -31,8 +31,12 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> None:
+def _finish(fig, ax, path: Path, legend_loc: str = "best") -> None:
+    """Grid, legend, write the PNG atomically, free the figure: the same for every chart."""
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc=legend_loc)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    _pyplot().close(fig)
 
 
 def brick_wall_chart(path: Path) -> None:
@@ -58,10 +62,7 @@ def brick_wall_chart(path: Path) -> None:
            ylabel="tokens/s per user (batch 1)", ylim=(1, 2000),
            title="The brick wall: decode speed at batch 1 is memory bandwidth / bytes read\n"
                  "H100 at the article's 3 TB/s, bf16 weights, overheads = weight reads (x2)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    _save(fig, path)
-    plt.close(fig)
+    _finish(fig, ax, path)
 
 
 def cost_vs_batch_chart(path: Path) -> None:
@@ -83,10 +84,7 @@ def cost_vs_batch_chart(path: Path) -> None:
            ylabel="$ per 1k output tokens",
            title="GPT-4 decode cost on 128 GPUs (tensor 8 x pipeline 16), busy 100% of the time\n"
                  "4k prompt + 4k output (mean KV cache 6,144 tokens), \\$1/A100-hour, \\$2/H100-hour")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    _save(fig, path)
-    plt.close(fig)
+    _finish(fig, ax, path)
 
 
 def coverage_chart(path: Path) -> None:
@@ -106,10 +104,7 @@ def coverage_chart(path: Path) -> None:
            ylabel="fraction of a layer's experts read",
            title="MoE expert coverage: E x (1 - (1 - k/E)^B) distinct experts touched per layer\n"
                  "(uniform random routing): at batch 8 GPT-4 already reads 65% of its expert weights")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right")
-    _save(fig, path)
-    plt.close(fig)
+    _finish(fig, ax, path, legend_loc="lower right")
 
 
 CHARTS = {"brick_wall.png": brick_wall_chart, "cost_vs_batch.png": cost_vs_batch_chart,
