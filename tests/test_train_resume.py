@@ -12,6 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from moekit.train.metrics import MetricsLog, read_metrics
+
 # A ~50k-parameter MoE on 64-token sequences with a batch ramp and 2 micro-batches per step.
 TINY = ["--n_layer=2", "--d_model=32", "--n_head=2", "--head_dim=16", "--d_ff=64", "--n_expert=4", "--top_k=2",
         "--vocab_size=300", "--max_seq_len=64"]
@@ -43,16 +45,14 @@ def losses(run):
     """{step: (loss, ce_loss, lr, batch_tokens)} from metrics.jsonl; a step logged again after a resume
     keeps its last record."""
     out = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
+    for r in read_metrics(run / "metrics.jsonl"):  # read while the run writes: a torn last line is skipped
         if "loss" in r:
             out[r["step"]] = (r["loss"], r["ce_loss"], r["lr"], r["batch_tokens"])
     return out
 
 
 def evals(run):
-    return {r["step"]: r["eval"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-            if "eval" in r}
+    return {r["step"]: r["eval"] for r in read_metrics(run / "metrics.jsonl") if "eval" in r}
 
 
 @pytest.mark.slow
@@ -91,3 +91,15 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_run_bit_for_bit(tmp_path
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)  # identical final weights
     # Only the newest 2 checkpoints are kept.
     assert sorted(p.name for p in (b / "checkpoints").iterdir()) == ["step_00000055", "step_00000060"]
+
+
+def test_a_resumed_log_cuts_the_torn_line_a_kill_left_and_loses_no_record(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n" + '{"step": 2, "lo')  # killed mid-write
+    assert read_metrics(path) == [{"step": 1, "loss": 2.0}]
+    log = MetricsLog(path)
+    log.write({"step": 2, "loss": 1.5})
+    log.write({"step": 3, "loss": 1.0})
+    log.close()
+    assert read_metrics(path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}, {"step": 3, "loss": 1.0}]
+    assert path.read_text().count("\n") == 3

@@ -157,9 +157,20 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         if self.file is None:
+            self._drop_torn_tail()
             self.file = open(self.path, "a", encoding="utf-8")
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+
+    def _drop_torn_tail(self) -> None:
+        """A run killed mid-write leaves a last line without its newline; appending to it would glue the
+        resumed run's first record onto the fragment and lose both. Cut the file back to its last newline."""
+        if not self.path.exists():
+            return
+        with open(self.path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
 
     def close(self) -> None:
         if self.file is not None:
