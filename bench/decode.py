@@ -6,7 +6,7 @@
 
 Prints one JSON object:
 - batch-1 decode tokens/s in fp32, bf16 and int8 (weight-only), each against the memory-bandwidth
-  roofline: bandwidth (a large copy, measured here) / bytes read per token (the weights one token
+  roofline: read bandwidth (a large streaming sum, measured here) / bytes read per token (the weights one token
   actually reads: every non-expert weight, top_k of n_expert experts, the lm_head, plus the KV cache
   at the average context), SPEC section 6;
 - continuous-batching throughput (generated tokens/s) at each concurrency, and its gain over batch 1;
@@ -15,6 +15,7 @@ Prints one JSON object:
 - Hugging Face transformers `MixtralForCausalLM.generate` on identical weights (converted through
   moekit/hf.py) at batch 1 and at the largest concurrency. Mixtral experts are SwiGLU, so when the
   preset's MLP is GELU this section runs a SwiGLU variant of the same shape, for both sides;
+- on a GPU, batch-1 decode without CUDA graphs (`enforce_eager`), to show what they buy;
 - on a GPU the planner's prediction (moekit.plan.serve) for this model on this GPU, when it knows it.
 Random weights are fine for speed; greedy decoding runs for a fixed number of tokens (ignore_eos).
 """
@@ -46,19 +47,24 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bandwidth_gb_s(device: torch.device) -> float:
-    """Best of 5 copies of a 256 MiB buffer (128 MiB on a CPU): (read + write bytes) / time."""
-    n = (256 if device.type == "cuda" else 128) << 20
-    x = torch.empty(n, dtype=torch.uint8, device=device)
+def bandwidth_gb_s(device: torch.device) -> dict:
+    """Streaming bandwidth over a 1 GiB buffer (256 MiB on a CPU), best of 5 after a warm-up: "read"
+    sums it (bytes read / time: what decoding does to weights, so the roofline uses it), "copy"
+    copies it ((read + written bytes) / time, the figure most tools print)."""
+    n = (1024 if device.type == "cuda" else 256) << 20
+    x = torch.ones(n // 4, dtype=torch.float32, device=device)
     y = torch.empty_like(x)
-    best = float("inf")
-    for _ in range(6):
-        sync(device)
-        t0 = time.perf_counter()
-        y.copy_(x)
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n / best / 1e9
+    out = {}
+    for name, fn, moved in (("read", x.sum, n), ("copy", lambda: y.copy_(x), 2 * n)):
+        best = float("inf")
+        for _ in range(6):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            best = min(best, time.perf_counter() - t0)
+        out[name] = moved / best / 1e9
+    return out
 
 
 def bytes_read_per_token(model: Transformer) -> float:
@@ -181,11 +187,12 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     cfg = get_preset(args.preset)
     conc = [int(c) for c in args.concurrency.split(",")]
-    bw = bandwidth_gb_s(device)
+    bws = bandwidth_gb_s(device)
+    bw = bws["read"]
     res: dict = {"preset": args.preset, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
                  else platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                  "torch": torch.__version__, "prompt_len": args.prompt_len, "tokens": args.tokens,
-                 "bandwidth_gb_s": round(bw, 1), "batch1": {}}
+                 "bandwidth_gb_s": round(bw, 1), "copy_bandwidth_gb_s": round(bws["copy"], 1), "batch1": {}}
     one = prompts(cfg, 1, args.prompt_len)
     models = {}
     for name in args.dtypes.split(","):
@@ -203,6 +210,11 @@ def main() -> int:
                                "kv_mb_read_per_token": round(kv / 1e6, 3)}
         models[name] = model
         print(f"batch-1 {name}: {r['decode_tok_s']:.1f} tok/s, roofline {roof:.1f}", file=sys.stderr)
+    if device.type == "cuda":  # what the CUDA graphs buy: the same batch-1 decode launched kernel by kernel
+        name = "bf16" if "bf16" in models else next(iter(models))
+        eager = best_of(make_engine(models[name], enforce_eager=True), one, args.tokens, device)["decode_tok_s"]
+        res["batch1_eager"] = {"dtype": name, "decode_tok_s": round(eager, 2),
+                               "graphs_speedup": round(res["batch1"][name]["decode_tok_s"] / eager, 2)}
     b1 = res["batch1"]
     res["ratios"] = {f"{a}_vs_{b}": round(b1[a]["decode_tok_s"] / b1[b]["decode_tok_s"], 3)
                      for a, b in (("bf16", "fp32"), ("int8", "fp32"), ("int8", "bf16")) if a in b1 and b in b1}

@@ -1,6 +1,7 @@
 """Tokens/s and MFU of a full training step (forward, backward, clip, AdamW) in bf16 autocast and fp32.
 
     python bench/train_step.py [--preset gpt4-mini] [--batch-tokens 4096] [--seq-len 1024] [--repeats 3]
+                               [--profile 15]
 
 MFU (SPEC section 6) = training FLOPs per second / peak, with training FLOPs = 3 x forward FLOPs
 of the *active* parameters plus attention (`moekit.train.metrics.train_flops_per_token`). The
@@ -43,6 +44,8 @@ def main() -> None:
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3, help="timed steps per dtype (after one warm-up each)")
     ap.add_argument("--gemm-n", type=int, default=2048)
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also profile one bf16 step and report its N most expensive operators")
     args = ap.parse_args()
 
     cfg = get_preset(args.preset)
@@ -107,7 +110,28 @@ def main() -> None:
     result["bf16_speedup_over_fp32"] = result["fp32"]["step_s"] / result["bf16"]["step_s"]
     result["bf16_mfu_vs_bf16_peak"] = result["bf16"]["mfu"]
     result["target_mfu"] = 0.35
+    if args.profile:
+        result["bf16_profile"] = profile_step(trainer, device, args.profile)
     print(json.dumps(result, indent=2))
+
+
+def profile_step(trainer: Trainer, device: torch.device, top: int) -> list[dict]:
+    """One bf16 step under torch.profiler: the `top` operators by self time on the device (the CPU
+    on a CPU), each with its share of the step, so that the next optimisation has a target."""
+    from torch.profiler import ProfilerActivity, profile
+
+    trainer.dtype = torch.bfloat16
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        trainer.train_step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    total = sum(getattr(e, attr) for e in events)
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    return [{"op": e.key[:90], "calls": e.count, "ms": round(getattr(e, attr) / 1e3, 2),
+             "share": round(getattr(e, attr) / total, 3)} for e in events[:top]]
 
 
 if __name__ == "__main__":

@@ -158,7 +158,7 @@ def test_pool_sized_from_memory_budget():
     n = num_blocks_for(cfg, 1 / 1024, 16, torch.float32)  # 1 MiB
     assert n == 2**20 // (256 * 16) == 256
     cache = PagedKVCache(cfg, n, 16, torch.float32)
-    assert cache.nbytes == n * 16 * per_token and cache.k_SGDh[0].shape == (n * 16, 2, 8)
+    assert cache.nbytes == (n * 16 + 1) * per_token and cache.k_SGDh[0].shape == (n * 16 + 1, 2, 8)  # + scratch
     with pytest.raises(ValueError, match="kv-cache-gb"):
         num_blocks_for(cfg, 0, 16, torch.float32)
     mqa = tiny_cfg(n_kv_head=1)

@@ -138,6 +138,7 @@ def test_an_engine_that_raises_fails_its_requests_and_the_server():
 
 
 def test_loader_builds_draft_int8_engines_and_checks_the_draft_vocabulary(tmp_path):
+    from moekit.infer.sampler import SamplingParams
     from moekit.serve.cli import engine_loader
     from moekit.serve.config import ServeConfig
 
@@ -145,8 +146,9 @@ def test_loader_builds_draft_int8_engines_and_checks_the_draft_vocabulary(tmp_pa
     write_run(tmp_path / "draft", seed=2)
     engine = engine_loader(ServeConfig(model=str(tmp_path / "target"), draft=str(tmp_path / "draft"),
                                        quantize="int8", kv_cache_gb=0.01, device="cpu"))()
-    out = engine.generate(["hello"], None)[0]
-    assert out.token_ids and engine.metrics()["spec_drafted"] > 0
+    # ignore_eos: a sampled <|endoftext|> as the first token would end the request before any draft.
+    out = engine.generate(["hello"], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
+    assert len(out.token_ids) == 8 and engine.metrics()["spec_drafted"] > 0
     (tmp_path / "draft" / "tokenizer.json").write_text((tmp_path / "draft" / "tokenizer.json").read_text()
                                                        .replace('"a":', '"ä":'))
     with pytest.raises(ValueError, match="does not use the tokenizer of --model"):

@@ -37,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="weights and activations (auto: bfloat16 on a GPU, float32 on a CPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1...")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs: launch every decode kernel from Python")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     if args.quantize == "int8":
         quantize_int8(model)
     engine = Engine(model, codec, kv_cache_gb=args.kv_cache_gb, draft=draft, ngram=args.ngram,
-                    num_spec_tokens=args.num_spec_tokens)
+                    num_spec_tokens=args.num_spec_tokens, enforce_eager=args.enforce_eager)
     rid = engine.add_request(prompt, params)
     t1 = time.perf_counter()
     n_tokens, t_first, reason = 0, None, None

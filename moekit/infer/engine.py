@@ -81,7 +81,7 @@ class Engine:
                  num_blocks: int | None = None, block_size: int = 16, max_num_batched_tokens: int = 2048,
                  max_num_seqs: int = 256, max_model_len: int | None = None, enable_prefix_caching: bool = True,
                  draft: Transformer | None = None, ngram: bool = False, num_spec_tokens: int = 4,
-                 eos_token_ids: Sequence[int] | None = None):
+                 eos_token_ids: Sequence[int] | None = None, enforce_eager: bool = False):
         self.model = model.eval()
         self.cfg = cfg = model.cfg
         w = model.tok_emb.weight
@@ -97,7 +97,6 @@ class Engine:
             num_blocks = min(num_blocks, max_num_seqs * full)
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
         self.cache = PagedKVCache(cfg, num_blocks, block_size, dtype, self.device)
-        self.runner = ModelRunner(model, self.cache)
         # One request must always fit the whole pool, or it could wait forever.
         limits = [cfg.max_seq_len, num_blocks * block_size] + ([max_model_len] if max_model_len else [])
         if draft is not None:
@@ -106,6 +105,8 @@ class Engine:
         if self.max_model_len < 2:
             raise ValueError(f"the KV cache holds {num_blocks * block_size} tokens, too few to serve anything: "
                              "raise --kv-cache-gb")
+        # On a GPU, decode steps replay CUDA graphs unless enforce_eager (vLLM's flag of the same name).
+        self.runner = ModelRunner(model, self.cache, self.max_model_len, max_num_seqs, enforce_eager)
         self.scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens, max_num_seqs, self.max_model_len), self.kv)
         if num_spec_tokens < 1:
             raise ValueError(f"num_spec_tokens must be >= 1, got {num_spec_tokens}")

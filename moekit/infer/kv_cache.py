@@ -255,7 +255,10 @@ class PagedKVCache:
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu"):
         self.block_size, self.num_blocks = block_size, num_blocks
-        shape = (num_blocks * block_size, cfg.n_kv_head, cfg.head_dim)
+        # One slot past every block: padded rows of a CUDA-graph batch write their K/V there and
+        # attend to it alone, so padding never touches a request's blocks (cuda_graphs.py).
+        self.scratch_slot = num_blocks * block_size
+        shape = (num_blocks * block_size + 1, cfg.n_kv_head, cfg.head_dim)
         self.k_SGDh = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
         self.v_SGDh = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
         self.bytes_per_token = int(kv_bytes_per_token(cfg, torch.finfo(dtype).bits // 8))

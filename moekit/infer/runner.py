@@ -29,6 +29,7 @@ V vocabulary, E experts, L MoE layers.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -65,15 +66,21 @@ class _Group:
     kv_slots_RS: torch.Tensor  # cache slot of each attended token (padding points at slot 0)
     mask_R1QS: torch.Tensor | None  # True = may attend; None = plain causal (a fresh prefill)
     out_rows: torch.Tensor  # rows of the flat batch that receive this group's real queries
-    out_valid_RQ: torch.Tensor | None  # which (r, q) are real queries (None: all)
+    out_valid_RQ: torch.Tensor | None  # which (r, q) are real queries (None: all, in row order)
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, cache: PagedKVCache):
+    def __init__(self, model: Transformer, cache: PagedKVCache, max_model_len: int | None = None,
+                 max_num_seqs: int = 256, enforce_eager: bool = False):
         self.model, self.cache = model, cache
         self.cfg = model.cfg
         self.block_size = cache.block_size
         self.device = model.tok_emb.weight.device
+        self.graphs = None  # decode steps replay CUDA graphs on a GPU (cuda_graphs.py), unless enforce_eager
+        if self.device.type == "cuda" and not enforce_eager:
+            from moekit.infer.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self, max_model_len or self.cfg.max_seq_len, max_num_seqs)
 
     def _slots(self, item: RunItem, positions: range) -> list[int]:
         P, table = self.block_size, item.block_ids
@@ -118,6 +125,8 @@ class ModelRunner:
     def forward(self, items: list[RunItem]) -> RunOutput:
         if not items:
             raise ValueError("forward needs at least one item")
+        if self.graphs is not None and self.graphs.can_run(items):  # decode tokens only: replay a graph
+            return self.graphs.run(items)
         model, dev = self.model, self.device
         offsets, tokens, positions, slots, logit_rows = [], [], [], [], []
         for it in items:
@@ -129,30 +138,36 @@ class ModelRunner:
             positions += range(it.start, it.start + n)
             slots += self._slots(it, range(it.start, it.start + n))
             logit_rows += range(len(tokens) - it.num_logits, len(tokens))
-        T = len(tokens)
         tokens_T = torch.tensor(tokens, device=dev)
         slots_T = torch.tensor(slots, device=dev)
         cos, sin = rope_cos_sin(model.inv_freq, torch.tensor(positions, device=dev)[None])
         groups = self._groups(items, offsets)
-
-        moes = model.moe_layers()
-        saved = [m.dispatch for m in moes]
-        dispatch = "gather" if dev.type == "cuda" and T <= GATHER_MAX_TOKENS else "sorted"
-        for m in moes:
-            m.dispatch = dispatch
-        try:
-            logits_RV, counts = self._layers(tokens_T, slots_T, cos, sin, groups, logit_rows)
-        finally:
-            for m, d in zip(moes, saved, strict=True):
-                m.dispatch = d
+        with self.dispatch_for(len(tokens)):
+            logits_RV, counts, _ = self._layers(tokens_T, slots_T, cos, sin, groups,
+                                                torch.tensor(logit_rows, dtype=torch.long, device=dev))
         per_expert = torch.stack(counts).cpu() if counts else None
         return RunOutput(logits_RV, per_expert)
 
-    def _layers(self, tokens_T, slots_T, cos, sin, groups, logit_rows):
-        """The blocks over the flat batch (K/V written, then read), then logits of the wanted rows."""
-        model, dev, T = self.model, self.device, tokens_T.shape[0]
+    @contextmanager
+    def dispatch_for(self, T: int):
+        """Set every MoE layer's dispatch path for a batch of T tokens (see the module docstring)."""
+        moes = self.model.moe_layers()
+        saved = [m.dispatch for m in moes]
+        dispatch = "gather" if self.device.type == "cuda" and T <= GATHER_MAX_TOKENS else "sorted"
+        for m in moes:
+            m.dispatch = dispatch
+        try:
+            yield dispatch
+        finally:
+            for m, d in zip(moes, saved, strict=True):
+                m.dispatch = d
+
+    def _layers(self, tokens_T, slots_T, cos, sin, groups, logit_rows_R, keep_router_logits: bool = False):
+        """The blocks over the flat batch (K/V written, then read), then logits of the wanted rows; per
+        MoE layer the tokens per expert and, if asked, the router logits (T, E)."""
+        model, T = self.model, tokens_T.shape[0]
         x_1TD = model.tok_emb(tokens_T)[None]
-        counts = []
+        counts, router_logits = [], []
         for layer, block in enumerate(model.blocks):
             attn = block.attn
             q_1HTDh, k_1GTDh, v_1GTDh = attn.qkv(block.attn_norm(x_1TD), cos, sin)
@@ -169,11 +184,15 @@ class ModelRunner:
                     q_RHQDh, k_RGSDh, v_RGSDh, attn_mask=g.mask_R1QS, is_causal=g.mask_R1QS is None,
                     enable_gqa=attn.n_kv_head != attn.n_head)
                 o_RQHDh = o_RHQDh.permute(0, 2, 1, 3)
-                o_THDh[g.out_rows] = o_RQHDh[g.out_valid_RQ] if g.out_valid_RQ is not None else o_RQHDh[0]
+                o_THDh[g.out_rows] = (o_RQHDh[g.out_valid_RQ] if g.out_valid_RQ is not None
+                                      else o_RQHDh.reshape(-1, *o_RQHDh.shape[2:]))
             x_1TD = x_1TD + attn.wo(o_THDh.reshape(1, T, -1))
-            y_1TD, info = block.mlp(block.mlp_norm(x_1TD))
+            h_1TD = block.mlp_norm(x_1TD)
+            y_1TD, info = block.mlp(h_1TD)
             x_1TD = x_1TD + y_1TD
             if info is not None:
                 counts.append(info.tokens_per_expert_E)
-        h_RD = x_1TD[0, torch.tensor(logit_rows, dtype=torch.long, device=dev)]
-        return model.lm_head(model.norm(h_RD)).float(), counts
+                if keep_router_logits:  # the router again: a (T, D) x (D, E) product, next to nothing
+                    router_logits.append(block.mlp.router(h_1TD[0]))
+        h_RD = x_1TD[0, logit_rows_R]
+        return model.lm_head(model.norm(h_RD)).float(), counts, router_logits

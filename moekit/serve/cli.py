@@ -57,6 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per request "
                    "(default: the model's context, capped by the KV cache)")
     g.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs: launch every decode kernel from Python")
     a = p.add_argument_group("API")
     a.add_argument("--chat-template", metavar="FILE|TEMPLATE|default",
                    help="Jinja chat template (default: the model's, else the plain-text default of moekit.serve.chat)")
@@ -82,7 +84,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         quantize=args.quantize, dtype=args.dtype, device=args.device, threads=args.threads,
         kv_cache_gb=args.kv_cache_gb, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        enable_prefix_caching=not args.no_prefix_caching, chat_template=args.chat_template,
+        enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
+        chat_template=args.chat_template,
         max_tokens_default=args.max_tokens_default, max_n=args.max_n, max_waiting=args.max_waiting,
         max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout, log_interval=args.log_interval,
         access_log=not args.no_access_log)
@@ -120,7 +123,8 @@ def engine_loader(cfg: ServeConfig):
         engine = Engine(model, codec, kv_cache_gb=cfg.kv_cache_gb, block_size=cfg.block_size,
                         max_num_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs,
                         max_model_len=cfg.max_model_len, enable_prefix_caching=cfg.enable_prefix_caching,
-                        draft=draft, ngram=cfg.ngram, num_spec_tokens=cfg.num_spec_tokens)
+                        draft=draft, ngram=cfg.ngram, num_spec_tokens=cfg.num_spec_tokens,
+                        enforce_eager=cfg.enforce_eager)
         m = engine.metrics()
         log.info("model %s loaded: %s %s%s | context %d tokens | KV cache %d blocks of %d tokens | %s", cfg.model,
                  device, str(dtype).removeprefix("torch."), " int8" if cfg.quantize == "int8" else "",

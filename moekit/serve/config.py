@@ -35,6 +35,7 @@ class ServeConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
+    enforce_eager: bool = False  # no CUDA graphs for decode steps (vLLM's flag)
     # API
     chat_template: str | None = None  # a file or an inline Jinja template; None: the model's, else the default
     max_tokens_default: int = 256  # max_tokens when a request gives none (capped by the context left)

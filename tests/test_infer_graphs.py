@@ -1,0 +1,114 @@
+"""CUDA-graph decode (moekit/infer/cuda_graphs.py): the padded, static-shape decode forward that the
+graphs capture must equal the runner's ragged forward, and padding must touch nothing but the
+scratch slot. On a CPU the static forward runs eagerly (capture=False); on a GPU it is captured and
+replayed, and the same checks run against the eager runner.
+"""
+
+import pytest
+import torch
+from test_infer_utils import greedy_reference, random_prompts, tiny_model
+
+from moekit.infer.cuda_graphs import DecodeGraphs
+from moekit.infer.engine import Engine
+from moekit.infer.sampler import SamplingParams
+
+
+def compare_every_decode_step(engine: Engine, graphs: DecodeGraphs, atol: float) -> list[int]:
+    """Wrap the runner: each decode-only step runs eagerly, then through `graphs` on the same items,
+    and both results are compared; the eager result goes on. Returns the batch sizes compared."""
+    eager, cache, sizes = engine.runner.forward, engine.cache, []
+    scratch = cache.scratch_slot
+
+    def both(items):
+        out = eager(items)
+        if not graphs.can_run(items):
+            return out
+        touched = sorted({it.block_ids[it.start // cache.block_size] * cache.block_size
+                          + it.start % cache.block_size for it in items})
+        before = [k.clone() for k in cache.k_SGDh + cache.v_SGDh]
+        g = graphs.run(items)
+        torch.testing.assert_close(g.logits_RV, out.logits_RV, rtol=0, atol=atol)
+        assert g.tokens_per_expert_LE.dtype == out.tokens_per_expert_LE.dtype
+        assert torch.equal(g.tokens_per_expert_LE, out.tokens_per_expert_LE)  # real tokens only, not padding
+        untouched = torch.ones(scratch, dtype=torch.bool)
+        untouched[touched] = False
+        for b, a in zip(before, cache.k_SGDh + cache.v_SGDh, strict=True):
+            assert torch.equal(a[:scratch][untouched.to(a.device)], b[:scratch][untouched.to(b.device)])
+            torch.testing.assert_close(a[touched], b[touched], rtol=0, atol=atol)  # rewritten, same values
+        sizes.append(len(items))
+        return out
+
+    engine.runner.forward = both
+    return sizes
+
+
+def test_padded_static_decode_equals_the_ragged_forward_and_pads_only_write_scratch():
+    model = tiny_model(3)
+    engine = Engine(model, num_blocks=64, block_size=4, max_num_batched_tokens=64, enforce_eager=True)
+    graphs = DecodeGraphs(engine.runner, engine.max_model_len, 16, capture=False)
+    sizes = compare_every_decode_step(engine, graphs, atol=1e-5)
+    prompts = random_prompts([1, 3, 4, 5, 9, 14, 17], seed=4)  # crossing block boundaries
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (9, 3, 12, 5, 7, 10, 6)]
+    outs = engine.generate(prompts, params)
+    for o, p, sp in zip(outs, prompts, params, strict=True):
+        assert o.token_ids == greedy_reference(model, p, sp.max_tokens)
+    assert 7 in sizes and 1 in sizes and any(s not in graphs.sizes for s in sizes)  # padded batches ran
+    assert graphs.replays == 0 and set(graphs.static) <= set(graphs.sizes)
+    engine.check_idle()
+
+
+def test_engine_decodes_through_the_padded_path_and_matches_full_recomputation():
+    model = tiny_model(5, n_kv_head=1)  # MQA, as GPT-4
+    engine = Engine(model, num_blocks=48, block_size=4, max_num_batched_tokens=32, enforce_eager=True)
+    engine.runner.graphs = graphs = DecodeGraphs(engine.runner, engine.max_model_len, 8, capture=False)
+    prompts = random_prompts([2, 6, 11, 3, 8], seed=9)
+    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    for o, p in zip(outs, prompts, strict=True):
+        assert o.token_ids == greedy_reference(model, p, 8)
+    assert graphs.static and graphs.replays == 0
+    engine.check_idle()
+
+
+def test_capacity_dropping_and_oversized_batches_stay_eager():
+    model = tiny_model(1, capacity_factor=1.0)
+    engine = Engine(model, num_blocks=32, block_size=4, enforce_eager=True)
+    graphs = DecodeGraphs(engine.runner, engine.max_model_len, 4, capture=False)
+    from moekit.infer.runner import RunItem
+
+    one = [RunItem([1], 0, [0], 1)]
+    assert not graphs.can_run(one) and "capacity" in graphs.eager_reason[1]
+    dense = Engine(tiny_model(1, n_expert=1, top_k=1), num_blocks=32, block_size=4, enforce_eager=True)
+    g = DecodeGraphs(dense.runner, dense.max_model_len, 4, capture=False)
+    assert g.sizes == [1, 2, 4] and g.can_run(one) and not g.can_run(one * 5)  # 5 > the largest size
+    assert not g.can_run([RunItem([1, 2], 0, [0], 1)])  # a prefill chunk or a verification is not a decode
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_captured_graphs_replay_the_eager_decode(dtype):
+    model = tiny_model(3).cuda().to(dtype)
+    engine = Engine(model, num_blocks=64, block_size=4, max_num_batched_tokens=64, enforce_eager=True)
+    graphs = DecodeGraphs(engine.runner, engine.max_model_len, 16)
+    sizes = compare_every_decode_step(engine, graphs, atol=1e-4 if dtype == torch.float32 else 3e-2)
+    prompts = random_prompts([1, 3, 4, 5, 9, 14, 17], seed=4)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (9, 3, 12, 5, 7, 10, 6)]
+    engine.generate(prompts, params)
+    assert sizes and graphs.replays == len(sizes)
+    # fp32 experts sort on the host above 2 tokens, so only sizes 1 and 2 are captured; bf16 captures all.
+    assert set(graphs.static) == ({1, 2} if dtype == torch.float32 else {graphs.batch_size(s) for s in sizes})
+    engine.check_idle()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_engine_uses_graphs_by_default_and_greedy_output_is_unchanged():
+    model = tiny_model(2).cuda()
+    prompts = random_prompts([3, 9], seed=2)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    graphed = Engine(model, num_blocks=64, block_size=4)
+    outs = graphed.generate(prompts, params)
+    assert graphed.runner.graphs is not None and graphed.runner.graphs.replays > 0
+    for o, p in zip(outs, prompts, strict=True):
+        assert o.token_ids == greedy_reference(model, p, 12)
+    assert Engine(model, num_blocks=64, block_size=4, enforce_eager=True).runner.graphs is None
