@@ -42,7 +42,7 @@ def greedy_reference(model: Transformer, prompt: list[int], max_tokens: int, eos
     for _ in range(max_tokens):
         if len(ids) >= model.cfg.max_seq_len:
             break
-        tok = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+        tok = int(model(torch.tensor([ids], device=model.tok_emb.weight.device)).logits[0, -1].argmax())
         out.append(tok)
         ids.append(tok)
         if tok == eos:
