@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3, help="timed steps per dtype (after one warm-up each)")
     ap.add_argument("--gemm-n", type=int, default=2048)
+    ap.add_argument("--compile", action="store_true", help="torch.compile each block (TrainConfig.compile)")
+    ap.add_argument("--dtypes", default="bf16,fp32", help="which of bf16, fp32 to time (default both)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also profile one bf16 step and report its N most expensive operators")
     args = ap.parse_args()
@@ -57,7 +59,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = Transformer(cfg).to(device)
     tc = TrainConfig(steps=1000, batch_tokens=args.batch_tokens, batch_tokens_start=0, grad_accum=args.grad_accum,
-                     warmup_steps=10)
+                     warmup_steps=10, compile=args.compile)
     trainer = Trainer(model, tc, seq_len, Mixture([src], 0), {}, torch.ones(cfg.vocab_size), tempfile.mkdtemp(),
                       device, None)
     opt_step, opt_times = trainer.opt.step, []
@@ -71,12 +73,13 @@ def main() -> None:
 
     trainer.opt.step = timed_opt_step
 
-    peaks = {name: [] for name in DTYPES}
-    times = {name: [] for name in DTYPES}
-    opt_share = {name: [] for name in DTYPES}
+    dtypes = {name: DTYPES[name] for name in args.dtypes.split(",")}
+    peaks = {name: [] for name in dtypes}
+    times = {name: [] for name in dtypes}
+    opt_share = {name: [] for name in dtypes}
     tokens = {}
     for i in range(args.repeats + 1):
-        for name, dtype in DTYPES.items():
+        for name, dtype in dtypes.items():
             peaks[name].append(measure_gemm_peak(dtype, device, n=args.gemm_n, min_seconds=0.5))
             trainer.dtype = dtype if dtype != torch.float32 else None
             t0 = time.perf_counter()
@@ -94,10 +97,10 @@ def main() -> None:
         "bench": "train_step", "preset": cfg.name, "device": str(device), "threads": torch.get_num_threads(),
         "cpu_bf16_units": cpu_has_bf16() if device.type == "cpu" else None, "machine": platform.machine(),
         "load_avg_1min": os.getloadavg()[0],
-        "params_total": c.total, "params_active": c.active, "seq_len": seq_len,
+        "params_total": c.total, "params_active": c.active, "seq_len": seq_len, "compile": args.compile,
         "flops_per_token_train": fpt,
     }
-    for name in DTYPES:
+    for name in dtypes:
         step_s = statistics.median(times[name])
         tok_s = tokens[name] / step_s
         peak = max(peaks[name])
@@ -107,8 +110,10 @@ def main() -> None:
             "mfu": tok_s * fpt / peak, "optimizer_s": statistics.median(opt_share[name]),
             "mfu_without_optimizer": tokens[name] * fpt / (step_s - statistics.median(opt_share[name])) / peak,
         }
-    result["bf16_speedup_over_fp32"] = result["fp32"]["step_s"] / result["bf16"]["step_s"]
-    result["bf16_mfu_vs_bf16_peak"] = result["bf16"]["mfu"]
+    if "fp32" in dtypes and "bf16" in dtypes:
+        result["bf16_speedup_over_fp32"] = result["fp32"]["step_s"] / result["bf16"]["step_s"]
+    if "bf16" in dtypes:
+        result["bf16_mfu_vs_bf16_peak"] = result["bf16"]["mfu"]
     result["target_mfu"] = 0.35
     if args.profile:
         result["bf16_profile"] = profile_step(trainer, device, args.profile)

@@ -51,6 +51,7 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "auto"  # auto = bf16 autocast where the hardware has bf16 matmuls, else fp32
     device: str = "auto"  # auto = cuda if available, else cpu
+    compile: bool = False  # torch.compile each transformer block (torchtitan's --compile): fuses the elementwise ops
     init_from: str = ""  # a run whose weights start this one (fresh optimizer and schedule)
 
     def __post_init__(self) -> None:
@@ -89,6 +90,8 @@ class TrainConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be true or false, got {self.compile!r}")
 
     # ---- (de)serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

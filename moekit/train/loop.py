@@ -188,6 +188,9 @@ class Trainer:
         self.model, self.tc, self.seq_len, self.mixture, self.val = model, tc, seq_len, mixture, val
         self.token_bytes_V, self.run_dir, self.device = token_bytes_V, Path(run_dir), device
         self.dtype = amp_dtype(tc.dtype, device)
+        if tc.compile:  # per block, as torchtitan: the 8..120 identical blocks share one compiled graph
+            for block in model.blocks:
+                block.compile()
         self.opt = build_optimizer(model, tc)
         self.state = TrainState(total_steps=tc.steps or None)
         self.timed = not tc.steps  # the length of the run is a time budget (see the module docstring)
