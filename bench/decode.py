@@ -38,6 +38,7 @@ from moekit.infer.sampler import SamplingParams
 from moekit.model.moe import MoE
 from moekit.model.transformer import Transformer
 from moekit.presets import get_preset
+from moekit.util import resolve_dtype
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": None}
 
@@ -83,8 +84,8 @@ def bytes_read_per_token(model: Transformer) -> float:
 def build(cfg, dtype_name: str, device: torch.device, seed: int = 0) -> Transformer:
     torch.manual_seed(seed)
     model = Transformer(cfg).to(device=device, dtype=torch.float32 if dtype_name == "int8" else DTYPES[dtype_name])
-    if dtype_name == "int8":  # int8 weights, bf16 compute on a GPU, fp32 on a CPU
-        model = quantize_int8(model.to(torch.bfloat16 if device.type == "cuda" else torch.float32))
+    if dtype_name == "int8":  # int8 weights; compute dtype as `--quantize int8` picks it (bf16 on a GPU or bf16 CPU)
+        model = quantize_int8(model.to(resolve_dtype("auto", device, "int8")))
     return model.eval()
 
 

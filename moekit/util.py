@@ -76,3 +76,26 @@ def resolve_device(name: str):
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: no CUDA GPU is available; use --device cpu")
     return dev
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 matmuls (AVX-512 BF16 or AMX): there bf16 beats fp32 (oneDNN kernels)."""
+    import torch
+
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_dtype(name: str, device, quantize: str = "none"):
+    """The torch dtype for an inference --dtype flag: auto is bf16 on a GPU and fp32 on a CPU, except
+    that int8 weights on a CPU with bf16 units compute in bf16 (the fused int8 kernel needs bf16
+    activations: infer/quant.py `fused_int8_ok`)."""
+    import torch
+
+    if name == "auto":
+        cpu_bf16 = device.type == "cpu" and quantize == "int8" and cpu_has_bf16()
+        return torch.bfloat16 if device.type == "cuda" or cpu_bf16 else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from test_infer_utils import tiny_model
 
-from moekit.infer import Engine, SamplingParams
+from moekit.infer import Engine, SamplingParams, quant
 from moekit.infer.quant import Int8Linear, Int8MoE, quantize_int8, quantize_per_channel, weight_bytes
 from moekit.model.moe import MoE
 
@@ -43,7 +43,8 @@ def qmodel_float_state(qmodel):
             state[prefix + "weight"] = mod.weight.float() * mod.scales[:, None]
         elif isinstance(mod, Int8MoE):
             for w in ("w1", "w2"):
-                state[prefix + w] = getattr(mod, f"{w}_q").float() * getattr(mod, f"{w}_scale")[:, None, :]
+                q_EOI = getattr(mod, f"{w}_q")  # stored (E, out, in); the float MoE holds (E, in, out)
+                state[prefix + w] = (q_EOI.float() * getattr(mod, f"{w}_scale")[:, :, None]).transpose(1, 2)
             state[prefix + "router.weight"] = mod.router.weight
     for k, v in qmodel.state_dict().items():
         if k.endswith(("norm.weight", "tok_emb.weight")):
@@ -130,3 +131,55 @@ def test_quantized_moe_keeps_routing_and_dispatch():
     assert isinstance(model.moe_layers()[0], Int8MoE) and model.moe_layers()[0] is moe  # swapped in place
     assert moe.w1_q.dtype == torch.int8 and moe.w1_scale.shape == (4, 48) and moe.w2_scale.shape == (4, 32)
     assert "w1" not in dict(moe.named_parameters())
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the products that go through torch's fused int8 kernel."""
+    calls = []
+
+    def counting(x, w, s):
+        calls.append(tuple(w.shape))
+        return real(x, w, s)
+
+    real = quant._int8pack_mm
+    if real is None:
+        pytest.skip("this torch has no aten._weight_int8pack_mm")
+    monkeypatch.setattr(quant, "_int8pack_mm", counting)
+    return calls
+
+
+@pytest.mark.parametrize("d_in", [64, 24])  # 24: not a multiple of 16, so the plain path (the kernel would crash)
+def test_fused_int8_linear_equals_the_dequantized_product(fused_calls, d_in):
+    lin = torch.nn.Linear(d_in, 48, bias=True)
+    q = Int8Linear(lin, torch.bfloat16)
+    x = torch.randn(3, 5, d_in, dtype=torch.bfloat16)
+    w = q.weight.float() * q.scales.float()[:, None]  # the oracle: exactly the weights the int8 layer holds
+    ref = x.float() @ w.t() + q.bias.float()
+    y = q(x)
+    assert y.shape == (3, 5, 48) and y.dtype == torch.bfloat16
+    assert ((y.float() - ref).norm() / ref.norm()) < 1e-2
+    assert fused_calls == ([(48, d_in)] if d_in % 16 == 0 else [])
+
+
+def test_bf16_int8_model_runs_the_fused_kernel_and_matches_the_plain_path(fused_calls, monkeypatch):
+    model = tiny_model(0, moe_every=1, mlp="gelu")
+    q = quantize_int8(copy.deepcopy(model).to(torch.bfloat16))
+    idx = torch.randint(0, 97, (2, 9))
+
+    def rel(a, b):
+        return float((a.float() - b.float()).norm() / b.float().norm())
+
+    with torch.no_grad():
+        fused = q(idx).logits
+        shapes = set(fused_calls)
+        monkeypatch.setattr(quant, "_int8pack_mm", None)  # the oracle: cast the int8 weights, then matmul
+        plain = q(idx).logits
+        oracle = dequantized_copy(q)(idx).logits  # fp32 activations
+        bf16_float_error = rel(copy.deepcopy(model).to(torch.bfloat16)(idx).logits, model(idx).logits)
+    assert rel(fused, plain) < 1e-2  # same weights, same dtype: only the kernels' summation order differs
+    # Against fp32 activations both carry bf16's error, as the bf16 float model does against fp32 (~4%
+    # on this tiny random model's small logits): no more than that.
+    assert rel(fused, oracle) < 1.2 * bf16_float_error + 1e-3
+    assert {(48, 32), (32, 48)} <= shapes  # the experts (w1: out 48, in 32; w2: out 32, in 48)
+    assert (97, 32) in shapes  # the (tied, int8-copied) lm_head

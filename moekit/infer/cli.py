@@ -15,9 +15,7 @@ import argparse
 import sys
 import time
 
-import torch
-
-from moekit.util import resolve_device
+from moekit.util import resolve_device, resolve_dtype
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,8 +56,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.kv_cache_gb > 0:
         raise ValueError(f"--kv-cache-gb must be > 0, got {args.kv_cache_gb}")
     device = resolve_device(args.device)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = resolve_dtype(args.dtype, device, args.quantize)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
 
     t0 = time.perf_counter()

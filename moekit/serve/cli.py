@@ -26,7 +26,7 @@ from pathlib import Path
 import uvicorn
 
 from moekit.serve.config import MAX_N, ServeConfig
-from moekit.util import resolve_device
+from moekit.util import resolve_device, resolve_dtype
 
 log = logging.getLogger("moekit.serve")
 
@@ -101,11 +101,8 @@ def _check_model_dir(path: str, flag: str) -> None:
 
 def engine_loader(cfg: ServeConfig):
     """A function that loads the model(s) and builds the Engine (run in the engine thread)."""
-    import torch
-
     device = resolve_device(cfg.device)  # checked now, so that a bad --device is a one-line error at start
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+    dtype = resolve_dtype(cfg.dtype, device, cfg.quantize)
 
     def load():
         from moekit.infer.engine import Engine

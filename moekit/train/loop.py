@@ -36,20 +36,12 @@ from moekit.train.checkpoint import rng_state, save_checkpoint
 from moekit.train.config import TrainConfig
 from moekit.train.data import Mixture
 from moekit.train.metrics import MetricsLog, RoutingStats, bits_per_byte, format_log_line, mfu, train_flops_per_token
+from moekit.util import cpu_has_bf16
 
 CALIBRATION_STEPS = 3  # steps timed before a --max-minutes run estimates its step count
 
 
 # ---- numerics and seeding ---------------------------------------------------------------------------
-def cpu_has_bf16() -> bool:
-    """Native bf16 matmuls (AVX-512 BF16 or AMX): there bf16 autocast beats fp32 (oneDNN kernels)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    except OSError:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
 def amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype (None = plain fp32) for --dtype auto|bf16|fp32."""
     if choice == "fp32":
