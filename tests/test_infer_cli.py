@@ -109,3 +109,12 @@ def test_generate_from_a_hugging_face_folder(tmp_path, capsys):
     # config.json names no eos token: the tokenizer's <|endoftext|> (id 0) ends the text
     want = char_tokenizer().decode(greedy_reference(model, ids, 9, eos=0), skip_special_tokens=True)
     assert out == want + "\n"
+
+
+def test_auto_dtype_is_fp32_on_a_cpu_except_int8_on_bf16_units():
+    from moekit.util import cpu_has_bf16, resolve_dtype
+
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) == torch.float32 and resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("auto", cpu, "int8") == (torch.bfloat16 if cpu_has_bf16() else torch.float32)
+    assert resolve_dtype("float32", cpu, "int8") == torch.float32 and resolve_dtype("float16", cpu) == torch.float16
