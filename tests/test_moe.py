@@ -169,3 +169,14 @@ def test_cuda_grouped_mm_path_equals_loop_oracle(mlp, capacity_factor):
     for a, b in zip((y, *g), (y_ref, *g_ref), strict=True):
         err = (a.float() - b.float()).norm() / b.float().norm()
         assert err < 1e-2, f"relative error {err:.2e}"
+
+
+def test_inference_mode_skips_the_training_only_statistics_and_nothing_else():
+    moe = make_moe(n_expert=4, top_k=2)
+    x = torch.randn(2, 7, 32, dtype=torch.float64)
+    y, info = moe(x)
+    with torch.inference_mode():
+        y_inf, info_inf = moe(x)
+    assert torch.equal(y_inf, y) and torch.equal(info_inf.tokens_per_expert_E, info.tokens_per_expert_E)
+    assert info.aux_loss is not None and info.z_loss is not None and info.entropy is not None
+    assert info_inf.aux_loss is None and info_inf.z_loss is None and info_inf.entropy is None

@@ -139,25 +139,29 @@ class DecodeGraphs:
         return RunOutput(logits_RV, st.counts_LE.cpu() if st.counts_LE is not None else None)
 
     def _inputs(self, items: list[RunItem], B: int, Q: int) -> torch.Tensor:
-        """The packed int64 inputs on the host. A padding row is token 0 at position 0, writing to and
-        seeing only the scratch slot; a real row's padded queries write to scratch and see its context."""
-        P, S, scratch, T = self.P, self.S, self.runner.cache.scratch_slot, B * Q
-        head_5T = torch.zeros(5, T, dtype=torch.long)
-        head_5T[2] = scratch
-        kv_slots_BS = torch.full((B, S), scratch, dtype=torch.long)
-        for r, it in enumerate(items):
-            n, t = len(it.token_ids), r * Q
-            table = torch.tensor(it.block_ids, dtype=torch.long)
-            row_slots = (table[:, None] * P + torch.arange(P)).reshape(-1)
-            kv_slots_BS[r, :row_slots.numel()] = row_slots
-            pos = torch.arange(it.start, it.start + n)
-            head_5T[0, t:t + n] = torch.tensor(it.token_ids)
-            head_5T[1, t:t + Q] = it.start
-            head_5T[1, t:t + n] = pos
-            head_5T[2, t:t + n] = row_slots[pos]
-            head_5T[3, t:t + Q] = it.start
-            head_5T[3, t:t + n] = pos
-            head_5T[4, t:t + n] = 1
+        """The packed int64 inputs on the host (plain lists, then two tensors: this runs every step). A
+        padding row is token 0 at position 0, writing to and seeing only the scratch slot; a real row's
+        padded queries write to scratch and see the row's context."""
+        P, scratch, NB = self.P, self.runner.cache.scratch_slot, self.S // self.P
+        tokens, positions, slots, real, tables = [], [], [], [], []
+        for it in items:
+            n, s0, table = len(it.token_ids), it.start, it.block_ids
+            pad = Q - n
+            tokens += it.token_ids + [0] * pad
+            positions += [*range(s0, s0 + n)] + [s0] * pad
+            slots += [table[p // P] * P + p % P for p in range(s0, s0 + n)] + [scratch] * pad
+            real += [1] * n + [0] * pad
+            tables.append(table + [-1] * (NB - len(table)))
+        pad_tokens = (B - len(items)) * Q
+        tokens += [0] * pad_tokens
+        positions += [0] * pad_tokens
+        slots += [scratch] * pad_tokens
+        real += [0] * pad_tokens
+        tables += [[-1] * NB] * (B - len(items))
+        # Row 3 is the last position a query may see: its own (padding: its row's start, or 0).
+        head_5T = torch.tensor([tokens, positions, slots, positions, real], dtype=torch.long)
+        tables_BN1 = torch.tensor(tables, dtype=torch.long)[:, :, None]
+        kv_slots_BS = torch.where(tables_BN1 >= 0, tables_BN1 * P + torch.arange(P), scratch).reshape(B, -1)
         return torch.cat([head_5T.reshape(-1), kv_slots_BS.reshape(-1)])
 
     def _build(self, B: int, Q: int) -> _Static:

@@ -108,13 +108,13 @@ class Transformer(nn.Module):
                 routing.append(info)
         logits_BTV = self.lm_head(self.norm(x_BTD))
         out = ModelOutput(logits=logits_BTV, routing=routing)
-        if routing:
+        if routing and routing[0].aux_loss is not None:  # (not under inference mode: moe.py)
             out.aux_loss = torch.stack([r.aux_loss for r in routing]).mean()
             out.z_loss = torch.stack([r.z_loss for r in routing]).mean()
         if targets_BT is not None:
             out.ce_loss = F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets_BT.flatten(), ignore_index=-100)
             out.loss = out.ce_loss
-            if routing:
+            if out.aux_loss is not None:
                 out.loss = out.loss + self.cfg.aux_loss_coef * out.aux_loss + self.cfg.z_loss_coef * out.z_loss
         return out
 
