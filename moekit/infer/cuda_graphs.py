@@ -1,11 +1,12 @@
-"""CUDA graphs for decode steps: one graph launch per step instead of hundreds of kernel launches.
+"""CUDA graphs for decode and verification steps: one graph launch a step instead of hundreds of kernels.
 
-Why: a gpt4-mini decode step is ~600 small kernels (8 layers of norms, projections, RoPE, cache
+Why: a gpt4-mini decode step is ~500 small kernels (8 layers of norms, projections, RoPE, cache
 writes, attention, router, experts). Launched one by one from Python on an H200 they took ~20 ms per
-step, so batch-1 decode ran at 49 tokens/s against a 41,000 tokens/s bandwidth roofline
-(bench/decode.py, November 2026): bound by the CPU, not by the GPU. vLLM captures the decode forward
-once per batch size and replays it (vllm/v1/worker/gpu_model_runner.py, `capture_model`); gpt-fast
-gets the same from `torch.compile(mode="reduce-overhead")`. This is the vLLM way, without a compiler.
+step, so batch-1 decode ran at 49 tokens/s against a 41,000 tokens/s bandwidth roofline: bound by
+the CPU, not by the GPU. Replayed as a graph the same step takes ~1.85 ms (540 tokens/s, 6-8x;
+bench/decode.py, November 2026). vLLM captures the decode forward once per batch size and replays it
+(vllm/v1/worker/gpu_model_runner.py, `capture_model`); gpt-fast gets the same from
+`torch.compile(mode="reduce-overhead")`. This is the vLLM way, without a compiler.
 
 How: a step whose R items each compute a few tokens and want logits for all of them (plain decode:
 one token; speculative verification: the last token and k drafts) is padded to B x Q tokens: B the
@@ -15,11 +16,11 @@ the cache slot each token writes, the last position each query may see, which to
 each request's block table as (B, S) cache slots, S covering max_model_len. Padding tokens write
 their K/V to the cache's scratch slot (`PagedKVCache.scratch_slot`), so they touch no request's
 blocks; padding rows attend to that slot alone; the mask hides every slot past a query's position,
-and padded queries' outputs are never read. Shapes must be
-static, so attention runs over S masked slots rather than over the context: the price of one graph
-for every context length (vLLM's paged-attention kernel reads only the context; masked SDPA over a
-gathered table is the portable stand-in). Graphs are captured lazily, at the first step of each
-size, and share one memory pool (replays never overlap).
+and padded queries' outputs are never read. Shapes must be static, so attention runs over S masked
+slots rather than over the context: the price of one graph for every context length (vLLM's
+paged-attention kernel reads only the context; masked SDPA over a gathered table is the portable
+stand-in). Graphs are captured lazily, at the first step of each shape, and share one memory pool
+(replays never overlap).
 
 What cannot be captured runs eagerly: MoE layers with capacity dropping (padded tokens would compete
 for capacity with real ones), and expert paths that sync with the host to size their slices (the
