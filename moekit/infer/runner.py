@@ -22,6 +22,9 @@ gpt4-mini layer, and 10x at 4-5 tokens, where a speculative verification sits); 
 is kept for one or two tokens, where the sorted path's host sync costs more than the copy.
 Tokens per expert per layer are counted from `RoutingInfo` every step.
 
+On a GPU, steps made only of decode tokens and speculative verifications are padded to a fixed
+shape and replayed as CUDA graphs (cuda_graphs.py), unless the runner is built with enforce_eager.
+
 Shape legend: T tokens in the batch, R requests in an attention group, Q queries per request
 (padded), S attended slots (padded), H query heads, G KV heads, Dh head_dim, D d_model,
 V vocabulary, E experts, L MoE layers.
