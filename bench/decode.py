@@ -16,7 +16,8 @@ Prints one JSON object:
   moekit/hf.py) at batch 1 and at the largest concurrency. Mixtral experts are SwiGLU, so when the
   preset's MLP is GELU this section runs a SwiGLU variant of the same shape, for both sides;
 - on a GPU, batch-1 decode without CUDA graphs (`enforce_eager`), to show what they buy;
-- on a GPU the planner's prediction (moekit.plan.serve) for this model on this GPU, when it knows it.
+- the planner's batch-1 prediction (moekit.plan.serve) from this machine as `moekit bench hardware`
+  measures it, engine overhead included, against the measurement; on a GPU also the datasheet bound.
 Random weights are fine for speed; greedy decoding runs for a fixed number of tokens (ignore_eos).
 """
 
@@ -156,18 +157,33 @@ def bench_hf(cfg, device: torch.device, batch: list[list[int]], tokens: int) -> 
     return out
 
 
-def planner(cfg, device: torch.device, dtype_name: str) -> dict | None:
-    if device.type != "cuda":
-        return None
-    try:
-        from moekit.plan.serve import serve
+def planner(cfg, device: torch.device, batch1: dict, context: int) -> dict:
+    """The planner's batch-1 prediction for each dtype measured above, from this machine's entry as
+    `moekit bench hardware` measures it (bandwidths, FLOP/s and moekit's engine overhead), next to the
+    measurement; on a GPU also the datasheet bound (no overhead) when the table knows the GPU."""
+    from moekit.plan.hardware import get_gpu
+    from moekit.plan.measure import measure
+    from moekit.plan.serve import serve
 
-        name = torch.cuda.get_device_name(device).replace("NVIDIA ", "").split()[0]
-        p = serve(cfg, gpu=name, n_gpus=1, tp=1, pp=1, weight_dtype=dtype_name, kv_dtype="bf16",
-                             batch=1, context=None)
-        return {"gpu": name, "weight_dtype": dtype_name, "tokens_per_s_per_user": p.tokens_per_s_per_user}
-    except Exception as e:  # the planner is optional here: report why there is no prediction
-        return {"error": f"{type(e).__name__}: {e}"}
+    entry = measure(str(device))
+    out = {"hardware": {k: getattr(entry, k) for k in ("hbm_gb_s", "gemv_gb_s", "layer_overhead_us",
+                                                       "step_overhead_us")}}
+    for name, r in batch1.items():
+        compute = "bf16" if name == "bf16" or (name == "int8" and resolve_dtype("auto", device, "int8")
+                                              == torch.bfloat16) else "fp32"
+        p = serve(cfg, gpu=entry, n_gpus=1, tp=1, pp=1, weight_dtype=name, kv_dtype=compute,
+                  compute_dtype=compute, batch=1, context=context)
+        out[name] = {"predicted_tok_s": round(p.tokens_per_s_per_user, 2), "measured_tok_s": r["decode_tok_s"],
+                     "measured_over_predicted": round(r["decode_tok_s"] / p.tokens_per_s_per_user, 3)}
+    if device.type == "cuda":
+        try:
+            name = torch.cuda.get_device_name(device).replace("NVIDIA ", "").split()[0]
+            p = serve(cfg, gpu=get_gpu(name), n_gpus=1, tp=1, pp=1, weight_dtype="bf16", kv_dtype="bf16",
+                      batch=1, context=context)
+            out["datasheet_bound_bf16"] = {"gpu": name, "tok_s": round(p.tokens_per_s_per_user, 2)}
+        except ValueError as e:  # a GPU the table does not list
+            out["datasheet_bound_bf16"] = {"error": str(e)}
+    return out
 
 
 def main() -> int:
@@ -181,6 +197,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--no-spec", action="store_true", help="skip speculative decoding")
+    ap.add_argument("--no-plan", action="store_true", help="skip the planner's prediction")
     args = ap.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
@@ -253,9 +270,8 @@ def main() -> int:
                                                 args.tokens))
         except ImportError as e:
             res["transformers"] = {"skipped": f"transformers is not installed ({e})"}
-    plan = planner(cfg, device, "bf16")
-    if plan is not None:
-        res["planner"] = plan
+    if not args.no_plan:
+        res["planner"] = planner(cfg, device, b1, args.prompt_len + args.tokens // 2)
     print(json.dumps(res, indent=2))
     return 0
 

@@ -80,6 +80,8 @@ def test_toml_and_json_files_round_trip(tmp_path):
     ('{"name": "x", "memory_gb": 1, "hbm_gb_s": 1, "tflops": {"fp9": 1, "bf16": 1}}', "unknown dtype 'fp9'"),
     ('{"name": "x", "memory_gb": 1, "hbm_gb_s": 1, "tflops": {"bf16": 1}, "flops_efficiency": 2}',
      r"\(0, 1\]"),
+    ('{"name": "x", "memory_gb": 1, "hbm_gb_s": 1, "tflops": {"bf16": 1}, "layer_overhead_us": -3}',
+     "layer_overhead_us must be a number >= 0"),
     ("{not json", "is not valid JSON"),
 ])
 def test_bad_hardware_files_say_what_is_wrong(tmp_path, text, message):
@@ -105,6 +107,9 @@ def test_bench_hardware_writes_the_table_format(tmp_path, capsys):
     assert entry.to_dict() == printed["hardware"] and printed["written"] == str(out)
     assert set(entry.tflops) == {"fp32", "bf16"} and set(entry.gemv_gb_s) == {"fp32", "bf16"}
     assert entry.bandwidth_efficiency == entry.flops_efficiency == 1.0  # measured = achieved
+    # moekit's own engine: a decode step of 8 narrow layers costs more than one of 2, and something per step.
+    assert entry.layer_overhead_us > 0 and entry.step_overhead_us >= 0
+    assert all(g.layer_overhead_us == g.step_overhead_us == 0 for g in TABLE.values())  # datasheet entries
     assert not list(out.parent.glob("*.tmp"))  # atomic write left no temporary file
     local = get_gpu("local")
     assert local.name == "local" and local.hbm_gb_s == entry.hbm_gb_s

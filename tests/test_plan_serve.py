@@ -110,3 +110,20 @@ def test_target_tokens_per_s_per_user():
 def test_bad_serving_input(kwargs, message):
     with pytest.raises(ValueError, match=message):
         serve("gpt4", **{"gpu": "H100", **kwargs})
+
+
+def test_engine_overhead_adds_per_layer_and_per_step_time():
+    """A measured entry's software overhead (moekit/plan/measure.py) adds layers x layer_overhead_us to each
+    stage's step and step_overhead_us once per token; the datasheet entries have none."""
+    from moekit.plan.hardware import get_gpu
+
+    h200 = get_gpu("H200")
+    slow = h200.replace(layer_overhead_us=100.0, step_overhead_us=50.0)
+    kw = dict(n_gpus=1, tp=1, pp=1, batch=1, context=512)
+    base, over = serve("gpt4-mini", h200, **kw), serve("gpt4-mini", slow, **kw)
+    assert base.decode.overhead_s == 0 and over.decode.overhead_s == pytest.approx(8 * 100e-6)
+    assert over.token_seconds == pytest.approx(base.token_seconds + 8 * 100e-6 + 50e-6)
+    assert over.tokens_per_s_per_user < base.tokens_per_s_per_user / 10  # a small model is latency-bound
+    # With 2 pipeline stages each stage pays for its own 4 layers.
+    two = serve("gpt4-mini", slow, n_gpus=2, tp=1, pp=2, batch=1, context=512, micro_batches=1)
+    assert two.decode.overhead_s == pytest.approx(4 * 100e-6)

@@ -170,7 +170,8 @@ def format_serve(p) -> str:
         f"  memory per GPU       {_gb(m.total)} of {_gb(m.usable)} usable (stage {m.stage}: weights "
         f"{_gb(m.weights)}, KV cache {_gb(m.kv_cache)}, workspace {_gb(m.workspace)})",
         f"  decode step          {d.seconds * 1e3:.2f} ms per stage (compute {d.compute_s * 1e3:.2f}, "
-        f"memory {d.memory_s * 1e3:.2f}, communication {d.comm_s * 1e3:.2f}, hop {d.hop_s * 1e3:.2f})",
+        f"memory {d.memory_s * 1e3:.2f}, communication {d.comm_s * 1e3:.2f}, hop {d.hop_s * 1e3:.2f}"
+        + (f", overhead {d.overhead_s * 1e3:.2f}" if d.overhead_s else "") + ")",
         f"  tokens/s per user    {p.tokens_per_s_per_user:,.2f}",
         f"  tokens/s (cluster)   {p.tokens_per_s:,.0f} output, {p.input_tokens_per_s:,.0f} input (prefill)",
         f"  utilization          MFU {p.mfu:.1%}, memory bandwidth {p.mbu:.1%}",

@@ -51,6 +51,12 @@ class GPU:
     gemv_gb_s: dict[str, float] = field(default_factory=dict)  # measured y = W x read bandwidth per dtype
     allreduce_latency_us: float = 10.0  # fixed cost of one small NCCL all-reduce over the scale-up links
     hop_latency_us: float = 10.0  # fixed cost of one pipeline send between stages
+    # Software overhead of a forward pass beyond reading and computing: kernel launches and framework
+    # dispatch, per layer and per decode step. 0 in the datasheet entries (the article's figures assume
+    # fused, graph-launched kernels); `moekit bench hardware` measures moekit's own engine, which is what
+    # bounds a small model (gpt4-mini on a CPU: ~0.6 ms per layer of eager PyTorch).
+    layer_overhead_us: float = 0.0
+    step_overhead_us: float = 0.0
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -61,7 +67,8 @@ class GPU:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise ValueError(f"{where}: {key} must be a positive number, got {value!r}")
-        for key in ("nvlink_gb_s", "internode_gb_s", "allreduce_latency_us", "hop_latency_us"):
+        for key in ("nvlink_gb_s", "internode_gb_s", "allreduce_latency_us", "hop_latency_us", "layer_overhead_us",
+                    "step_overhead_us"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                 raise ValueError(f"{where}: {key} must be a number >= 0, got {value!r}")

@@ -4,12 +4,14 @@
     moekit bench hardware --device cpu --out my_cpu.json
     moekit plan serve --model tiny --gpu local --tp 1 --pp 1 --batch 8    # plan with what was measured
 
-Three figures, each the best of repeated timed runs (as STREAM reports its best rate), with the
+Three hardware figures, each the best of repeated timed runs (as STREAM reports its best rate), with the
 accelerator synchronized around every timing:
 - streaming memory read bandwidth: sum a buffer larger than the last-level cache (256 MB on CPU,
   2 GB on GPU);
 - GEMV bandwidth per dtype: bytes of W / time of y = W x, the kernel decoding reads weights with;
-- GEMM FLOP/s per dtype: 2 n^3 / time of an n x n matmul (fp32 with PyTorch's default precision).
+- GEMM FLOP/s per dtype: 2 n^3 / time of an n x n matmul (fp32 with PyTorch's default precision);
+and moekit's own engine overhead per layer and per decode step (`engine_overhead_us`), which the
+planner adds to the bandwidth and compute times so that it predicts moekit's speed on this machine.
 The entry (default `~/.cache/moekit/hardware.json`, where `--gpu local` finds it) holds achieved
 figures, so its efficiencies are 1 and the planner uses them as they are. Written atomically.
 """
@@ -93,6 +95,9 @@ def measure(device: str | None = None, quick: bool = False, label: str | None = 
         log(f"GEMM {name:<5}      {tflops[name] * 1e3:,.1f} GFLOP/s  ({n} x {n})")
         a = b = None
 
+    layer_us, step_us = engine_overhead_us(dev, quick, sync)
+    log(f"engine overhead  {layer_us:,.0f} us per layer, {step_us:,.0f} us per decode step")
+
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)
         what, memory, per_node = props.name, props.total_memory, torch.cuda.device_count()
@@ -105,8 +110,48 @@ def measure(device: str | None = None, quick: bool = False, label: str | None = 
                tflops={k: round(v, 6) for k, v in tflops.items()},
                gemv_gb_s={k: round(v, 3) for k, v in gemv.items()},
                gpus_per_node=per_node, bandwidth_efficiency=1.0, flops_efficiency=1.0,
+               layer_overhead_us=round(layer_us, 1), step_overhead_us=round(step_us, 1),
                source=f"measured by `moekit bench hardware` on {time.strftime('%Y-%m-%d')}: {what}, "
                       f"torch {torch.__version__}{' (quick sizes)' if quick else ''}")
+
+
+def engine_overhead_us(dev, quick: bool, sync: Callable[[], None]) -> tuple[float, float]:
+    """(per layer, per decode step) microseconds that moekit's engine spends beyond reading and computing:
+    batch-1 decode of two narrow models with gpt4-mini's structure (16 experts, top-2, MQA) at d_model 64,
+    with 2 and 8 layers, whose weights take next to no time to read. The slope over the layers is the
+    per-layer part (kernel launches, dispatch), the rest of the 2-layer step the per-step part
+    (scheduling, sampling). On a GPU the engine replays CUDA graphs, so this is their floor."""
+    import torch
+
+    from moekit.infer.engine import Engine
+    from moekit.infer.sampler import SamplingParams
+    from moekit.model.transformer import Transformer
+    from moekit.presets import get_preset
+
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    steps = 4 if quick else 32
+    seconds = {}
+    for n_layer in (2, 8):
+        cfg = get_preset("gpt4-mini").replace(n_layer=n_layer, d_model=64, n_head=4, head_dim=16, d_ff=64,
+                                              vocab_size=512, max_seq_len=256)
+        torch.manual_seed(0)
+        engine = Engine(Transformer(cfg).to(dev, dtype), num_blocks=32, block_size=16)
+        engine.add_request([1] * 16, SamplingParams(temperature=0, max_tokens=4 * steps + 8, ignore_eos=True))
+        for _ in range(8):  # the prefill, then warm-up decode steps (and the graph capture on a GPU)
+            engine.step()
+        best = math.inf
+        for _ in range(3):  # best of three windows: noise only slows
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                engine.step()
+            sync()
+            best = min(best, (time.perf_counter() - t0) / steps)
+        seconds[n_layer] = best
+        while engine.has_unfinished():
+            engine.step()
+    per_layer = max(seconds[8] - seconds[2], 0.0) / 6
+    return per_layer * 1e6, max(seconds[2] - 2 * per_layer, 0.0) * 1e6
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

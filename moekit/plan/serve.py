@@ -62,10 +62,11 @@ class StageStep:
     hop_s: float
     flops: float  # per GPU
     bytes: float  # read from HBM per GPU
+    overhead_s: float = 0.0  # launches and dispatch: layers x the hardware entry's layer_overhead_us
 
     @property
     def seconds(self) -> float:
-        return max(self.compute_s, self.memory_s) + self.comm_s
+        return max(self.compute_s, self.memory_s) + self.comm_s + self.overhead_s
 
 
 @dataclass
@@ -211,7 +212,7 @@ def stage_step(s: _Setup, st: Stage, seqs: float, new_tokens: int, context: floa
     # The next stage gets the activations, each tp rank sending 1/tp (Megatron's scatter/gather).
     hop = _transfer(act / tp, s.link(tp * ep * s.pp), hw.hop_latency_us * 1e-6) if s.pp > 1 else 0.0
     return StageStep(stage=st.index, compute_s=compute_s, memory_s=memory_s, comm_s=comm, hop_s=hop,
-                     flops=flops, bytes=w_read + kv_read)
+                     flops=flops, bytes=w_read + kv_read, overhead_s=st.layers * hw.layer_overhead_us * 1e-6)
 
 
 def stage_memory(s: _Setup, st: Stage, batch: float) -> ServeMemory:
@@ -248,6 +249,7 @@ def _decode(s: _Setup, batch: int) -> tuple[StageStep, float, float]:
     steps = [stage_step(s, st, batch, 1, s.context) for st in s.stages]
     slowest = max(steps, key=lambda x: x.seconds)
     period = max(s.micro_batches * slowest.seconds, sum(x.seconds + x.hop_s for x in steps))
+    period += s.hw.step_overhead_us * 1e-6  # scheduling and sampling, once per token
     bytes_read = s.micro_batches * sum(x.bytes for x in steps) * s.tp * s.ep
     return slowest, period, bytes_read
 
