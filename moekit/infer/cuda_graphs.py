@@ -41,7 +41,14 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit.infer.runner import GATHER_MAX_TOKENS, SHORT_QUERY, ModelRunner, RunItem, RunOutput, _Group
+from moekit.infer.runner import (
+    GATHER_MAX_TOKENS,
+    SHORT_QUERY,
+    AttentionGroup,
+    ModelRunner,
+    RunItem,
+    RunOutput,
+)
 from moekit.model.attention import rope_cos_sin
 from moekit.model.grouped import use_grouped_mm
 from moekit.model.moe import MoE, route
@@ -195,9 +202,9 @@ class DecodeGraphs:
         cos, sin = rope_cos_sin(runner.model.inv_freq, st.positions_T[None])
         rows_T = torch.arange(T, device=dev)
         visible_B1QS = (torch.arange(S, device=dev) <= st.sees_T.view(B, Q, 1))[:, None]
-        group = _Group(rows_T.view(B, Q), st.kv_slots_BS, visible_B1QS, rows_T, None)
+        group = AttentionGroup(rows_T.view(B, Q), st.kv_slots_BS, visible_B1QS, rows_T, None)
         with runner.dispatch_for(T):
-            st.logits_TV, _, router = runner._layers(st.tokens_T, st.slots_T, cos, sin, [group], rows_T,
+            st.logits_TV, _, router = runner.layers(st.tokens_T, st.slots_T, cos, sin, [group], rows_T,
                                                      keep_router_logits=True)
         if router:
             E, K = router[0].shape[-1], runner.cfg.top_k

@@ -62,7 +62,7 @@ class RunOutput:
 
 
 @dataclass
-class _Group:
+class AttentionGroup:
     """Index tensors of one attention call, built once per step and reused by every layer."""
 
     q_rows_RQ: torch.Tensor  # row of each query in the flat batch (padding repeats a real row)
@@ -95,7 +95,7 @@ class ModelRunner:
         tables_RB = torch.tensor([t + [0] * (nb - len(t)) for t in tables], dtype=torch.long)
         return (tables_RB[:, :, None] * self.block_size + torch.arange(self.block_size)).reshape(len(tables), -1)
 
-    def _groups(self, items: list[RunItem], offsets: list[int]) -> list[_Group]:
+    def _groups(self, items: list[RunItem], offsets: list[int]) -> list[AttentionGroup]:
         dev, groups = self.device, []
         short = [i for i, it in enumerate(items) if len(it.token_ids) <= SHORT_QUERY]
         for i, it in enumerate(items):  # long queries: one SDPA each, no padding
@@ -108,7 +108,7 @@ class ModelRunner:
             mask = None
             if it.start > 0:  # a later chunk: query t sees the cached tokens and new tokens up to t
                 mask = (torch.arange(ctx)[None, :] <= it.start + torch.arange(n)[:, None])[None, None]
-            groups.append(_Group(rows[None].to(dev), slots.to(dev), mask.to(dev) if mask is not None else None,
+            groups.append(AttentionGroup(rows[None].to(dev), slots.to(dev), mask.to(dev) if mask is not None else None,
                                  rows.to(dev), None))
         if short:
             n_R = torch.tensor([len(items[i].token_ids) for i in short])
@@ -120,7 +120,7 @@ class ModelRunner:
             # Key j is visible to the query at position start + q when j <= start + q (so j < the context).
             mask_RQS = torch.arange(kv_slots_RS.shape[1])[None, None, :] <= (start_R[:, None] + q_RQ)[:, :, None]
             valid_RQ = torch.arange(Q)[None, :] < n_R[:, None]
-            groups.append(_Group(q_rows_RQ.to(dev), kv_slots_RS.to(dev), mask_RQS[:, None].to(dev),
+            groups.append(AttentionGroup(q_rows_RQ.to(dev), kv_slots_RS.to(dev), mask_RQS[:, None].to(dev),
                                  q_rows_RQ[valid_RQ].to(dev), valid_RQ.to(dev)))
         return groups
 
@@ -146,7 +146,7 @@ class ModelRunner:
         cos, sin = rope_cos_sin(model.inv_freq, torch.tensor(positions, device=dev)[None])
         groups = self._groups(items, offsets)
         with self.dispatch_for(len(tokens)):
-            logits_RV, counts, _ = self._layers(tokens_T, slots_T, cos, sin, groups,
+            logits_RV, counts, _ = self.layers(tokens_T, slots_T, cos, sin, groups,
                                                 torch.tensor(logit_rows, dtype=torch.long, device=dev))
         per_expert = torch.stack(counts).cpu() if counts else None
         return RunOutput(logits_RV, per_expert)
@@ -165,7 +165,7 @@ class ModelRunner:
             for m, d in zip(moes, saved, strict=True):
                 m.dispatch = d
 
-    def _layers(self, tokens_T, slots_T, cos, sin, groups, logit_rows_R, keep_router_logits: bool = False):
+    def layers(self, tokens_T, slots_T, cos, sin, groups, logit_rows_R, keep_router_logits: bool = False):
         """The blocks over the flat batch (K/V written, then read), then logits of the wanted rows; per
         MoE layer the tokens per expert and, if asked, the router logits (T, E)."""
         model, T = self.model, tokens_T.shape[0]
