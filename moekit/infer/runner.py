@@ -108,8 +108,8 @@ class ModelRunner:
             mask = None
             if it.start > 0:  # a later chunk: query t sees the cached tokens and new tokens up to t
                 mask = (torch.arange(ctx)[None, :] <= it.start + torch.arange(n)[:, None])[None, None]
-            groups.append(AttentionGroup(rows[None].to(dev), slots.to(dev), mask.to(dev) if mask is not None else None,
-                                 rows.to(dev), None))
+            groups.append(AttentionGroup(rows[None].to(dev), slots.to(dev),
+                                         mask.to(dev) if mask is not None else None, rows.to(dev), None))
         if short:
             n_R = torch.tensor([len(items[i].token_ids) for i in short])
             start_R = torch.tensor([items[i].start for i in short])
@@ -121,7 +121,7 @@ class ModelRunner:
             mask_RQS = torch.arange(kv_slots_RS.shape[1])[None, None, :] <= (start_R[:, None] + q_RQ)[:, :, None]
             valid_RQ = torch.arange(Q)[None, :] < n_R[:, None]
             groups.append(AttentionGroup(q_rows_RQ.to(dev), kv_slots_RS.to(dev), mask_RQS[:, None].to(dev),
-                                 q_rows_RQ[valid_RQ].to(dev), valid_RQ.to(dev)))
+                                         q_rows_RQ[valid_RQ].to(dev), valid_RQ.to(dev)))
         return groups
 
     @torch.inference_mode()
