@@ -91,6 +91,22 @@ def test_speculative_verification_runs_the_padded_path_and_keeps_greedy_output(p
     engine.check_idle()
 
 
+def test_capture_all_builds_every_size_up_front_and_steps_only_reuse_them():
+    model = tiny_model(8)
+    engine = Engine(model, num_blocks=64, block_size=4, max_num_batched_tokens=64, num_spec_tokens=3, ngram=True,
+                    enforce_eager=True)
+    engine.runner.graphs = graphs = DecodeGraphs(engine.runner, engine.max_model_len, 8, capture=False)
+    assert graphs.capture_all((1, 4)) == 8 and set(graphs.static) == {(b, q) for b in (1, 2, 4, 8) for q in (1, 4)}
+    assert graphs.capture_all((1, 4)) == 0  # nothing left to build
+    built = set(graphs.static)
+    prompts = [[5, 6, 7] * 4, [9, 10] * 5, [3, 4, 5, 6]]
+    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=9, ignore_eos=True))
+    for o, p in zip(outs, prompts, strict=True):
+        assert o.token_ids == greedy_reference(model, p, 9)
+    assert set(graphs.static) - built <= {(b, q) for b in (1, 2, 4, 8) for q in (2, 3)}  # shorter drafts: lazily
+    engine.check_idle()
+
+
 def test_capacity_dropping_and_oversized_batches_stay_eager():
     model = tiny_model(1, capacity_factor=1.0)
     engine = Engine(model, num_blocks=32, block_size=4, enforce_eager=True)

@@ -19,8 +19,8 @@ blocks; padding rows attend to that slot alone; the mask hides every slot past a
 and padded queries' outputs are never read. Shapes must be static, so attention runs over S masked
 slots rather than over the context: the price of one graph for every context length (vLLM's
 paged-attention kernel reads only the context; masked SDPA over a gathered table is the portable
-stand-in). Graphs are captured lazily, at the first step of each shape, and share one memory pool
-(replays never overlap).
+stand-in). Graphs are captured at the first step of each shape, or up front by `capture_all`
+(`moekit serve` does, at start-up, as vLLM), and share one memory pool (replays never overlap).
 
 What cannot be captured runs eagerly: MoE layers with capacity dropping (padded tokens would compete
 for capacity with real ones), and expert paths that sync with the host to size their slices (the
@@ -126,16 +126,9 @@ class DecodeGraphs:
     def run(self, items: list[RunItem]) -> RunOutput:
         key = self.shape(items)
         B, Q = key
-        st = self.static.get(key)
-        if st is None:
-            try:
-                st = self._build(B, Q)
-            except RuntimeError as e:  # a path _uncapturable did not foresee: run this shape eagerly from now on
-                torch.cuda.synchronize(self.runner.device)
-                self.eager_reason[key] = f"capture failed: {str(e).splitlines()[0][:200]}"
-                print(f"moekit: decode shape {key} runs eagerly ({self.eager_reason[key]})", file=sys.stderr)
-                return self.runner.forward(items)
-            self.static[key] = st
+        st = self._static_for(key)
+        if st is None:  # its capture just failed: this step, and every later one of this shape, runs eagerly
+            return self.runner.forward(items)
         st.packed.copy_(self._inputs(items, B, Q))
         if st.graph is not None:
             st.graph.replay()
@@ -145,6 +138,34 @@ class DecodeGraphs:
         rows = [r * Q + i for r, it in enumerate(items) for i in range(len(it.token_ids))]
         logits_RV = st.logits_TV.index_select(0, torch.tensor(rows, device=st.logits_TV.device))
         return RunOutput(logits_RV, st.counts_LE.cpu() if st.counts_LE is not None else None)
+
+    def capture_all(self, queries: tuple[int, ...] = (1,)) -> int:
+        """Capture every batch size for each query count now, largest first (vLLM captures at start-up, so
+        that no request waits for a capture). Returns how many graphs were built."""
+        built = 0
+        for Q in queries:
+            for B in reversed(self.sizes):
+                key = (B, Q)
+                if key in self.static or key in self.eager_reason:
+                    continue
+                reason = self._uncapturable(B * Q)
+                if reason is not None:
+                    self.eager_reason[key] = reason
+                    continue
+                built += self._static_for(key) is not None
+        return built
+
+    def _static_for(self, key: tuple[int, int]) -> _Static | None:
+        """The buffers and graph of shape `key`, built at first use; None if its capture failed."""
+        st = self.static.get(key)
+        if st is None and key not in self.eager_reason:
+            try:
+                st = self.static[key] = self._build(*key)
+            except RuntimeError as e:  # a path _uncapturable did not foresee: run this shape eagerly from now on
+                torch.cuda.synchronize(self.runner.device)
+                self.eager_reason[key] = f"capture failed: {str(e).splitlines()[0][:200]}"
+                print(f"moekit: decode shape {key} runs eagerly ({self.eager_reason[key]})", file=sys.stderr)
+        return st
 
     def _inputs(self, items: list[RunItem], B: int, Q: int) -> torch.Tensor:
         """The packed int64 inputs on the host (plain lists, then two tensors: this runs every step). A

@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 
 import uvicorn
@@ -127,6 +128,12 @@ def engine_loader(cfg: ServeConfig):
                  device, str(dtype).removeprefix("torch."), " int8" if cfg.quantize == "int8" else "",
                  engine.max_model_len, m["kv_blocks_total"], m["kv_block_size"],
                  "tokenizer" if codec else "no tokenizer (token-id prompts only)")
+        graphs = engine.runner.graphs
+        if graphs is not None:  # capture now, as vLLM does, so that no request waits for a capture
+            t0 = time.perf_counter()
+            n = graphs.capture_all((1,) if engine.proposer is None else (1, engine.num_spec_tokens + 1))
+            log.info("captured %d CUDA graphs for decode steps of up to %d requests in %.1f s", n,
+                     max(graphs.sizes, default=0), time.perf_counter() - t0)
         return engine
 
     return load
