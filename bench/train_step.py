@@ -30,8 +30,9 @@ from moekit.model.transformer import Transformer
 from moekit.presets import get_preset
 from moekit.train.config import TrainConfig
 from moekit.train.data import Mixture, PackedSource
-from moekit.train.loop import Trainer, cpu_has_bf16
+from moekit.train.loop import Trainer
 from moekit.train.metrics import measure_gemm_peak, train_flops_per_token
+from moekit.util import cpu_has_bf16
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
