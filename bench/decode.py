@@ -36,7 +36,6 @@ from moekit.counts import kv_bytes_per_token
 from moekit.infer.engine import Engine
 from moekit.infer.quant import quantize_int8, weight_bytes
 from moekit.infer.sampler import SamplingParams
-from moekit.model.moe import MoE
 from moekit.model.transformer import Transformer
 from moekit.presets import get_preset
 from moekit.util import resolve_dtype
@@ -73,9 +72,8 @@ def bytes_read_per_token(model: Transformer) -> float:
     """Weight bytes one decoded token reads: all of them but the unrouted experts and the embedding
     table (one row is read; a tied table is read whole as the lm_head, so it stays)."""
     cfg = model.cfg
-    experts = sum(t.numel() * t.element_size() for m in model.modules() if isinstance(m, MoE)
-                  for name, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False))
-                  if name.startswith(("w1", "w2", "w3")))
+    experts = sum(t.numel() * t.element_size() for m in model.moe_layers()  # float or int8 experts alike
+                  for t in list(m.experts.parameters()) + list(m.experts.buffers()))
     emb = model.tok_emb.weight
     untied = getattr(model.lm_head, "weight", None) is not emb
     return weight_bytes(model) - experts * (1 - cfg.top_k / cfg.n_expert) - (emb.numel() * emb.element_size()
@@ -161,8 +159,8 @@ def planner(cfg, device: torch.device, batch1: dict, context: int) -> dict:
     """The planner's batch-1 prediction for each dtype measured above, from this machine's entry as
     `moekit bench hardware` measures it (bandwidths, FLOP/s and moekit's engine overhead), next to the
     measurement; on a GPU also the datasheet bound (no overhead) when the table knows the GPU."""
+    from moekit.bench_hardware import measure
     from moekit.plan.hardware import get_gpu
-    from moekit.plan.measure import measure
     from moekit.plan.serve import serve
 
     entry = measure(str(device))

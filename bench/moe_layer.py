@@ -54,15 +54,16 @@ def hf_block(moe: MoE, implementation: str):
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-    E, D, F = moe.w1.shape
+    E, F, D = moe.experts.w1.shape
     cfg = MixtralConfig(hidden_size=D, intermediate_size=F, num_local_experts=E, num_experts_per_tok=moe.top_k)
     cfg._experts_implementation = implementation
     block = MixtralSparseMoeBlock(cfg)
     with torch.no_grad():
         block.gate.weight.copy_(moe.router.weight)
-        # HF stores (E, 2F, D) = [gate; up] and (E, D, F); moekit stores w1/w3 (E, D, F), w2 (E, F, D).
-        block.experts.gate_up_proj.copy_(torch.cat([moe.w1, moe.w3], dim=2).transpose(1, 2))
-        block.experts.down_proj.copy_(moe.w2.transpose(1, 2))
+        # HF stores (E, 2F, D) = [gate; up] and (E, D, F): (E, out, in), as moekit does.
+        ex = moe.experts
+        block.experts.gate_up_proj.copy_(torch.cat([ex.w1, ex.w3], dim=1))
+        block.experts.down_proj.copy_(ex.w2)
         x = torch.randn(1, 64, D)  # same weights, same function: check before timing anything
         torch.testing.assert_close(block(x), moe(x)[0], rtol=1e-4, atol=1e-5)
     return block

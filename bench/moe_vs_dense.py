@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from moekit.cli import apply_overrides
 from moekit.cli import main as moekit_main
 from moekit.counts import count_params
 from moekit.presets import get_preset
+from moekit.resolve import apply_overrides
 from moekit.train.metrics import read_metrics, train_flops_per_token
 
 

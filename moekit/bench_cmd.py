@@ -13,7 +13,7 @@ import argparse
 import importlib
 
 BENCHMARKS = {
-    "hardware": ("moekit.plan.measure", "memory read, GEMV and GEMM speed of this machine (hardware entry)"),
+    "hardware": ("moekit.bench_hardware", "memory read, GEMV and GEMM speed of this machine (hardware entry)"),
     "serve": ("moekit.serve.bench", "latency and throughput of an OpenAI-compatible server (vLLM bench serve)"),
 }
 

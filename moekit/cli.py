@@ -12,6 +12,8 @@ import importlib
 import os
 import sys
 
+from moekit.resolve import split_overrides
+
 COMMANDS = {
     "info": ("moekit.info", "the model card of a preset, a run or a Hugging Face directory"),
     "train": ("moekit.train.cli", "train a preset (tiny by default) on the embedded corpus or --data; --resume"),
@@ -21,30 +23,6 @@ COMMANDS = {
     "plan": ("moekit.plan.cli", "cost of training and serving: the GPT-4 report, train, serve, wall, chart"),
     "bench": ("moekit.bench_cmd", "measure this machine: `moekit bench hardware` writes its hardware entry"),
 }
-
-
-def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
-    """Pull `--key=value` ModelConfig overrides (keys with underscores) out of argv."""
-    from moekit.config import ModelConfig
-
-    fields = set(ModelConfig.__dataclass_fields__)
-    rest, overrides = [], {}
-    for arg in argv:
-        if arg.startswith("--") and "=" in arg:
-            key, value = arg[2:].split("=", 1)
-            if "_" in key or key in fields:
-                overrides[key] = value
-                continue
-        rest.append(arg)
-    return rest, overrides
-
-
-def apply_overrides(cfg, overrides: dict[str, str]):
-    from moekit.config import parse_override
-
-    if not overrides:
-        return cfg
-    return cfg.replace(**{k: parse_override(k, v) for k, v in overrides.items()})
 
 
 class Parser(argparse.ArgumentParser):

@@ -2,14 +2,14 @@
 
 Derived values are filled in and every field is checked in `__post_init__`; a bad value raises
 `ValueError` naming the field, which the CLI prints as one line (DESIGN.md, "Errors").
+A leaf: it imports nothing from moekit, so every module can import it (files, presets and overrides
+are `moekit.resolve`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 MLP_TYPES = ("gelu", "swiglu")  # gelu: GPT-style 2-matrix MLP; swiglu: Llama/Mixtral 3-matrix MLP
@@ -134,20 +134,6 @@ class ModelConfig:
             raise ValueError(f"unknown ModelConfig field(s) {unknown}; known fields: {sorted(known)}")
         return cls(**d)
 
-    def save(self, path: str | Path) -> None:
-        from moekit.util import atomic_write_text
-
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> ModelConfig:
-        from moekit.util import read_json_object
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"model config {path} does not exist")
-        return cls.from_dict(read_json_object(path))
-
     def replace(self, **overrides: Any) -> ModelConfig:
         """A copy with some fields changed; derived fields are recomputed unless given."""
         d = self.to_dict()
@@ -163,45 +149,4 @@ class ModelConfig:
         return ModelConfig(**d)
 
 
-def resolve_config(spec: str) -> ModelConfig:
-    """A ModelConfig from a preset name, a moekit run / Hugging Face directory, or a config JSON file."""
-    from moekit.presets import PRESETS, get_preset
-
-    if spec in PRESETS:
-        return get_preset(spec)
-    path = Path(spec)
-    if not path.exists():
-        raise ValueError(f"{spec!r} is neither a preset ({', '.join(PRESETS)}) nor an existing path")
-    from moekit.util import read_config_json, read_json_object
-
-    d = read_config_json(path) if path.is_dir() else read_json_object(path)  # a run / HF folder, or a JSON file
-    if "model_type" in d:  # a Hugging Face config.json
-        from moekit.hf import config_from_hf
-
-        return config_from_hf(d, name=path.resolve().name if path.is_dir() else path.resolve().parent.name)
-    return ModelConfig.from_dict(d)
-
-
-def parse_override(key: str, value: str) -> Any:
-    """Turn a `--key=value` string into the type of ModelConfig's field `key`."""
-    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
-    if key not in fields:
-        raise ValueError(f"unknown config key {key!r}; known keys: {', '.join(sorted(fields))}")
-    kind = fields[key].type
-    try:
-        if kind == "int":
-            return int(value)
-        if kind == "float":
-            return float(value)
-        if kind == "bool":
-            if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError
-            return value.lower() in ("1", "true", "yes")
-        if key == "rope_scaling":
-            return None if value.lower() in ("none", "null", "") else json.loads(value)
-    except (ValueError, json.JSONDecodeError):
-        raise ValueError(f"--{key}={value}: expected a value of type {kind}") from None
-    return value
-
-
-__all__ = ["ModelConfig", "parse_override", "resolve_config"]
+__all__ = ["ModelConfig"]

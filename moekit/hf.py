@@ -34,7 +34,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from moekit.config import ModelConfig
-from moekit.model.attention import rope_inv_freq
 from moekit.model.transformer import Transformer
 from moekit.util import read_config_json
 
@@ -189,7 +188,6 @@ class _Piece:
     shape: tuple[int, ...]  # the Hugging Face tensor's shape
     expert: int | None = None  # Hub per-expert tensor: moekit target[expert]
     half: int | None = None  # fused gate_up_proj (E, 2F, D): 0 = gate rows (w1), 1 = up rows (w3)
-    transpose: bool = False  # nn.Linear's (out, in) vs moekit's stacked (in, out): w1_EDF, w2_EFD
 
 
 def _plan(cfg: ModelConfig, fused_layers: Collection[int] = ()) -> dict[str, list[_Piece]]:
@@ -212,15 +210,15 @@ def _plan(cfg: ModelConfig, fused_layers: Collection[int] = ()) -> dict[str, lis
                 plan[f"{hf}mlp.{proj}_proj.weight"] = [_Piece(f"{mk}mlp.{ours}.weight", shape)]
         elif i in fused_layers:  # transformers 5 in memory: MixtralExperts / MixtralTopKRouter
             plan[hf + "mlp.gate.weight"] = [_Piece(mk + "mlp.router.weight", (E, D))]
-            plan[hf + "mlp.experts.gate_up_proj"] = [_Piece(mk + "mlp.w1", (E, 2 * F, D), half=0, transpose=True),
-                                                     _Piece(mk + "mlp.w3", (E, 2 * F, D), half=1, transpose=True)]
-            plan[hf + "mlp.experts.down_proj"] = [_Piece(mk + "mlp.w2", (E, D, F), transpose=True)]
-        else:  # the Hub's layout: one nn.Linear per expert, w1 = gate, w3 = up, w2 = down
+            plan[hf + "mlp.experts.gate_up_proj"] = [_Piece(mk + "mlp.experts.w1", (E, 2 * F, D), half=0),
+                                                     _Piece(mk + "mlp.experts.w3", (E, 2 * F, D), half=1)]
+            plan[hf + "mlp.experts.down_proj"] = [_Piece(mk + "mlp.experts.w2", (E, D, F))]
+        else:  # the Hub's layout: one nn.Linear (out, in) per expert, w1 = gate, w3 = up, w2 = down
             plan[hf + "block_sparse_moe.gate.weight"] = [_Piece(mk + "mlp.router.weight", (E, D))]
             for e in range(E):
                 for w, shape in (("w1", (F, D)), ("w3", (F, D)), ("w2", (D, F))):
                     plan[f"{hf}block_sparse_moe.experts.{e}.{w}.weight"] = [
-                        _Piece(f"{mk}mlp.{w}", shape, expert=e, transpose=True)]
+                        _Piece(f"{mk}mlp.experts.{w}", shape, expert=e)]
     return plan
 
 
@@ -229,10 +227,21 @@ def _hf_view(piece: _Piece, t: torch.Tensor) -> torch.Tensor:
     if piece.half is not None:
         F = t.shape[1] // 2
         t = t[:, piece.half * F:(piece.half + 1) * F]
-    return t.transpose(-1, -2) if piece.transpose else t
+    return t  # moekit stores experts (E, out, in), as nn.Linear: no transpose
 
 
 # ---- load ---------------------------------------------------------------------------------------
+def _expert_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of the stacked expert tensors, which are filled expert by expert as the shards are read."""
+    E, D, F = cfg.n_expert, cfg.d_model, cfg.d_ff
+    out = {}
+    for i in range(cfg.n_layer):
+        if cfg.is_moe_layer(i):
+            for w, shape in (("w1", (E, F, D)), ("w3", (E, F, D)), ("w2", (E, D, F))):
+                out[f"blocks.{i}.mlp.experts.{w}"] = shape
+    return out
+
+
 @dataclass(frozen=True)
 class HFSource:
     """Where a model loaded by `load_hf` came from (set as `model.hf_source`)."""
@@ -341,9 +350,7 @@ def load_hf(path: str | Path, dtype: torch.dtype | None = torch.float32,
     _check_names(path, files, plan, what, cfg.tie_embeddings)
     _check_headers(path, files, plan, what)  # before reading any data: a bad checkpoint fails in a second
 
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+    expected = _expert_shapes(cfg)
     state: dict[str, torch.Tensor] = {}
     for file, file_names in files.items():  # shard by shard: one shard's tensor in flight at a time
         with _open(path / file) as f:
@@ -360,12 +367,7 @@ def load_hf(path: str | Path, dtype: torch.dtype | None = torch.float32,
                         state[piece.target] = torch.empty(expected[piece.target], dtype=dtype, device=device)
                     dest = state[piece.target] if piece.expert is None else state[piece.target][piece.expert]
                     dest.copy_(t)
-    if cfg.tie_embeddings:
-        state["lm_head.weight"] = state["tok_emb.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    if cfg.tie_embeddings:  # assign=True made two Parameters of the shared tensor: one again, as before
-        model.lm_head.weight = model.tok_emb.weight
-    model.inv_freq = rope_inv_freq(cfg).to(device)  # non-persistent buffer: recomputed, never stored
+    model = Transformer.from_tensors(cfg, state, dtype=dtype, device=device, source=f"{path} ({what})")
     tokenizer = path / "tokenizer.json"
     model.hf_source = HFSource(path, d, tokenizer if tokenizer.is_file() else None)
     return model.eval()
@@ -443,7 +445,7 @@ def save_hf(model: Transformer, path: str | Path, *, max_shard_size: int | str =
             for name in shard:
                 piece = plan[name][0]
                 t = state[piece.target] if piece.expert is None else state[piece.target][piece.expert]
-                tensors[name] = (t.transpose(-1, -2) if piece.transpose else t).to("cpu", dtype).contiguous()
+                tensors[name] = t.to("cpu", dtype).contiguous()
             save_file(tensors, str(tmp / file), metadata={"format": "pt"})
         if n > 1:
             index = {"metadata": {"total_size": sum(sizes.values()),

@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from moekit.config import ModelConfig, resolve_config
+from moekit.config import ModelConfig
 from moekit.counts import count_params, flops_per_token, kv_bytes_per_token
+from moekit.resolve import apply_overrides, resolve_config
 
 PRECISIONS = {"fp32": 4, "bf16": 2, "int8": 1}
 
@@ -91,8 +92,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moekit.cli import apply_overrides
-
     cfg = apply_overrides(resolve_config(args.model), args.overrides)
     card = model_card(cfg)
     print(json.dumps(card, indent=2) if args.json else format_card(card))

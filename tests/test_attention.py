@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from moekit.config import ModelConfig
-from moekit.model.attention import Attention, KVCache, apply_rope, rope_cos_sin, rope_inv_freq
+from moekit.model.attention import (
+    Attention,
+    ContiguousContext,
+    KVCache,
+    apply_rope,
+    rope_cos_sin,
+    rope_inv_freq,
+)
 from moekit.model.reference import attention_naive
 from moekit.model.transformer import Transformer
 
@@ -60,10 +67,10 @@ def test_kv_cache_decode_equals_full_forward(n_kv_head):
     full = model(idx).logits
     cache = model.new_cache(batch=2, max_len=32)
     # A prefill chunk, a second chunk, then one token at a time.
-    parts = [model(idx[:, :7], cache=cache, start_pos=0).logits,
-             model(idx[:, 7:12], cache=cache, start_pos=7).logits]
+    parts = [model(idx[:, :7], ctx=ContiguousContext(cache, 0)).logits,
+             model(idx[:, 7:12], ctx=ContiguousContext(cache, 7)).logits]
     for t in range(12, 20):
-        parts.append(model(idx[:, t:t + 1], cache=cache, start_pos=t).logits)
+        parts.append(model(idx[:, t:t + 1], ctx=ContiguousContext(cache, t)).logits)
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-10, atol=1e-10)
 
 
@@ -92,14 +99,14 @@ def test_loss_includes_router_losses_and_backpropagates():
     expected = out.ce_loss + 0.1 * out.aux_loss + 0.01 * out.z_loss
     torch.testing.assert_close(out.loss, expected)
     out.loss.backward()
-    assert model.blocks[0].mlp.router.weight.grad.abs().sum() > 0
+    assert model.blocks["0"].mlp.router.weight.grad.abs().sum() > 0
 
 
 def test_moe_every_makes_mixed_dense_and_sparse_layers():
     model = Transformer(small_cfg(n_layer=4, moe_every=2, dense_d_ff=80))
-    kinds = [type(b.mlp).__name__ for b in model.blocks]
+    kinds = [type(b.mlp).__name__ for b in model.blocks.values()]
     assert kinds == ["MLP", "MoE", "MLP", "MoE"]
-    assert model.blocks[0].mlp.w1.weight.shape == (80, 48)
+    assert model.blocks["0"].mlp.w1.weight.shape == (80, 48)
 
 
 def test_bf16_autocast_forward_runs_and_is_close():

@@ -14,8 +14,8 @@ def built_counts(cfg):
     with torch.device("meta"):
         model = Transformer(cfg)
     total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
-    expert = sum(p.numel() for m in model.moe_layers() for p in (m.w1, m.w2, m.w3) if p is not None)
-    attention = sum(p.numel() for b in model.blocks for p in b.attn.parameters())
+    expert = sum(p.numel() for m in model.moe_layers() for p in m.experts.parameters())
+    attention = sum(p.numel() for b in model.blocks.values() for p in b.attn.parameters())
     return model, total, expert, attention
 
 
@@ -29,8 +29,7 @@ def test_counts_equal_numel(name):
     assert c.attention == attention
     assert c.embedding == model.tok_emb.weight.numel()
     # active = total minus the experts a token skips, counted from the modules themselves
-    skipped = sum((m.n_expert - m.top_k) * (m.w1[0].numel() + m.w2[0].numel()
-                                            + (m.w3[0].numel() if m.w3 is not None else 0))
+    skipped = sum((m.n_expert - m.top_k) * sum(p[0].numel() for p in m.experts.parameters())
                   for m in model.moe_layers())
     assert c.active == total - skipped
 
@@ -68,7 +67,7 @@ def test_gpt4_builds_on_meta_without_memory():
     with torch.device("meta"):
         model = Transformer(get_preset("gpt4"))
     assert all(p.is_meta for p in model.parameters())
-    assert isinstance(model.blocks[0].mlp, MoE)
+    assert isinstance(model.blocks["0"].mlp, MoE)
 
 
 def test_other_presets_are_what_they_claim():

@@ -16,11 +16,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moekit.cli import main
-from moekit.config import ModelConfig, resolve_config
+from moekit.config import ModelConfig
 from moekit.hf import config_from_hf, config_to_hf, load_hf, parse_size, save_hf
 from moekit.model.attention import rope_inv_freq
 from moekit.model.transformer import Transformer
 from moekit.presets import get_preset
+from moekit.resolve import resolve_config
 
 V = 101
 TINY = {"vocab_size": V, "hidden_size": 64, "intermediate_size": 48, "num_hidden_layers": 2,
@@ -267,7 +268,7 @@ def test_save_tied_llama_and_bf16(tmp_path):
 
     half = load_hf(save_hf(model, tmp_path / "bf16", dtype=torch.bfloat16), dtype=None)  # dtype from config
     assert half.tok_emb.weight.dtype == torch.bfloat16 and half.lm_head.weight is half.tok_emb.weight
-    assert torch.equal(half.blocks[1].attn.wq.weight, model.blocks[1].attn.wq.weight.bfloat16())
+    assert torch.equal(half.blocks["1"].attn.wq.weight, model.blocks["1"].attn.wq.weight.bfloat16())
 
 
 def test_parse_size():

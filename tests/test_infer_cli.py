@@ -8,13 +8,14 @@ from tokenizers import Tokenizer, models
 
 from moekit.cli import main
 from moekit.infer.loader import load_model
+from moekit.resolve import save_config
 
 
 def write_run(folder, seed=0, tokenizer=None, checkpoint_step=None):
     """A run folder as `moekit train` leaves it: config.json, tokenizer.json, safetensors weights."""
     model = tiny_model(seed, vocab_size=31, tie_embeddings=True)
     folder.mkdir(parents=True)
-    model.cfg.save(folder / "config.json")
+    save_config(model.cfg, folder / "config.json")
     (tokenizer or char_tokenizer()).save(str(folder / "tokenizer.json"))
     tensors = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied: once
     target = folder / "model.safetensors"

@@ -239,8 +239,7 @@ def test_scheduler_preempts_the_newest_and_readmits_first_come_first_served():
     sched = Scheduler(SchedulerConfig(max_num_batched_tokens=100, max_num_seqs=8, max_model_len=24), kv)
 
     def request(name, arrival, n=8):
-        return Request(name, list(range(100 * arrival, 100 * arrival + n)), SamplingParams(), arrival,
-                       torch.Generator())
+        return Request(name, list(range(100 * arrival, 100 * arrival + n)), SamplingParams(), arrival)
 
     a, b, c, d = (request(x, i) for i, x in enumerate("abcd"))
     for r in (a, b, c):

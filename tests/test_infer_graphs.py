@@ -65,7 +65,7 @@ def test_padded_static_decode_equals_the_ragged_forward_and_pads_only_write_scra
 def test_engine_decodes_through_the_padded_path_and_matches_full_recomputation():
     model = tiny_model(5, n_kv_head=1)  # MQA, as GPT-4
     engine = Engine(model, num_blocks=48, block_size=4, max_num_batched_tokens=32, enforce_eager=True)
-    engine.runner.graphs = graphs = DecodeGraphs(engine.runner, engine.max_model_len, 8, capture=False)
+    engine.graphs = graphs = DecodeGraphs(engine.runner, engine.max_model_len, 8, capture=False)
     prompts = random_prompts([2, 6, 11, 3, 8], seed=9)
     outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     for o, p in zip(outs, prompts, strict=True):
@@ -95,7 +95,7 @@ def test_capture_all_builds_every_size_up_front_and_steps_only_reuse_them():
     model = tiny_model(8)
     engine = Engine(model, num_blocks=64, block_size=4, max_num_batched_tokens=64, num_spec_tokens=3, ngram=True,
                     enforce_eager=True)
-    engine.runner.graphs = graphs = DecodeGraphs(engine.runner, engine.max_model_len, 8, capture=False)
+    engine.graphs = graphs = DecodeGraphs(engine.runner, engine.max_model_len, 8, capture=False)
     assert graphs.capture_all((1, 4)) == 8 and set(graphs.static) == {(b, q) for b in (1, 2, 4, 8) for q in (1, 4)}
     assert graphs.capture_all((1, 4)) == 0  # nothing left to build
     built = set(graphs.static)
@@ -149,10 +149,10 @@ def test_gpu_engine_uses_graphs_by_default_and_greedy_output_is_unchanged():
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     graphed = Engine(model, num_blocks=64, block_size=4)
     outs = graphed.generate(prompts, params)
-    assert graphed.runner.graphs is not None and graphed.runner.graphs.replays > 0
+    assert graphed.graphs is not None and graphed.graphs.replays > 0
     for o, p in zip(outs, prompts, strict=True):
         assert o.token_ids == greedy_reference(model, p, 12)
-    assert Engine(model, num_blocks=64, block_size=4, enforce_eager=True).runner.graphs is None
+    assert Engine(model, num_blocks=64, block_size=4, enforce_eager=True).graphs is None
 
 
 @pytest.mark.gpu

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from test_infer_utils import tiny_model
 
 from moekit.infer import Engine, SamplingParams, quant
-from moekit.infer.quant import Int8Linear, Int8MoE, quantize_int8, quantize_per_channel, weight_bytes
+from moekit.infer.quant import Int8Experts, Int8Linear, quantize_int8, quantize_per_channel, weight_bytes
 from moekit.model.moe import MoE
 
 KL_BOUND = 2e-3  # nats per token, mean over positions (measured 1.9e-4, agreement 99.7%, for this model)
@@ -42,13 +42,12 @@ def qmodel_float_state(qmodel):
         prefix = f"{name}." if name else ""
         if isinstance(mod, Int8Linear):
             state[prefix + "weight"] = mod.weight.float() * mod.scales[:, None]
-        elif isinstance(mod, Int8MoE):
+        elif isinstance(mod, Int8Experts):
             for w in ("w1", "w2"):
-                q_EOI = getattr(mod, f"{w}_q")  # stored (E, out, in); the float MoE holds (E, in, out)
-                state[prefix + w] = (q_EOI.float() * getattr(mod, f"{w}_scale")[:, :, None]).transpose(1, 2)
-            state[prefix + "router.weight"] = mod.router.weight
+                q_EOI = getattr(mod, f"{w}_q")  # stored (E, out, in), as the float Experts
+                state[prefix + w] = q_EOI.float() * getattr(mod, f"{w}_scale")[:, :, None]
     for k, v in qmodel.state_dict().items():
-        if k.endswith(("norm.weight", "tok_emb.weight")):
+        if k.endswith(("norm.weight", "tok_emb.weight", "router.weight")):
             state[k] = v
     return state
 
@@ -57,7 +56,7 @@ def qmodel_float_state(qmodel):
 def test_int8_model_equals_its_dequantized_float_model(dispatch):
     model = tiny_model(0, moe_every=1, mlp="gelu")
     q = quantize_int8(copy.deepcopy(model))
-    assert all(isinstance(m, Int8MoE) for m in q.moe_layers())
+    assert all(isinstance(m.experts, Int8Experts) for m in q.moe_layers())
     assert not any(isinstance(m, torch.nn.Linear) for m in q.modules())
     ref = dequantized_copy(q)
     for m in list(q.moe_layers()) + list(ref.moe_layers()):
@@ -136,10 +135,14 @@ def test_quantized_moe_keeps_routing_and_dispatch():
     model = tiny_model(1)
     moe = model.moe_layers()[0]
     assert isinstance(moe, MoE)
+    router, dispatch = moe.router, moe.dispatch
     quantize_int8(model)
-    assert isinstance(model.moe_layers()[0], Int8MoE) and model.moe_layers()[0] is moe  # swapped in place
-    assert moe.w1_q.dtype == torch.int8 and moe.w1_scale.shape == (4, 48) and moe.w2_scale.shape == (4, 32)
-    assert "w1" not in dict(moe.named_parameters())
+    # The MoE, its router and dispatch stay; only its Experts module is swapped (no __class__ rewrite).
+    assert model.moe_layers()[0] is moe and type(moe) is MoE and moe.router is router and moe.dispatch == dispatch
+    ex = moe.experts
+    assert isinstance(ex, Int8Experts)
+    assert ex.w1_q.dtype == torch.int8 and ex.w1_scale.shape == (4, 48) and ex.w2_scale.shape == (4, 32)
+    assert not any(name.startswith("experts.") for name, _ in moe.named_parameters())
 
 
 @pytest.fixture

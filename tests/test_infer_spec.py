@@ -46,6 +46,31 @@ def test_speculative_greedy_equals_plain_decoding(kind, num_blocks):
     engine.check_idle()
 
 
+def test_drafts_the_token_budget_cuts_or_defers_keep_the_draft_cache_in_step():
+    """Three decoding requests with 3 drafts each need 12 tokens; a budget of 6 leaves one request with
+    fewer drafts checked than it had (or none) and another not scheduled at all. The draft model's K/V must
+    still follow the target's (this raised "bad RunItem: 0 tokens" before)."""
+    model = tiny_model(11)
+    engine = Engine(model, num_blocks=256, block_size=4, max_num_batched_tokens=6, num_spec_tokens=3,
+                    **proposer_kwargs("draft", model))
+    seen = {"cut": 0, "deferred": 0}
+    schedule = engine.scheduler.schedule
+
+    def spy():
+        out = schedule()
+        ids = {s.request.request_id for s in out.scheduled}
+        seen["cut"] += sum(len(s.spec_token_ids) < len(s.request.spec_token_ids) for s in out.scheduled)
+        seen["deferred"] += sum(r.request_id not in ids and bool(r.spec_token_ids) for r in engine.scheduler.running)
+        return out
+
+    engine.scheduler.schedule = spy
+    prompts = random_prompts([1, 1, 1], seed=1)
+    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=20))
+    assert [o.token_ids for o in outs] == [greedy_reference(model, p, 20) for p in prompts]
+    assert seen["cut"] > 0 and seen["deferred"] > 0 and engine.metrics()["spec_drafted"] > 0
+    engine.check_idle()
+
+
 def test_speculative_greedy_with_penalties_equals_plain():
     """Each verified position is penalized with the drafts before it counted as output."""
     model = tiny_model(13)
@@ -68,9 +93,9 @@ def markov_model(seed: int, scale: float):
     model = tiny_model(seed, vocab_size=V, n_layer=1, moe_every=1, d_model=16, n_head=2, n_kv_head=1, d_ff=16)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for block in model.blocks:
+        for block in model.blocks.values():
             block.attn.wo.weight.zero_()
-            (block.mlp.w2 if isinstance(block.mlp, MoE) else block.mlp.w2.weight).zero_()
+            (block.mlp.experts.w2 if isinstance(block.mlp, MoE) else block.mlp.w2.weight).zero_()
         model.tok_emb.weight.copy_(torch.randn(V, 16, generator=g))
         model.lm_head.weight.copy_(torch.randn(V, 16, generator=g) * scale)
     return model

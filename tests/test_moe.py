@@ -48,9 +48,9 @@ def test_dispatch_equals_loop_oracle(mlp, capacity_factor, dispatch, shape):
 
 def test_auto_dispatch_gathers_for_few_tokens_and_sorts_for_many():
     moe = make_moe(n_expert=16, top_k=2)
-    calls = []
-    moe._gather = lambda *a, f=moe._gather: calls.append("gather") or f(*a)
-    moe._sorted = lambda *a, f=moe._sorted: calls.append("sorted") or f(*a)
+    calls = []  # which of the Experts module's two kernels ran
+    moe.experts.register_forward_hook(lambda *a: calls.append("sorted"))
+    moe.experts.gather = lambda *a, f=moe.experts.gather: calls.append("gather") or f(*a)
     moe(torch.randn(1, 1, 32, dtype=torch.float64))  # batch-1 decode: 2 assignments <= 16 experts
     moe(torch.randn(4, 16, 32, dtype=torch.float64))
     assert calls == ["gather", "sorted"]
@@ -64,7 +64,7 @@ def test_gather_path_reads_only_routed_experts():
     y, _ = moe(x)
     y.sum().backward()
     _, _, experts_TK = route(moe.router(x.view(1, 32)), 2)
-    touched = (moe.w1.grad.abs().sum(dim=(1, 2)) > 0).nonzero().flatten().tolist()
+    touched = (moe.experts.w1.grad.abs().sum(dim=(1, 2)) > 0).nonzero().flatten().tolist()
     assert sorted(touched) == sorted(experts_TK.flatten().tolist())
 
 
@@ -74,10 +74,10 @@ def test_one_expert_equals_dense_mlp(mlp):
     cfg = ModelConfig(vocab_size=16, n_layer=1, d_model=32, n_head=4, d_ff=48, mlp=mlp)
     dense = MLP(cfg, 48).double()
     with torch.no_grad():
-        dense.w1.weight.copy_(moe.w1[0].t())
-        dense.w2.weight.copy_(moe.w2[0].t())
+        dense.w1.weight.copy_(moe.experts.w1[0])  # experts are stored (E, out, in), as nn.Linear
+        dense.w2.weight.copy_(moe.experts.w2[0])
         if mlp == "swiglu":
-            dense.w3.weight.copy_(moe.w3[0].t())
+            dense.w3.weight.copy_(moe.experts.w3[0])
     x = torch.randn(3, 5, 32, dtype=torch.float64)
     for dispatch in ("sorted", "gather"):
         moe.dispatch = dispatch

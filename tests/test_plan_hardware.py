@@ -132,7 +132,7 @@ def test_bench_hardware_on_cuda(tmp_path):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    from moekit.plan.measure import measure
+    from moekit.bench_hardware import measure
 
     entry = measure("cuda", quick=True)
     assert isinstance(entry, GPU) and entry.memory_gb > 1 and entry.gpus_per_node >= 1

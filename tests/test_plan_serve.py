@@ -113,7 +113,7 @@ def test_bad_serving_input(kwargs, message):
 
 
 def test_engine_overhead_adds_per_layer_and_per_step_time():
-    """A measured entry's software overhead (moekit/plan/measure.py) adds layers x layer_overhead_us to each
+    """A measured entry's software overhead (moekit/bench_hardware.py) adds layers x layer_overhead_us to each
     stage's step and step_overhead_us once per token; the datasheet entries have none."""
     from moekit.plan.hardware import get_gpu
 

@@ -22,6 +22,8 @@ from safetensors.torch import save_file
 from test_infer_utils import tiny_model
 from tokenizers import Tokenizer, decoders, models
 
+from moekit.resolve import save_config
+
 ASCII = [chr(i) for i in range(32, 127)] + ["\n"]
 API_KEY = "test-key-123"
 
@@ -38,7 +40,7 @@ def write_run(folder: Path, seed: int = 0, **overrides):
     """A run folder as `moekit train` leaves it: config.json, tokenizer.json, model.safetensors; the model."""
     model = tiny_model(seed, vocab_size=97, tie_embeddings=True, **overrides)
     folder.mkdir(parents=True)
-    model.cfg.save(folder / "config.json")
+    save_config(model.cfg, folder / "config.json")
     ascii_tokenizer().save(str(folder / "tokenizer.json"))
     save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
               folder / "model.safetensors")

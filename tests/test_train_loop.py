@@ -131,7 +131,7 @@ def test_compiled_blocks_trace_and_give_the_eager_loss_and_gradients():
     model(x, y).loss.backward()
     eager = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    for block in model.blocks:
+    for block in model.blocks.values():
         block.compile(backend="aot_eager")
     loss = model(x, y).loss
     loss.backward()
@@ -140,7 +140,7 @@ def test_compiled_blocks_trace_and_give_the_eager_loss_and_gradients():
         torch.testing.assert_close(p.grad, eager[n], rtol=1e-5, atol=1e-7)
     trainer = Trainer(Transformer(CFG), TrainConfig(steps=1, compile=True), 16, None, {}, torch.ones(50), "unused",
                       torch.device("cpu"), None)
-    assert all(b._compiled_call_impl is not None for b in trainer.model.blocks)
+    assert all(b._compiled_call_impl is not None for b in trainer.model.blocks.values())
     p = argparse.ArgumentParser()
     train_cli.add_arguments(p)
     assert p.parse_args(["--compile"]).compile is True and p.parse_args([]).compile is None

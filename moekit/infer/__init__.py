@@ -8,13 +8,14 @@
 Modules, in data-flow order:
   request.py      Request: num_tokens / num_computed_tokens, stop conditions, incremental detokenization
   kv_cache.py     block pool, block tables, prefix caching (hash chains, reference counts, LRU)
-  scheduler.py    vLLM-v1-style token-budget scheduler: chunked prefill, preemption, FCFS
+  scheduler.py    vLLM-v1-style token-budget scheduler: chunked prefill, preemption, FCFS; update() commits
   runner.py       one forward pass over a ragged batch that reads and writes the paged cache
   sampler.py      SamplingParams; penalties, temperature, min-p, top-k, top-p, seeds, logprobs
   speculative.py  draft-model and n-gram proposers; rejection sampling (Leviathan/Chen et al. 2023)
   engine.py       Engine: add_request / step / abort / stream / generate, metrics
   quant.py        int8 weight-only quantization of linear and expert weights
   tokenizer.py    TextCodec;  loader.py: load a moekit run or a Hugging Face folder
+  build.py        EngineConfig (the deployment flags) + build_engine: a model folder -> Engine
   cli.py          `moekit generate`
 """
 

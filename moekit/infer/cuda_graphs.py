@@ -22,11 +22,13 @@ paged-attention kernel reads only the context; masked SDPA over a gathered table
 stand-in). Graphs are captured at the first step of each shape, or up front by `capture_all`
 (`moekit serve` does, at start-up, as vLLM), and share one memory pool (replays never overlap).
 
-What cannot be captured runs eagerly: MoE layers with capacity dropping (padded tokens would compete
-for capacity with real ones), and expert paths that sync with the host to size their slices (the
-sorted path in fp32 or int8 above GATHER_MAX_TOKENS tokens; bf16 uses torch's grouped GEMM, which
-takes its offsets on the device). Tokens per expert are counted for the real tokens only, from
-router logits the graph keeps, not from the padded batch.
+The graph captures the model's own forward, called as the runner calls it (one pass for training,
+serving and graphs). What cannot be captured runs eagerly: MoE layers with capacity dropping (padded
+tokens would compete for capacity with real ones), and expert modules whose path at this batch size
+syncs with the host to size their slices (`Experts.capturable`: the sorted path in fp32 or int8
+above GATHER_MAX_TOKENS tokens; bf16 uses torch's grouped GEMM, which takes its offsets on the
+device). Tokens per expert are counted for the real tokens only, from each layer's routed experts
+(`RoutingInfo.experts_TK`), not from the padded batch.
 
 Shape legend: B padded batch, Q queries per request (padded), T = B x Q tokens, R real requests, S
 attended slots, L MoE layers, E experts, V vocabulary.
@@ -41,17 +43,9 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit.infer.runner import (
-    GATHER_MAX_TOKENS,
-    SHORT_QUERY,
-    AttentionGroup,
-    ModelRunner,
-    RunItem,
-    RunOutput,
-)
-from moekit.model.attention import rope_cos_sin
-from moekit.model.grouped import use_grouped_mm
-from moekit.model.moe import MoE, route
+from moekit.infer.batch import RunItem, RunOutput
+from moekit.infer.runner import SHORT_QUERY, ModelRunner, dispatch_for, moe_dispatch
+from moekit.model.attention import AttentionGroup, causal_mask
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)  # vLLM's capture sizes, to 256
 MAX_GATHER_BYTES = 512 << 20  # skip graphs whose (B, S) K/V gather would pass this per layer
@@ -113,13 +107,12 @@ class DecodeGraphs:
         return True
 
     def _uncapturable(self, T: int) -> str | None:
+        dispatch, dtype = moe_dispatch(self.runner.device, T), self.runner.model.tok_emb.weight.dtype
         for m in self.runner.model.moe_layers():
             if m.capacity_factor > 0:
                 return "capacity dropping: padded tokens would take real tokens' places"
-            if T > GATHER_MAX_TOKENS and self.capture:
-                probe = m.w1 if isinstance(getattr(m, "w1", None), torch.Tensor) else None
-                if type(m)._sorted is not MoE._sorted or probe is None or not use_grouped_mm(probe):
-                    return "the sorted expert path syncs with the host here (only bf16 grouped GEMM does not)"
+            if self.capture and not m.experts.capturable(dispatch, dtype):
+                return f"the {dispatch} expert path of {type(m.experts).__name__} syncs with the host here"
         return None
 
     # ---- one step ---------------------------------------------------------------------------------
@@ -217,19 +210,20 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def _forward(self, st: _Static) -> None:
-        """The runner's layers on the static buffers; writes st.logits_TV and st.counts_LE."""
+        """The model's forward on the static buffers (the runner's call, one attention group of B x Q
+        queries over S slots each); writes st.logits_TV and st.counts_LE."""
         runner, (B, S), T = self.runner, st.kv_slots_BS.shape, st.tokens_T.shape[0]
         Q, dev = T // B, runner.device
-        cos, sin = rope_cos_sin(runner.model.inv_freq, st.positions_T[None])
         rows_T = torch.arange(T, device=dev)
-        visible_B1QS = (torch.arange(S, device=dev) <= st.sees_T.view(B, Q, 1))[:, None]
-        group = AttentionGroup(rows_T.view(B, Q), st.kv_slots_BS, visible_B1QS, rows_T, None)
-        with runner.dispatch_for(T):
-            st.logits_TV, _, router = runner.layers(st.tokens_T, st.slots_T, cos, sin, [group], rows_T,
-                                                     keep_router_logits=True)
-        if router:
-            E, K = router[0].shape[-1], runner.cfg.top_k
-            _, _, experts_NK = route(torch.stack(router).reshape(-1, E), K)  # N = L x T rows
+        group = AttentionGroup(rows_T.view(B, Q), st.kv_slots_BS, causal_mask(st.sees_T.view(B, Q), S)[:, None],
+                               rows_T, None)
+        with dispatch_for(runner.model, moe_dispatch(dev, T)):
+            out = runner.model(st.tokens_T[None], ctx=runner.context(st.slots_T, [group]),
+                               positions_BT=st.positions_T[None], logits_rows=rows_T)
+        st.logits_TV = out.logits.float()
+        if out.routing:
+            E = runner.cfg.n_expert
+            experts_NK = torch.cat([r.experts_TK for r in out.routing])  # N = L x T rows
             hits_NE = torch.zeros(experts_NK.shape[0], E, dtype=torch.long, device=dev)
-            hits_LTE = hits_NE.scatter_(1, experts_NK, 1).view(len(router), T, E)  # (no one_hot: no sync)
+            hits_LTE = hits_NE.scatter_(1, experts_NK, 1).view(len(out.routing), T, E)  # (no one_hot: no sync)
             st.counts_LE = (hits_LTE * st.real_T[None, :, None]).sum(1)

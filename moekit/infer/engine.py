@@ -9,9 +9,15 @@
 Each `step()` is schedule -> run -> sample -> update, with plain data between them (DESIGN.md
 principle 5, vLLM v1's EngineCore.step): the scheduler picks tokens under a budget, the runner
 computes them in one forward pass over the paged cache, the sampler (or, for draft tokens, the
-rejection sampler) turns logits into tokens, and each request commits them and checks its stop
-conditions; then the proposer, if any, drafts the next step's tokens. Requests join and leave
-between any two steps (continuous batching, Yu et al. 2022 "Orca"; SPEC section 4).
+rejection sampler) turns logits into tokens, and `Scheduler.update` advances the requests, rolls
+back rejected drafts, commits the tokens with their token-level stop checks and finishes the ones
+that stopped. The engine then does what needs tensors or text: logprobs, detokenizing and stop
+strings (vLLM's output processor), the proposer's bookkeeping; then the proposer, if any, drafts the
+next step's tokens. Requests join and leave between any two steps (continuous batching, Yu et al.
+2022 "Orca"; SPEC section 4).
+
+The scheduler, its KVCacheManager and the requests hold no tensors: each request's torch.Generator
+and its drafts' distributions live here, keyed by request id, until it finishes.
 
 Bad input (an over-long prompt, bad sampling parameters, a draft with another vocabulary) raises
 `ValueError` before anything changes, so the engine keeps serving the other requests.
@@ -26,11 +32,13 @@ from dataclasses import dataclass, field
 import torch
 
 from moekit.infer import speculative
+from moekit.infer.batch import RunItem, RunOutput
+from moekit.infer.cuda_graphs import DecodeGraphs
 from moekit.infer.kv_cache import KVCacheManager, PagedKVCache, num_blocks_for
 from moekit.infer.request import Request
-from moekit.infer.runner import ModelRunner, RunItem
+from moekit.infer.runner import ModelRunner
 from moekit.infer.sampler import Logprob, Row, SamplingParams, choose, logprobs, target_probs
-from moekit.infer.scheduler import Scheduler, SchedulerConfig
+from moekit.infer.scheduler import RequestUpdate, Scheduler, SchedulerConfig, SchedulerOutput
 from moekit.infer.tokenizer import TextCodec, as_codec
 from moekit.model.transformer import Transformer
 
@@ -105,8 +113,12 @@ class Engine:
         if self.max_model_len < 2:
             raise ValueError(f"the KV cache holds {num_blocks * block_size} tokens, too few to serve anything: "
                              "raise --kv-cache-gb")
-        # On a GPU, decode steps replay CUDA graphs unless enforce_eager (vLLM's flag of the same name).
-        self.runner = ModelRunner(model, self.cache, self.max_model_len, max_num_seqs, enforce_eager)
+        self.runner = ModelRunner(model, self.cache)
+        # On a GPU, decode steps replay CUDA graphs of the runner's model call unless enforce_eager (vLLM's
+        # flag of the same name).
+        self.graphs = None
+        if self.device.type == "cuda" and not enforce_eager:
+            self.graphs = DecodeGraphs(self.runner, self.max_model_len, max_num_seqs)
         self.scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens, max_num_seqs, self.max_model_len), self.kv)
         if num_spec_tokens < 1:
             raise ValueError(f"num_spec_tokens must be >= 1, got {num_spec_tokens}")
@@ -123,13 +135,16 @@ class Engine:
         self.num_spec_tokens = num_spec_tokens
         self.requests: dict[str, Request] = {}  # unfinished
         self.finished: dict[str, Request] = {}  # finished, not yet collected
+        # Tensor state of unfinished requests, beside them so that Request stays plain data.
+        self.generators: dict[str, torch.Generator] = {}  # each request draws from its own (sampler.py)
+        self.draft_probs: dict[str, torch.Tensor] = {}  # (K, V) the draft's q of the pending drafts
         self.counters = Counters()
         self._arrivals = 0
         self._seeds = random.Random()
 
     # ---- requests ---------------------------------------------------------------------------------
     def _make_request(self, prompt: str | Sequence[int], params: SamplingParams | None,
-                      request_id: str | None) -> Request:
+                      request_id: str | None) -> tuple[Request, torch.Generator]:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -153,11 +168,12 @@ class Engine:
             raise ValueError(f"request id {rid!r} is already in use")
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
         gen = torch.Generator().manual_seed(seed)  # on the CPU: the same draws on any device
-        return Request(rid, ids, params, arrival=self._arrivals, generator=gen, eos_token_ids=self.eos_token_ids)
+        return Request(rid, ids, params, arrival=self._arrivals, eos_token_ids=self.eos_token_ids), gen
 
-    def _submit(self, req: Request) -> str:
+    def _submit(self, req: Request, generator: torch.Generator) -> str:
         self._arrivals += 1
         self.requests[req.request_id] = req
+        self.generators[req.request_id] = generator
         self.counters.prompt_tokens += req.num_prompt_tokens
         self.scheduler.add(req)
         return req.request_id
@@ -165,7 +181,7 @@ class Engine:
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
         """Queue a request; its id. A bad request raises ValueError and changes nothing."""
-        return self._submit(self._make_request(prompt, params, request_id))
+        return self._submit(*self._make_request(prompt, params, request_id))
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its blocks; False if it is unknown or already finished."""
@@ -176,8 +192,14 @@ class Engine:
         return True
 
     def _finish(self, req: Request, reason: str) -> None:
+        """Retire a request; the scheduler frees its blocks unless `Scheduler.update` already finished it."""
         self.requests.pop(req.request_id, None)
-        self.scheduler.finish(req, reason)
+        if not req.finished:
+            self.scheduler.finish(req, reason)
+        else:  # a stop string in this step's text outranks the token-level "length" (as in vLLM)
+            req.finish_reason = reason
+        self.generators.pop(req.request_id, None)
+        self.draft_probs.pop(req.request_id, None)
         if self.proposer is not None:
             self.proposer.free(req)
         self.finished[req.request_id] = req
@@ -188,11 +210,26 @@ class Engine:
         return bool(self.requests)
 
     # ---- one step ------------------------------------------------------------------------------------
+    def _run(self, items: list[RunItem]) -> RunOutput:
+        """The forward pass of one step: a replayed CUDA graph when the step has a captured shape."""
+        if self.graphs is not None and self.graphs.can_run(items):
+            return self.graphs.run(items)
+        return self.runner.forward(items)
+
+    def capture_graphs(self) -> int:
+        """Capture the CUDA graphs of every decode (and, when speculating, verification) shape now, as vLLM
+        does at start-up, so that no request waits for a capture; how many were built (0: graphs off)."""
+        if self.graphs is None:
+            return 0
+        queries = (1, 1 + self.num_spec_tokens) if self.proposer is not None else (1,)
+        return self.graphs.capture_all(queries)
+
     def step(self) -> list[RequestOutput]:
-        """Schedule, run one forward pass, sample, commit; the deltas of the requests that moved."""
+        """Schedule, run one forward pass, sample, update; the deltas of the requests that moved."""
         sched = self.scheduler.schedule()
-        if self.proposer is not None:
-            for req in sched.preempted:
+        for req in sched.preempted:  # recomputed from scratch later: its drafts are dropped
+            self.draft_probs.pop(req.request_id, None)
+            if self.proposer is not None:
                 self.proposer.free(req)
         if not sched.scheduled:
             return []
@@ -203,7 +240,7 @@ class Engine:
             tokens = req.all_token_ids[c:c + s.num_tokens - len(s.spec_token_ids)] + s.spec_token_ids
             items.append(RunItem(tokens, c, self.kv.block_ids(req.request_id),
                                  len(s.spec_token_ids) + 1 if s.reaches_end else 0, req.request_id))
-        out = self.runner.forward(items)
+        out = self._run(items)
         cnt = self.counters
         cnt.steps += 1
         cnt.computed_tokens += sched.num_tokens
@@ -211,53 +248,58 @@ class Engine:
             cnt.tokens_per_expert = out.tokens_per_expert_LE + (
                 cnt.tokens_per_expert if cnt.tokens_per_expert is not None else 0)
 
-        # Every row to sample, across requests, goes through the sampler's tensor code at once; the
-        # requests without drafts get their token in the same batched call (one device sync).
-        rows, n_rows, plain = [], [], []
-        for s, it in zip(sched.scheduled, items, strict=True):
-            req, spec = s.request, s.spec_token_ids
-            if it.num_logits and not spec:
-                plain.append(len(rows))
-            history = req.output_token_ids if req.params.has_penalties else []  # only penalties read it
-            for i in range(it.num_logits):
-                rows.append(Row(req.params, req.generator, req.prompt_token_ids, history + spec[:i]))
-            n_rows.append(it.num_logits)
-        probs_RV = target_probs(out.logits_RV, rows) if rows else None
-        chosen = dict(zip(plain, choose(probs_RV[plain], [rows[i] for i in plain]), strict=True)) if plain else {}
-
-        outputs, r0 = [], 0
-        for s, n in zip(sched.scheduled, n_rows, strict=True):
-            req = s.request
-            req.num_computed_tokens += s.num_tokens
-            if n == 0:  # a prefill chunk that does not reach the prompt's end yet
-                continue
-            outputs.append(self._commit(req, s.spec_token_ids, probs_RV[r0:r0 + n], out.logits_RV[r0:r0 + n],
-                                        chosen.get(r0)))
-            r0 += n
+        sampled, first_row = self._sample(sched, items, out.logits_RV)
+        outputs = [self._output(u, out.logits_RV, first_row[u.request.request_id])
+                   for u in self.scheduler.update(sched, sampled)]
         if self.proposer is not None:
             self._propose()
         return outputs
 
-    def _commit(self, req: Request, spec: list[int], p_RV: torch.Tensor, raw_RV: torch.Tensor,
-                token: int | None) -> RequestOutput:
-        if spec:
-            q_KV = req.spec_probs[:len(spec)] if req.spec_probs is not None else None
-            new = speculative.verify(p_RV, spec, q_KV, req.generator, req.params.greedy)
-            n_acc = len(new) - 1
-            req.num_computed_tokens -= len(spec) - n_acc  # roll back the rejected drafts' K/V
-            self._count_spec(len(spec), n_acc)
-        else:
-            new = [token]
-        req.spec_token_ids, req.spec_probs = [], None
+    def _sample(self, sched: SchedulerOutput, items: list[RunItem],
+                logits_RV: torch.Tensor) -> tuple[dict[str, list[int]], dict[str, int]]:
+        """The tokens each request emits this step (`Scheduler.update`'s input), and its first logits row."""
+        # Every row to sample, across requests, goes through the sampler's tensor code at once; the
+        # requests without drafts get their token in the same batched call (one device sync).
+        rows, first_row, plain = [], {}, []
+        for s, it in zip(sched.scheduled, items, strict=True):
+            req, spec = s.request, s.spec_token_ids
+            if not it.num_logits:  # a prefill chunk that does not reach the prompt's end yet
+                continue
+            first_row[req.request_id] = len(rows)
+            if not spec:
+                plain.append(len(rows))
+            history = req.output_token_ids if req.params.has_penalties else []  # only penalties read it
+            gen = self.generators[req.request_id]
+            for i in range(it.num_logits):
+                rows.append(Row(req.params, gen, req.prompt_token_ids, history + spec[:i]))
+        if not rows:
+            return {}, first_row
+        probs_RV = target_probs(logits_RV, rows)
+        chosen = dict(zip(plain, choose(probs_RV[plain], [rows[i] for i in plain]), strict=True)) if plain else {}
+        sampled = {}
+        for s in sched.scheduled:
+            req, spec = s.request, s.spec_token_ids
+            rid = req.request_id
+            if rid not in first_row:
+                continue
+            r0 = first_row[rid]
+            q_KV = self.draft_probs.pop(rid, None)  # consumed: the next step has new drafts, or none
+            if spec:
+                q_KV = q_KV[:len(spec)] if q_KV is not None else None
+                sampled[rid] = speculative.verify(probs_RV[r0:r0 + len(spec) + 1], spec, q_KV,
+                                                  self.generators[rid], req.params.greedy)
+            else:
+                sampled[rid] = [chosen[r0]]
+        return sampled, first_row
 
-        reason, committed = None, []
-        for tok in new:
-            committed.append(tok)
-            reason = req.append_token(tok, self.max_model_len)
-            if reason:
-                break
+    def _output(self, u: RequestUpdate, logits_RV: torch.Tensor, r0: int) -> RequestOutput:
+        """The engine's side of one request's update: logprobs, text and stop strings, the proposer."""
+        req, committed, reason = u.request, u.new_token_ids, u.finish_reason
+        if u.num_draft_tokens:
+            self._count_spec(u.num_draft_tokens, u.num_accepted)
         if req.params.logprobs is not None:
-            req.logprobs += logprobs(raw_RV[:len(committed)], committed, [req.params.logprobs] * len(committed))
+            req.logprobs += logprobs(logits_RV[r0:r0 + len(committed)], committed,
+                                     [req.params.logprobs] * len(committed))
         self.counters.generated_tokens += len(committed)
         if self.codec is not None:
             new_text = req.detokenize(self.codec.decode)
@@ -265,8 +307,9 @@ class Engine:
                 reason = "stop"
             elif not req.params.stop:
                 req.text += new_text
-        if spec and not reason:
-            self.kv.trim(req, req.num_computed_tokens)
+        if self.proposer is not None and not reason:
+            # The scheduler trimmed the target's blocks; now the draft's. Also when the budget cut all the
+            # request's drafts (none verified): the draft's K/V past the target's still holds them.
             self.proposer.rollback(req)
         if reason:
             self._finish(req, reason)
@@ -294,6 +337,8 @@ class Engine:
         for req in self.scheduler.running:
             if req.num_computed_tokens != req.num_tokens - 1:
                 continue  # still prefilling
+            if req.spec_token_ids:
+                continue  # not scheduled this step (the budget ran out first): its drafts are still pending
             # Never draft past the request's limits: the bonus token needs one slot of its own.
             room = min(req.params.max_tokens - req.num_output_tokens, self.max_model_len - req.num_tokens)
             k = min(self.num_spec_tokens, room - 1)
@@ -301,7 +346,12 @@ class Engine:
                 reqs.append(req)
                 ks.append(k)
         if reqs:
-            self.proposer.propose(reqs, ks)
+            qs = self.proposer.propose(reqs, ks, [self.generators[r.request_id] for r in reqs])
+            for req, q_KV in zip(reqs, qs, strict=True):
+                if q_KV is not None:
+                    self.draft_probs[req.request_id] = q_KV
+                else:
+                    self.draft_probs.pop(req.request_id, None)
 
     # ---- collecting results -------------------------------------------------------------------------
     def stream(self, request_id: str) -> Iterator[RequestOutput]:
@@ -344,12 +394,12 @@ class Engine:
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
         made = []
         for i, (p, sp) in enumerate(zip(prompts, plist, strict=True)):  # validate all before queueing any
-            req = self._make_request(p, sp, f"gen-{self._arrivals + i}")
+            req, gen = self._make_request(p, sp, f"gen-{self._arrivals + i}")
             req.arrival = self._arrivals + i
-            made.append(req)
+            made.append((req, gen))
         ids = []
-        for req in made:
-            ids.append(self._submit(req))
+        for req, gen in made:
+            ids.append(self._submit(req, gen))
         while any(rid in self.requests for rid in ids):
             self.step()
         return [self.result(rid) for rid in ids]
@@ -386,6 +436,8 @@ class Engine:
         """Raise unless no request is alive and the KV pools are whole (for tests)."""
         if self.requests:
             raise AssertionError(f"requests still alive: {list(self.requests)[:4]}")
+        if self.generators or self.draft_probs:
+            raise AssertionError(f"per-request state left: {list(self.generators)[:4]} {list(self.draft_probs)[:4]}")
         self.kv.check_whole()
         if isinstance(self.proposer, speculative.DraftProposer):
             self.proposer.kv.check_whole()

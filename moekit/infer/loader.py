@@ -19,10 +19,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from moekit.config import ModelConfig
 from moekit.infer.tokenizer import TextCodec, as_codec
-from moekit.model.attention import rope_inv_freq
 from moekit.model.transformer import Transformer
+from moekit.resolve import load_config
 from moekit.util import read_config_json
 
 EOT = "<|endoftext|>"  # a moekit run's document separator (moekit/train/tokenizer.py)
@@ -55,25 +54,10 @@ def _run_weights(run: Path) -> tuple[dict[str, torch.Tensor], Path]:
 def load_run(run: str | Path, dtype: torch.dtype = torch.float32,
              device: torch.device | str = "cpu") -> tuple[Transformer, TextCodec]:
     run = Path(run)
-    cfg = ModelConfig.load(run / "config.json")
+    cfg = load_config(run / "config.json")
     tensors, source = _run_weights(run)
-    if cfg.tie_embeddings and "lm_head.weight" not in tensors and "tok_emb.weight" in tensors:
-        tensors["lm_head.weight"] = tensors["tok_emb.weight"]  # tied tensors are stored once
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{source} does not match {run / 'config.json'} (missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]})")
-    for name, t in tensors.items():
-        if t.shape != expected[name].shape:
-            raise ValueError(f"{source}: {name} has shape {tuple(t.shape)}, config.json implies "
-                             f"{tuple(expected[name].shape)}")
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}, assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.tok_emb.weight
-    model.inv_freq = rope_inv_freq(cfg).to(device)
+    model = Transformer.from_tensors(cfg, tensors, dtype=dtype, device=device,
+                                     source=f"{source} (read with {run / 'config.json'})")
     tok_file = run / "tokenizer.json"
     if not tok_file.is_file():
         raise FileNotFoundError(f"{run} has no tokenizer.json")

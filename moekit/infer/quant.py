@@ -15,7 +15,7 @@ with bf16 activations the products run in torch's fused int8 kernel (`fused_int8
 the int8 bytes directly; elsewhere the int8 weight is cast to the activation dtype first.
 
 What is swapped: every nn.Linear (attention projections, dense MLPs, lm_head) becomes
-`Int8Linear`; every MoE becomes `Int8MoE`, whose expert weights are int8 buffers. The input
+`Int8Linear`; every MoE's `Experts` module becomes `Int8Experts`, whose weights are int8 buffers. The input
 embedding keeps its float weights (a lookup reads one row per token); a tied lm_head gets its own
 int8 copy. The model code is unchanged (DESIGN.md: quantization is applied from outside).
 
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.model.grouped import activation
-from moekit.model.moe import MoE
+from moekit.model.moe import Experts
 from moekit.model.transformer import Transformer
 
 QMAX = 127  # symmetric: -127..127, so that negation is exact
@@ -73,43 +73,28 @@ class Int8Linear(nn.Module):
         return y + self.bias.to(x.dtype) if self.bias is not None else y
 
 
-class Int8MoE(MoE):
-    """An MoE whose stacked expert weights are int8 with per-(expert, output column) scales.
+class Int8Experts(nn.Module):
+    """`Experts` with int8 weights (E, out, in) and per-(expert, output channel) scales, swapped in for a
+    float `Experts` module: the MoE's router, routing, losses and `RoutingInfo` are untouched.
 
-    Routing, losses and `RoutingInfo` are MoE's own; only the two dispatch paths that read expert
-    weights change: `_sorted` (prefill, large batches: a loop over the used experts, each one's int8
-    weights read once) and `_gather` (decode: the routed experts' int8 weights gathered, one batched
-    matmul). Both scale the matmul's output (gpt-fast `ConditionalFeedForwardInt8`).
+    Both kernels of `Experts` (moekit/model/moe.py) with int8 weights, each scaling the matmul's output
+    (gpt-fast `ConditionalFeedForwardInt8`): `forward` (prefill, large batches: rows sorted by expert,
+    each used expert's int8 weights read once) and `gather` (decode: the routed experts' int8 weights
+    gathered per row, one batched matmul, no host sync). Inference only: no autograd.
     """
 
-    @classmethod
-    def from_float(cls, moe: MoE, dtype: torch.dtype) -> Int8MoE:
-        moe.__class__ = cls  # keep the router, config and dispatch; replace the weights below
+    def __init__(self, experts: Experts, dtype: torch.dtype):
+        super().__init__()
+        self.n_expert = experts.n_expert
         for name in ("w1", "w2", "w3"):
-            w = moe._parameters.pop(name, None)
-            if w is None:  # no w3 in a GELU MLP
-                setattr(moe, f"{name}_q", None)
+            w_EOI = getattr(experts, name)
+            if w_EOI is None:  # no w3 in a GELU MLP
+                self.register_buffer(f"{name}_q", None)
+                self.register_buffer(f"{name}_scale", None)
                 continue
-            # Stored (E, out, in), as nn.Linear and the fused kernel want: one expert's slice is contiguous.
-            q, scale = quantize_per_channel(w.transpose(1, 2), reduce_dim=2)  # (E, out, in) -> scale (E, out)
-            moe.register_buffer(f"{name}_q", q.contiguous())
-            moe.register_buffer(f"{name}_scale", scale.to(dtype))
-        return moe
-
-    def _dtype(self, x: torch.Tensor) -> torch.dtype:
-        dev = x.device.type
-        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-
-    def _weights(self, x: torch.Tensor):  # every expert, dequantized (MoE's training path; not used here)
-        dtype = self._dtype(x)
-
-        def deq(name):
-            q_EOI = getattr(self, f"{name}_q")
-            if q_EOI is None:
-                return None
-            return (q_EOI.to(dtype) * getattr(self, f"{name}_scale").to(dtype)[:, :, None]).transpose(1, 2)
-
-        return deq("w1"), deq("w2"), deq("w3")
+            q, scale = quantize_per_channel(w_EOI, reduce_dim=2)  # (E, out, in): a scale per (E, out)
+            self.register_buffer(f"{name}_q", q.contiguous())
+            self.register_buffer(f"{name}_scale", scale.to(dtype))
 
     def _mm(self, x_MI: torch.Tensor, name: str, e: torch.Tensor | int) -> torch.Tensor:
         """x @ W_q[e]^T * scale[e]: the int8 weights of expert(s) e, read once, scaled after the matmul."""
@@ -118,51 +103,35 @@ class Int8MoE(MoE):
             return _int8pack_mm(x_MI.contiguous(), q_OI, scale.to(x_MI.dtype))
         return torch.matmul(x_MI, q_OI.transpose(-1, -2).to(x_MI.dtype)) * scale.to(x_MI.dtype).unsqueeze(-2)
 
-    def _sorted(self, x_TD, expert_N, weight_N, keep_N):
-        """Prefill / large batches: each used expert's int8 weights are read once for all its tokens.
+    def _mlp(self, x, e):
+        h3 = self._mm(x, "w3", e) if self.w3_q is not None else None
+        return self._mm(activation(self._mm(x, "w1", e), h3), "w2", e)
 
-        Inference only (no autograd): MoE's grouped kernel would need every expert dequantized.
-        """
-        token_N = torch.arange(x_TD.shape[0], device=x_TD.device).repeat(self.top_k)
-        if keep_N is not None:
-            token_N, expert_N, weight_N = token_N[keep_N], expert_N[keep_N], weight_N[keep_N]
-        dtype = self._dtype(x_TD)
-        order_N = torch.argsort(expert_N, stable=True)
-        counts = torch.bincount(expert_N, minlength=self.n_expert).tolist()  # one host sync, as MoE's
-        y_TD = torch.zeros_like(x_TD)
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        y_ND = torch.zeros_like(x_ND)  # rows past the experts' slices: dropped assignments, no output
         start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            idx = order_N[start:start + n]
-            start += n
-            x_nD = x_TD.index_select(0, token_N[idx]).to(dtype)
-            h3 = self._mm(x_nD, "w3", e) if self.w3_q is not None else None
-            y_nD = self._mm(activation(self._mm(x_nD, "w1", e), h3), "w2", e).to(x_TD.dtype)
-            y_TD.index_add_(0, token_N[idx], y_nD * weight_N[idx, None])
-        return y_TD
+        for e, n in enumerate(counts_E.tolist()):  # one host sync, as Experts' loop
+            if n:
+                y_ND[start:start + n] = self._mlp(x_ND[start:start + n], e)
+                start += n
+        return y_ND
 
-    def _gather(self, x_TD, expert_N, weight_N, keep_N):
-        """Decode: gather the routed experts' int8 weights per assignment, one batched matmul, no host sync."""
-        token_N = torch.arange(x_TD.shape[0], device=x_TD.device).repeat(self.top_k)
-        if keep_N is not None:
-            token_N, expert_N, weight_N = token_N[keep_N], expert_N[keep_N], weight_N[keep_N]
-        x_N1D = x_TD.index_select(0, token_N).unsqueeze(1).to(self._dtype(x_TD))
-        h3 = self._mm(x_N1D, "w3", expert_N) if self.w3_q is not None else None
-        y_N1D = self._mm(activation(self._mm(x_N1D, "w1", expert_N), h3), "w2", expert_N)
-        y_ND = y_N1D.squeeze(1).to(x_TD.dtype) * weight_N[:, None]
-        return torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)
+    def gather(self, x_ND: torch.Tensor, expert_N: torch.Tensor) -> torch.Tensor:
+        return self._mlp(x_ND.unsqueeze(1), expert_N).squeeze(1)
+
+    def capturable(self, dispatch: str, dtype: torch.dtype) -> bool:
+        return dispatch == "gather"  # the sorted loop reads its slice sizes on the host
 
 
 def quantize_int8(model: Transformer) -> Transformer:
-    """Swap every nn.Linear and MoE of `model` for its int8 version, in place; returns the model."""
+    """Swap every nn.Linear for an Int8Linear and every Experts for an Int8Experts, in place; returns the model."""
     dtype = model.tok_emb.weight.dtype
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(parent, name, Int8Linear(child, dtype).to(child.weight.device))
-            elif isinstance(child, MoE) and not isinstance(child, Int8MoE):
-                Int8MoE.from_float(child, dtype)
+            elif isinstance(child, Experts):
+                setattr(parent, name, Int8Experts(child, dtype).to(child.w1.device))
     return model
 
 

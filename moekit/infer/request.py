@@ -5,16 +5,20 @@ The scheduler has no prefill or decode phase (DESIGN.md principle 5): a request 
 cache). Prefilling is `num_computed_tokens` catching up, a chunk at a time; decoding is the steady
 state `num_computed_tokens == num_tokens - 1` (the last sampled token has no K/V yet); speculative
 draft tokens ride along in `spec_token_ids` until the target has checked them.
+
+Plain data, no tensors (DESIGN.md principle 5): the scheduler, the KV manager and a simulator read
+and change it without a model. The engine keeps each request's torch.Generator and its drafts'
+distributions beside it, keyed by request id.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-
-from moekit.infer.sampler import Logprob, SamplingParams
+if TYPE_CHECKING:  # annotations only: importing this module imports no torch
+    from moekit.infer.sampler import Logprob, SamplingParams
 
 
 class Status(enum.Enum):
@@ -30,13 +34,11 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival: int  # admission order: first come, first served; preemption takes the newest
-    generator: torch.Generator
     eos_token_ids: tuple[int, ...] = ()
     all_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     status: Status = Status.WAITING
     spec_token_ids: list[int] = field(default_factory=list)  # proposed by a drafter for the next step
-    spec_probs: torch.Tensor | None = None  # (k, V) the drafter's distribution of each draft token
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     num_preemptions: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "abort"

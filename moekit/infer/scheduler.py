@@ -16,6 +16,17 @@ tokens between the two, under a token budget (`max_num_batched_tokens`):
 First come, first served, with no starvation: the waiting queue is never overtaken (a request
 that does not fit blocks the ones behind it), running requests are served oldest first, and only
 the newest is ever preempted, so the oldest request always makes progress.
+
+A step is `schedule()` -> (the engine runs the model and samples) -> `update(scheduled, sampled)`,
+which advances every scheduled request, rolls back rejected draft tokens, commits the sampled tokens
+with their token-level stop checks and finishes the requests that stopped (vLLM v1
+`Scheduler.update_from_output`, nano-vllm `Scheduler.postprocess`). Stop strings need the text and
+stay with the engine. Nothing here holds a tensor, so a simulator can drive the scheduler and its
+KVCacheManager on a clock, without a model:
+
+    out = scheduler.schedule()
+    sampled = {s.request.request_id: [42] for s in out.scheduled if s.reaches_end}  # a simulator's tokens
+    updates = scheduler.update(out, sampled)
 """
 
 from __future__ import annotations
@@ -53,6 +64,21 @@ class Scheduled:
 
 
 @dataclass
+class RequestUpdate:
+    """What one step committed to one request that produced tokens (vLLM v1 `EngineCoreOutput`)."""
+
+    request: Request
+    new_token_ids: list[int]  # committed: cut after the first token that finishes the request
+    num_draft_tokens: int = 0  # draft tokens the target checked this step
+    num_accepted: int = 0  # of which accepted
+    finish_reason: str | None = None  # set when a token-level stop fired: "stop" | "length"
+
+    @property
+    def num_rejected(self) -> int:
+        return self.num_draft_tokens - self.num_accepted
+
+
+@dataclass
 class SchedulerOutput:
     scheduled: list[Scheduled] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
@@ -77,7 +103,7 @@ class Scheduler:
         self.kv.free(req)
         req.status = Status.PREEMPTED
         req.num_computed_tokens = 0
-        req.spec_token_ids, req.spec_probs = [], None
+        req.spec_token_ids = []
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)  # several preempted in one step: the oldest ends up in front
@@ -119,6 +145,40 @@ class Scheduler:
             budget -= n
         return out
 
+    def update(self, scheduled: SchedulerOutput, sampled: dict[str, list[int]]) -> list[RequestUpdate]:
+        """Apply one step's results; an update for each request that produced tokens, in schedule order.
+
+        `sampled[request_id]`: the tokens the step emitted for each request whose scheduled tokens reach
+        its last committed token: one token, or for a request with drafts the accepted drafts then the
+        correction or bonus token (`speculative.verify`). A prefill chunk that stops short has no entry.
+        vLLM v1 `update_from_output` and nano-vllm `postprocess`: advance, roll back, append, finish.
+        """
+        updates = []
+        for s in scheduled.scheduled:
+            req, spec = s.request, s.spec_token_ids
+            reaches_end = s.reaches_end  # before advancing: it compares against num_computed_tokens
+            req.num_computed_tokens += s.num_tokens
+            if not reaches_end:  # a prefill chunk that does not reach the prompt's end yet: nothing sampled
+                continue
+            new = sampled[req.request_id]
+            n_acc = len(new) - 1 if spec else 0
+            # The rejected drafts' K/V was written for tokens that are not in the sequence: forget it (the
+            # correction token, committed below, takes the first rejected position in the next step).
+            req.num_computed_tokens -= len(spec) - n_acc
+            req.spec_token_ids = []
+            committed, reason = [], None
+            for tok in new:
+                committed.append(tok)
+                reason = req.append_token(tok, self.config.max_model_len)
+                if reason:  # tokens past a stop are dropped (vLLM `_update_request_with_output`)
+                    break
+            if reason:
+                self.finish(req, reason)  # frees every block: no trim needed
+            elif spec:
+                self.kv.trim(req, req.num_computed_tokens)  # give back the blocks only rejected drafts used
+            updates.append(RequestUpdate(req, committed, len(spec), n_acc, reason))
+        return updates
+
     def finish(self, req: Request, reason: str) -> None:
         """Take a request out (finished or aborted) and free its blocks."""
         if req.status is Status.RUNNING:
@@ -127,7 +187,7 @@ class Scheduler:
             self.waiting.remove(req)
         self.kv.free(req)
         req.status, req.finish_reason = Status.FINISHED, reason
-        req.spec_token_ids, req.spec_probs = [], None
+        req.spec_token_ids = []
 
     @property
     def num_running(self) -> int:

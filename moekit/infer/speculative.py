@@ -22,6 +22,10 @@ Two proposers:
 - `NgramProposer`: prompt lookup decoding (Saxena 2023, vLLM's "ngram"): find the latest earlier
   occurrence of the last n tokens and propose what followed. No model; q is a point mass.
 
+Both set `req.spec_token_ids` (plain data, read by the scheduler) and return the drafts'
+distributions q_KV to the engine, which keeps them, with each request's generator, beside the
+request: requests hold no tensors.
+
 Shape legend: K draft tokens, V vocabulary, R rows.
 """
 
@@ -31,9 +35,10 @@ from dataclasses import dataclass
 
 import torch
 
+from moekit.infer.batch import RunItem
 from moekit.infer.kv_cache import KVCacheManager, PagedKVCache
 from moekit.infer.request import Request
-from moekit.infer.runner import ModelRunner, RunItem
+from moekit.infer.runner import ModelRunner
 from moekit.infer.sampler import Row, choose, draw, target_probs, uniform
 from moekit.model.transformer import Transformer
 
@@ -81,9 +86,12 @@ class NgramProposer:
             raise ValueError(f"n-gram sizes must satisfy 1 <= n_min <= n_max, got {n_min}, {n_max}")
         self.k, self.n_max, self.n_min = num_spec_tokens, n_max, n_min
 
-    def propose(self, reqs: list[Request], ks: list[int]) -> None:
+    def propose(self, reqs: list[Request], ks: list[int],
+                generators: list[torch.Generator | None]) -> list[torch.Tensor | None]:
+        """Set `spec_token_ids` of each request (up to k tokens); q is a point mass on each: all None."""
         for req, k in zip(reqs, ks, strict=True):
-            req.spec_token_ids, req.spec_probs = self._lookup(req.all_token_ids, k), None
+            req.spec_token_ids = self._lookup(req.all_token_ids, k)
+        return [None] * len(reqs)
 
     def _lookup(self, tokens: list[int], k: int) -> list[int]:
         L = len(tokens)
@@ -117,11 +125,15 @@ class DraftProposer:
         self.runner = ModelRunner(draft, self.cache)
         self.states: dict[str, _DraftState] = {}
 
-    def propose(self, reqs: list[Request], ks: list[int]) -> None:
-        """Set `spec_token_ids` and `spec_probs` of each request: k tokens drawn from the draft."""
+    def propose(self, reqs: list[Request], ks: list[int],
+                generators: list[torch.Generator | None]) -> list[torch.Tensor | None]:
+        """Set `spec_token_ids` of each request to k tokens drawn from the draft (with the request's own
+        generator); the draft's distribution q_KV of each request's drafts, None for greedy ones (verify
+        compares them with the argmax) and ones left without drafts."""
+        q_probs: list[torch.Tensor | None] = [None] * len(reqs)
         live, items = [], []
-        for req, k in zip(reqs, ks, strict=True):
-            req.spec_token_ids, req.spec_probs = [], None
+        for i, (req, k, gen) in enumerate(zip(reqs, ks, generators, strict=True)):
+            req.spec_token_ids = []
             st = self.states.setdefault(req.request_id, _DraftState(req.request_id, req.all_token_ids))
             st.all_token_ids = req.all_token_ids
             new = req.num_tokens - st.num_computed_tokens  # committed tokens the draft has not seen
@@ -131,29 +143,31 @@ class DraftProposer:
             items.append(RunItem(req.all_token_ids[st.num_computed_tokens:], st.num_computed_tokens,
                                  self.kv.block_ids(req.request_id), 1))
             st.num_computed_tokens = req.num_tokens
-            live.append((req, k, st, []))
+            live.append((i, req, gen, k, st, []))
         while live:
             logits_RV = self.runner.forward(items).logits_RV
             # The draft samples with the request's own parameters and penalties (its drafts so far count
             # as output), so that a draft equal to the target would always be accepted.
-            rows = [Row(req.params, req.generator, req.prompt_token_ids,
+            rows = [Row(req.params, gen, req.prompt_token_ids,
                         req.output_token_ids + req.spec_token_ids if req.params.has_penalties else [])
-                    for req, *_ in live]
+                    for _, req, gen, *_ in live]
             q_RV = target_probs(logits_RV, rows)
             items, still = [], []
-            for r, ((req, k, st, qs), d) in enumerate(zip(live, choose(q_RV, rows), strict=True)):
+            for r, ((i, req, gen, k, st, qs), d) in enumerate(zip(live, choose(q_RV, rows), strict=True)):
                 req.spec_token_ids.append(d)
                 qs.append(q_RV[r])
                 if len(req.spec_token_ids) < k:
                     items.append(RunItem([d], st.num_computed_tokens, self.kv.block_ids(req.request_id), 1))
                     st.num_computed_tokens += 1
-                    still.append((req, k, st, qs))
+                    still.append((i, req, gen, k, st, qs))
                 elif not req.params.greedy:
-                    req.spec_probs = torch.stack(qs)
+                    q_probs[i] = torch.stack(qs)
             live = still
+        return q_probs
 
     def rollback(self, req: Request) -> None:
-        """After verification: the draft's K/V past the target's computed tokens held rejected drafts."""
+        """After each step: the draft's K/V past the target's computed tokens holds drafts that were rejected
+        (or never checked: the token budget cut them), so it is computed again from there."""
         st = self.states.get(req.request_id)
         if st is not None:
             st.num_computed_tokens = min(st.num_computed_tokens, req.num_computed_tokens)

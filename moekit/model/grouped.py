@@ -8,6 +8,7 @@ buffer with `mm(out=...)`. Rows past the last expert's slice are dropped assignm
 limit): they get no output and no gradient. On a GPU this loop is the place for
 `torch._grouped_mm`; on a CPU one GEMM per expert is as fast as any (bench/moe_layer.py).
 
+Expert weights are stored (E, out, in), as nn.Linear stores one: w1_EFD, w3_EFD, w2_EDF.
 Checked against `reference.moe_loop` in outputs and every gradient (tests/test_moe.py).
 Shape legend: N tokens sorted by expert, D d_model, F expert hidden, E experts.
 """
@@ -25,34 +26,34 @@ def activation(h1: torch.Tensor, h3: torch.Tensor | None) -> torch.Tensor:
 
 class GroupedExpertMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_ND, counts: list[int], w1_EDF, w2_EFD, w3_EDF):
+    def forward(ctx, x_ND, counts: list[int], w1_EFD, w2_EDF, w3_EFD):
         y_ND = x_ND.new_empty(x_ND.shape)
-        h1_NF = x_ND.new_empty(x_ND.shape[0], w1_EDF.shape[2])
-        h3_NF = torch.empty_like(h1_NF) if w3_EDF is not None else None
+        h1_NF = x_ND.new_empty(x_ND.shape[0], w1_EFD.shape[1])
+        h3_NF = torch.empty_like(h1_NF) if w3_EFD is not None else None
         a_NF = torch.empty_like(h1_NF)
         start = 0
         for e, n in enumerate(counts):
             if n == 0:
                 continue
             sl = slice(start, start + n)
-            torch.mm(x_ND[sl], w1_EDF[e], out=h1_NF[sl])
+            torch.mm(x_ND[sl], w1_EFD[e].t(), out=h1_NF[sl])
             if h3_NF is not None:
-                torch.mm(x_ND[sl], w3_EDF[e], out=h3_NF[sl])
+                torch.mm(x_ND[sl], w3_EFD[e].t(), out=h3_NF[sl])
             a_NF[sl] = activation(h1_NF[sl], h3_NF[sl] if h3_NF is not None else None)
-            torch.mm(a_NF[sl], w2_EFD[e], out=y_ND[sl])
+            torch.mm(a_NF[sl], w2_EDF[e].t(), out=y_ND[sl])
             start += n
         y_ND[start:] = 0  # rows past the experts' slices: dropped assignments, no output
         ctx.counts = counts
-        ctx.save_for_backward(x_ND, h1_NF, h3_NF, a_NF, w1_EDF, w2_EFD, w3_EDF)
+        ctx.save_for_backward(x_ND, h1_NF, h3_NF, a_NF, w1_EFD, w2_EDF, w3_EFD)
         return y_ND
 
     @staticmethod
     def backward(ctx, gy_ND):
-        x_ND, h1_NF, h3_NF, a_NF, w1_EDF, w2_EFD, w3_EDF = ctx.saved_tensors
+        x_ND, h1_NF, h3_NF, a_NF, w1_EFD, w2_EDF, w3_EFD = ctx.saved_tensors
         gy_ND = gy_ND.contiguous()
         gx_ND = torch.empty_like(x_ND)
-        gw1, gw2 = torch.empty_like(w1_EDF), torch.empty_like(w2_EFD)
-        gw3 = torch.empty_like(w3_EDF) if w3_EDF is not None else None
+        gw1, gw2 = torch.empty_like(w1_EFD), torch.empty_like(w2_EDF)
+        gw3 = torch.empty_like(w3_EFD) if w3_EFD is not None else None
         start = 0
         for e, n in enumerate(ctx.counts):
             if n == 0:  # an expert no token chose: zero gradient
@@ -64,17 +65,17 @@ class GroupedExpertMLP(torch.autograd.Function):
             sl = slice(start, start + n)
             x, h1, gy = x_ND[sl], h1_NF[sl], gy_ND[sl]
             h3 = h3_NF[sl] if h3_NF is not None else None
-            torch.mm(a_NF[sl].t(), gy, out=gw2[e])
-            ga = gy @ w2_EFD[e].t()
-            if h3 is None:  # y = gelu(h1) W2
+            torch.mm(gy.t(), a_NF[sl], out=gw2[e])  # y = a W2^T: dW2 = gy^T a
+            ga = gy @ w2_EDF[e]
+            if h3 is None:  # y = gelu(h1) W2^T, h1 = x W1^T
                 gh1 = torch.ops.aten.gelu_backward(ga, h1)
-                torch.mm(gh1, w1_EDF[e].t(), out=gx_ND[sl])
-            else:  # y = (silu(h1) * h3) W2
+                torch.mm(gh1, w1_EFD[e], out=gx_ND[sl])
+            else:  # y = (silu(h1) * h3) W2^T, h3 = x W3^T
                 gh1 = torch.ops.aten.silu_backward(ga * h3, h1)
                 gh3 = ga * F.silu(h1)
-                torch.mm(x.t(), gh3, out=gw3[e])
-                torch.addmm(gh3 @ w3_EDF[e].t(), gh1, w1_EDF[e].t(), out=gx_ND[sl])
-            torch.mm(x.t(), gh1, out=gw1[e])
+                torch.mm(gh3.t(), x, out=gw3[e])
+                torch.addmm(gh3 @ w3_EFD[e], gh1, w1_EFD[e], out=gx_ND[sl])
+            torch.mm(gh1.t(), x, out=gw1[e])
             start += n
         gx_ND[start:] = 0
         return gx_ND, None, gw1, gw2, gw3
@@ -113,25 +114,28 @@ class PermuteRows(torch.autograd.Function):
         return g_ND.index_select(0, inverse_N), None, None
 
 
-def grouped_expert_mlp(x_ND: torch.Tensor, counts: list[int], w1_EDF: torch.Tensor, w2_EFD: torch.Tensor,
-                       w3_EDF: torch.Tensor | None) -> torch.Tensor:
-    """y[slice_e] = act(x[slice_e] W1[e] (, x[slice_e] W3[e])) W2[e] for consecutive slices of sizes `counts`."""
-    return GroupedExpertMLP.apply(x_ND, counts, w1_EDF, w2_EFD, w3_EDF)
+def grouped_expert_mlp(x_ND: torch.Tensor, counts: list[int], w1_EFD: torch.Tensor, w2_EDF: torch.Tensor,
+                       w3_EFD: torch.Tensor | None) -> torch.Tensor:
+    """y[slice_e] = act(x W1[e]^T (, x W3[e]^T)) W2[e]^T on consecutive slices of sizes `counts`."""
+    return GroupedExpertMLP.apply(x_ND, counts, w1_EFD, w2_EDF, w3_EFD)
 
 
-def use_grouped_mm(x_ND: torch.Tensor) -> bool:
-    """torch's grouped GEMM kernel: CUDA, bf16, sm80+ (torch.nn.functional.grouped_mm docs)."""
-    return (x_ND.is_cuda and x_ND.dtype == torch.bfloat16 and hasattr(F, "grouped_mm")
-            and torch.cuda.get_device_capability(x_ND.device) >= (8, 0))
+def grouped_mm_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch's grouped GEMM kernel runs here: CUDA, bf16, sm80+ (torch.nn.functional.grouped_mm docs)."""
+    return (device.type == "cuda" and dtype == torch.bfloat16 and hasattr(F, "grouped_mm")
+            and torch.cuda.get_device_capability(device) >= (8, 0))
 
 
-def grouped_mm_expert_mlp(x_ND: torch.Tensor, offs_E: torch.Tensor, w1_EDF: torch.Tensor, w2_EFD: torch.Tensor,
-                          w3_EDF: torch.Tensor | None) -> torch.Tensor:
+def grouped_mm_expert_mlp(x_ND: torch.Tensor, offs_E: torch.Tensor, w1_EFD: torch.Tensor, w2_EDF: torch.Tensor,
+                          w3_EFD: torch.Tensor | None) -> torch.Tensor:
     """The same function as `grouped_expert_mlp`, with `offs_E` = cumulative slice ends (int32), through
     torch's grouped GEMM (autograd included). Rows past offs_E[-1] (dropped assignments) are masked
     on the way in and out, since the kernel leaves them unwritten."""
     valid_N1 = (torch.arange(x_ND.shape[0], device=x_ND.device) < offs_E[-1])[:, None]
     x_ND = torch.where(valid_N1, x_ND, 0)
-    h3 = F.grouped_mm(x_ND, w3_EDF, offs=offs_E) if w3_EDF is not None else None
-    y_ND = F.grouped_mm(activation(F.grouped_mm(x_ND, w1_EDF, offs=offs_E), h3), w2_EFD, offs=offs_E)
+    # The kernel takes (E, in, out) right operands: the transposed views of our (E, out, in) weights, as
+    # torchtitan passes them (models/moe.py, `_run_experts_grouped_mm`).
+    h3 = F.grouped_mm(x_ND, w3_EFD.transpose(1, 2), offs=offs_E) if w3_EFD is not None else None
+    h1 = F.grouped_mm(x_ND, w1_EFD.transpose(1, 2), offs=offs_E)
+    y_ND = F.grouped_mm(activation(h1, h3), w2_EDF.transpose(1, 2), offs=offs_E)
     return torch.where(valid_N1, y_ND, 0)

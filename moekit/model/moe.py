@@ -6,6 +6,10 @@ renormalize the k weights to sum to 1. Two auxiliary losses keep it healthy: the
 load-balancing loss and the ST-MoE router z-loss. Dropless by default; with `capacity_factor > 0`
 each expert takes at most ceil(capacity_factor x T x K / E) assignments (GShard) and drops the rest.
 
+Three modules: `Router` (the gate), `Experts` (owns the stacked expert weights and both kernels) and
+`MoE` = route -> permute -> experts -> combine. Quantization and expert parallelism replace or wrap
+the `Experts` module from outside (moekit/infer/quant.py, moekit/parallel/), never the MoE.
+
 Two dispatch paths compute the same function (tests/test_moe.py checks both against the loop in
 `reference.py`, outputs and gradients):
 - "sorted": sort the T x K assignments by expert, run each expert once on its contiguous slice.
@@ -33,7 +37,7 @@ from moekit.model.grouped import (
     activation,
     grouped_expert_mlp,
     grouped_mm_expert_mlp,
-    use_grouped_mm,
+    grouped_mm_ok,
 )
 
 
@@ -60,6 +64,7 @@ class RoutingInfo:
     tokens_per_expert_E: torch.Tensor  # assignments each expert computed (after dropping)
     dropped: torch.Tensor  # assignments dropped by the capacity limit (0 when dropless)
     entropy: torch.Tensor | None  # mean router entropy in nats (log E = uniform; None: inference mode)
+    experts_TK: torch.Tensor | None = None  # each token's routed experts (before dropping)
 
 
 class Router(nn.Module):
@@ -69,10 +74,13 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.n_expert, cfg.d_model))
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        # Router logits in fp32 even under bf16 autocast: the softmax and top-k are precision-
-        # sensitive and the matmul is tiny (Switch Transformer, "selective precision").
+        # Router logits in at least fp32, even under bf16 autocast: the softmax and top-k are precision-
+        # sensitive and the matmul is tiny (Switch Transformer, "selective precision"). At least, not
+        # exactly: a float64 model gates in float64 (an fp32 gate made it only fp32-exact, and the fp32
+        # GEMM's rounding depends on the row count, so decode and full forward disagreed at 1e-8).
+        dtype = torch.promote_types(x_TD.dtype, torch.float32)
         with torch.autocast(x_TD.device.type, enabled=False):
-            return F.linear(x_TD.float(), self.weight.float())
+            return F.linear(x_TD.to(dtype), self.weight.to(dtype))
 
 
 def route(logits_TE: torch.Tensor, top_k: int):
@@ -115,17 +123,66 @@ def load_balancing_loss(probs_TE: torch.Tensor, experts_TK: torch.Tensor) -> tor
     return E * (f_E * probs_TE.mean(dim=0)).sum()
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls run in: autocast's (bf16 training), else the input's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+class Experts(nn.Module):
+    """E expert MLPs, stored (E, out, in) as nn.Linear, torchtitan and gpt-fast store them: w1_EFD (gate,
+    or fc for GELU), w3_EFD (up, SwiGLU only), w2_EDF (down). Tensor parallelism splits F (w1/w3 on
+    dimension 1, w2 on dimension 2) and expert parallelism splits E, the dimensions Megatron and
+    torchtitan shard. Two kernels compute the same function:
+
+    - `forward(x_ND, counts_E)`: rows sorted by expert, expert e taking the next counts_E[e] rows;
+      rows past sum(counts_E) are dropped assignments and get zeros. Each used expert's weights are
+      read once (torch's grouped GEMM on CUDA bf16, else one GEMM per expert).
+    - `gather(x_ND, expert_N)`: row n through expert expert_N[n], in any order: the routed experts'
+      weights are gathered per row and one batched matmul runs, with no host sync (decode).
+    """
+
+    def __init__(self, n_expert: int, d_model: int, d_ff: int, swiglu: bool):
+        super().__init__()
+        self.n_expert = n_expert
+        self.w1 = nn.Parameter(torch.empty(n_expert, d_ff, d_model))
+        self.w3 = nn.Parameter(torch.empty(n_expert, d_ff, d_model)) if swiglu else None
+        self.w2 = nn.Parameter(torch.empty(n_expert, d_model, d_ff))
+
+    def _weights(self, dtype: torch.dtype):
+        w3 = self.w3.to(dtype) if self.w3 is not None else None
+        return self.w1.to(dtype), self.w2.to(dtype), w3
+
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        w1, w2, w3 = self._weights(x_ND.dtype)
+        if grouped_mm_ok(x_ND.device, x_ND.dtype):  # one fused kernel per matmul, no host sync (CUDA, bf16)
+            return grouped_mm_expert_mlp(x_ND, counts_E.cumsum(0).to(torch.int32), w1, w2, w3)
+        # One host sync for the slice sizes; experts without tokens are skipped (and not read).
+        return grouped_expert_mlp(x_ND, counts_E.tolist(), w1, w2, w3)
+
+    def gather(self, x_ND: torch.Tensor, expert_N: torch.Tensor) -> torch.Tensor:
+        def pick(w_EOI):  # gather the routed experts first, then cast: read k experts, not E
+            return w_EOI[expert_N].to(x_ND.dtype).transpose(1, 2)
+
+        x_N1D = x_ND.unsqueeze(1)
+        h3 = torch.bmm(x_N1D, pick(self.w3)) if self.w3 is not None else None
+        return torch.bmm(activation(torch.bmm(x_N1D, pick(self.w1)), h3), pick(self.w2)).squeeze(1)
+
+    def capturable(self, dispatch: str, dtype: torch.dtype) -> bool:
+        """Can a CUDA graph capture this dispatch path at compute dtype `dtype` (no host sync)?"""
+        return dispatch == "gather" or grouped_mm_ok(self.w1.device, dtype)
+
+
 class MoE(nn.Module):
-    """Top-k routed experts. `dispatch` is "auto", "sorted" or "gather" (see the module docstring)."""
+    """Route -> permute -> experts -> combine. `dispatch` is "auto", "sorted" or "gather" (module docstring)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        E, D, Fh = cfg.n_expert, cfg.d_model, cfg.d_ff
-        self.n_expert, self.top_k, self.capacity_factor = E, cfg.top_k, cfg.capacity_factor
+        self.n_expert, self.top_k, self.capacity_factor = cfg.n_expert, cfg.top_k, cfg.capacity_factor
+        # Experts before the router: parameters are then listed (and seeded by Transformer.init_weights) in the
+        # order of moekit < 0.2, which held the expert weights on the MoE itself, so a seed gives the same model.
+        self.experts = Experts(cfg.n_expert, cfg.d_model, cfg.d_ff, cfg.mlp == "swiglu")
         self.router = Router(cfg)
-        self.w1 = nn.Parameter(torch.empty(E, D, Fh))  # w1_EDF: gate (swiglu) or fc (gelu)
-        self.w3 = nn.Parameter(torch.empty(E, D, Fh)) if cfg.mlp == "swiglu" else None  # w3_EDF: up
-        self.w2 = nn.Parameter(torch.empty(E, Fh, D))  # w2_EFD: down
         self.dispatch = "auto"
 
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, RoutingInfo]:
@@ -158,46 +215,28 @@ class MoE(nn.Module):
             tokens_per_expert_E=count_per_expert(kept_N, E),
             dropped=dropped.detach(),
             entropy=None if serving else -(probs_TE * probs_TE.clamp_min(1e-20).log()).sum(-1).mean().detach(),
+            experts_TK=experts_TK.detach(),
         )
         return y_TD.view_as(x_BTD), info
 
-    def _weights(self, x: torch.Tensor):
-        """Expert weights in the compute dtype: autocast's (bf16 training), else the input's."""
-        dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        w3 = self.w3.to(dtype) if self.w3 is not None else None
-        return self.w1.to(dtype), self.w2.to(dtype), w3
-
     def _sorted(self, x_TD, expert_N, weight_N, keep_N):
+        """Permute the assignments into expert order, run each expert on its slice, permute back."""
         E, T, N = self.n_expert, x_TD.shape[0], expert_N.numel()
         if keep_N is not None:  # dropped assignments go to a sentinel expert E: sorted last, not run
             expert_N = torch.where(keep_N, expert_N, E)
         order_N = torch.argsort(expert_N, stable=True)
         inverse_N = torch.empty_like(order_N)
         inverse_N[order_N] = torch.arange(N, device=order_N.device)
-        w1, w2, w3 = self._weights(x_TD)
-        x_ND = DispatchRows.apply(x_TD.to(w1.dtype), order_N, inverse_N)
-        counts_E = count_per_expert(expert_N, E + 1)[:E]
-        if use_grouped_mm(x_ND):  # one fused kernel per matmul, no host sync (CUDA, bf16)
-            y_ND = grouped_mm_expert_mlp(x_ND, counts_E.cumsum(0).to(torch.int32), w1, w2, w3)
-        else:  # one host sync for the slice sizes; experts without tokens are skipped (and not read)
-            y_ND = grouped_expert_mlp(x_ND, counts_E.tolist(), w1, w2, w3)
-        y_ND = y_ND.to(x_TD.dtype)
+        x_ND = DispatchRows.apply(x_TD.to(compute_dtype(x_TD)), order_N, inverse_N)
+        y_ND = self.experts(x_ND, count_per_expert(expert_N, E + 1)[:E]).to(x_TD.dtype)
         y_KTD = PermuteRows.apply(y_ND, inverse_N, order_N).view(-1, T, x_TD.shape[1])
         return (y_KTD * weight_N.view(-1, T, 1)).sum(0)
 
     def _gather(self, x_TD, expert_N, weight_N, keep_N):
+        """Each assignment through its own expert, summed into its token (no sort, no host sync)."""
         token_N = torch.arange(x_TD.shape[0], device=x_TD.device).repeat(self.top_k)
         if keep_N is not None:
             token_N, expert_N, weight_N = token_N[keep_N], expert_N[keep_N], weight_N[keep_N]
-        dev = x_TD.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_TD.dtype
-
-        def pick(w_E):  # gather the routed experts first, then cast: read k experts, not E
-            return w_E[expert_N].to(dtype)
-
-        x_N1D = x_TD.index_select(0, token_N).unsqueeze(1).to(dtype)
-        h3 = torch.bmm(x_N1D, pick(self.w3)) if self.w3 is not None else None
-        y_N1D = torch.bmm(activation(torch.bmm(x_N1D, pick(self.w1)), h3), pick(self.w2))
-        y_ND = y_N1D.squeeze(1).to(x_TD.dtype) * weight_N[:, None]
+        x_ND = x_TD.index_select(0, token_N).to(compute_dtype(x_TD))
+        y_ND = self.experts.gather(x_ND, expert_N).to(x_TD.dtype) * weight_N[:, None]
         return torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)

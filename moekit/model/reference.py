@@ -44,8 +44,9 @@ def moe_loop(moe: MoE, x_BTD: torch.Tensor) -> torch.Tensor:
             if not mask_T.any():
                 continue
             x_mD = x_TD[mask_T]
-            h3 = x_mD @ moe.w3[e] if moe.w3 is not None else None
-            out_mD = activation(x_mD @ moe.w1[e], h3) @ moe.w2[e]
+            ex = moe.experts  # expert e's weights are (out, in), as an nn.Linear's
+            h3 = x_mD @ ex.w3[e].t() if ex.w3 is not None else None
+            out_mD = activation(x_mD @ ex.w1[e].t(), h3) @ ex.w2[e].t()
             y_TD[mask_T] = y_TD[mask_T] + weights_TK[mask_T, k, None].to(x_TD.dtype) * out_mD
     return y_TD.view_as(x_BTD)
 
@@ -58,6 +59,6 @@ def attention_naive(q_BHTDh: torch.Tensor, k_BGSDh: torch.Tensor, v_BGSDh: torch
     v = v_BGSDh.repeat_interleave(H // G, dim=1)
     T, S = q_BHTDh.shape[2], k.shape[2]
     scores = q_BHTDh @ k.transpose(-1, -2) / math.sqrt(q_BHTDh.shape[-1])
-    allowed = torch.arange(S)[None, :] <= (start_pos + torch.arange(T))[:, None]
+    allowed = torch.ones(T, S, dtype=torch.bool).tril(start_pos)  # query t sees keys 0..start_pos + t
     scores = scores.masked_fill(~allowed.to(scores.device), float("-inf"))
     return scores.softmax(-1) @ v

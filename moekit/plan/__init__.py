@@ -8,8 +8,8 @@
 
 Pure functions over `moekit.config` and the hardware table (`hardware.py`), returning dataclasses;
 `moekit plan ...` (`cli.py`) is a thin layer over them. Files: hardware.py (GPUs as data),
-layout.py (pipeline stages, sharding), train.py, serve.py, wall.py, report.py, charts.py, measure.py
-(`moekit bench hardware`).
+layout.py (pipeline stages, sharding), train.py, serve.py, wall.py, report.py, charts.py. It imports no
+engine or trainer: `moekit bench hardware` (moekit/bench_hardware.py) measures a machine's entry.
 """
 
 from moekit.plan.charts import write_charts

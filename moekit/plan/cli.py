@@ -198,7 +198,7 @@ def format_wall(w) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from moekit import plan
-    from moekit.cli import apply_overrides
+    from moekit.resolve import apply_overrides
 
     cmd = args.plan_command
     if args.overrides and cmd not in ("train", "serve"):

@@ -45,10 +45,10 @@ class Stage:
 
 
 def as_config(model: ModelConfig | str) -> ModelConfig:
-    """A ModelConfig from itself, a preset name or a path (`moekit.config.resolve_config`)."""
+    """A ModelConfig from itself, a preset name or a path (`moekit.resolve.resolve_config`)."""
     if isinstance(model, ModelConfig):
         return model
-    from moekit.config import resolve_config
+    from moekit.resolve import resolve_config  # lazily: the planner's formulas need no file reading
 
     return resolve_config(model)
 

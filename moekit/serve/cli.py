@@ -22,19 +22,21 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import uvicorn
 
+from moekit.infer.build import add_engine_arguments, build_engine
+from moekit.infer.engine import Engine
 from moekit.serve.config import MAX_N, ServeConfig
-from moekit.util import resolve_device, resolve_dtype
 
 log = logging.getLogger("moekit.serve")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="RUN|HF_DIR", help="a moekit run or a Hugging Face folder")
-    p.add_argument("--served-model-name", nargs="+", metavar="NAME",
+    p.add_argument("--served-model-name", nargs="+", metavar="NAME", dest="served_model_names", default=[],
                    help="the model name(s) clients use (default: the --model path, as vLLM)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
@@ -43,23 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM; with --ssl-keyfile)")
     p.add_argument("--ssl-keyfile", help="the certificate's private key (PEM)")
     g = p.add_argument_group("engine")
-    g.add_argument("--draft", metavar="RUN|HF_DIR", help="speculative decoding with this smaller model")
-    g.add_argument("--ngram", action="store_true", help="speculative decoding by prompt lookup (no draft model)")
-    g.add_argument("--num-spec-tokens", type=int, default=4, help="draft tokens per step (default 4)")
-    g.add_argument("--quantize", choices=["none", "int8"], default="none", help="int8 weight-only quantization")
-    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="weights and activations (auto: bfloat16 on a GPU, float32 on a CPU)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1...")
+    add_engine_arguments(g)
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    g.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache size in GiB (default 1)")
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
-    g.add_argument("--max-num-seqs", type=int, default=256, help="requests running at once (default 256)")
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (default 2048)")
-    g.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per request "
-                   "(default: the model's context, capped by the KV cache)")
-    g.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
-    g.add_argument("--enforce-eager", action="store_true",
-                   help="no CUDA graphs: launch every decode kernel from Python")
     a = p.add_argument_group("API")
     a.add_argument("--chat-template", metavar="FILE|TEMPLATE|default",
                    help="Jinja chat template (default: the model's, else the plain-text default of moekit.serve.chat)")
@@ -74,22 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds in-flight requests may take to finish before they are cancelled (30)")
     o.add_argument("--log-interval", type=float, default=10.0, help="seconds between engine stats lines (0 = off)")
-    o.add_argument("--no-access-log", action="store_true", help="do not log every HTTP request")
+    o.add_argument("--no-access-log", dest="access_log", action="store_false", help="do not log every HTTP request")
     o.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
-
-
-def config_from_args(args: argparse.Namespace) -> ServeConfig:
-    return ServeConfig(
-        model=args.model, served_model_names=args.served_model_name or [], host=args.host, port=args.port,
-        api_key=args.api_key, draft=args.draft, ngram=args.ngram, num_spec_tokens=args.num_spec_tokens,
-        quantize=args.quantize, dtype=args.dtype, device=args.device, threads=args.threads,
-        kv_cache_gb=args.kv_cache_gb, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
-        chat_template=args.chat_template,
-        max_tokens_default=args.max_tokens_default, max_n=args.max_n, max_waiting=args.max_waiting,
-        max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout, log_interval=args.log_interval,
-        access_log=not args.no_access_log)
 
 
 def _check_model_dir(path: str, flag: str) -> None:
@@ -100,40 +73,20 @@ def _check_model_dir(path: str, flag: str) -> None:
         raise FileNotFoundError(f"{flag} {path} has no config.json: is it a moekit run or a Hugging Face folder?")
 
 
-def engine_loader(cfg: ServeConfig):
-    """A function that loads the model(s) and builds the Engine (run in the engine thread)."""
-    device = resolve_device(cfg.device)  # checked now, so that a bad --device is a one-line error at start
-    dtype = resolve_dtype(cfg.dtype, device, cfg.quantize)
+def engine_loader(cfg: ServeConfig) -> Callable[[], Engine]:
+    """A function that loads the model(s) and builds the Engine (run in the engine thread). The device was
+    checked when `cfg` was made, so that a bad --device is a one-line error at start."""
 
-    def load():
-        from moekit.infer.engine import Engine
-        from moekit.infer.loader import load_model
-        from moekit.infer.quant import quantize_int8
-
-        model, codec = load_model(cfg.model, dtype, device)
-        draft = None
-        if cfg.draft:
-            draft, draft_codec = load_model(cfg.draft, dtype, device)
-            if codec is not None and (draft_codec is None or not codec.same_vocabulary(draft_codec)):
-                raise ValueError(f"--draft {cfg.draft} does not use the tokenizer of --model {cfg.model}")
-        if cfg.quantize == "int8":
-            quantize_int8(model)
-        engine = Engine(model, codec, kv_cache_gb=cfg.kv_cache_gb, block_size=cfg.block_size,
-                        max_num_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs,
-                        max_model_len=cfg.max_model_len, enable_prefix_caching=cfg.enable_prefix_caching,
-                        draft=draft, ngram=cfg.ngram, num_spec_tokens=cfg.num_spec_tokens,
-                        enforce_eager=cfg.enforce_eager)
+    def load() -> Engine:
+        engine = build_engine(cfg)
         m = engine.metrics()
-        log.info("model %s loaded: %s %s%s | context %d tokens | KV cache %d blocks of %d tokens | %s", cfg.model,
-                 device, str(dtype).removeprefix("torch."), " int8" if cfg.quantize == "int8" else "",
-                 engine.max_model_len, m["kv_blocks_total"], m["kv_block_size"],
-                 "tokenizer" if codec else "no tokenizer (token-id prompts only)")
-        graphs = engine.runner.graphs
-        if graphs is not None:  # capture now, as vLLM does, so that no request waits for a capture
-            t0 = time.perf_counter()
-            n = graphs.capture_all((1,) if engine.proposer is None else (1, engine.num_spec_tokens + 1))
-            log.info("captured %d CUDA graphs for decode steps of up to %d requests in %.1f s", n,
-                     max(graphs.sizes, default=0), time.perf_counter() - t0)
+        log.info("model %s loaded: %s | context %d tokens | KV cache %d blocks of %d tokens | %s", cfg.model,
+                 cfg.describe(), engine.max_model_len, m["kv_blocks_total"], m["kv_block_size"],
+                 "tokenizer" if engine.codec else "no tokenizer (token-id prompts only)")
+        t0 = time.perf_counter()
+        n = engine.capture_graphs()  # now, as vLLM does, so that no request waits for a capture
+        if n:
+            log.info("captured %d CUDA graphs for decode steps in %.1f s", n, time.perf_counter() - t0)
         return engine
 
     return load
@@ -158,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.overrides:
         raise ValueError(f"moekit serve takes no model overrides (got --{', --'.join(args.overrides)})")
-    cfg = config_from_args(args)
+    cfg = ServeConfig.from_args(args)
     _check_model_dir(cfg.model, "--model")
     if cfg.draft:
         _check_model_dir(cfg.draft, "--draft")

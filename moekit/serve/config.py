@@ -11,31 +11,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from moekit.infer.build import EngineConfig
+
 MAX_N = 128  # OpenAI rejects n > 128
 
 
 @dataclass
-class ServeConfig:
-    model: str
+class ServeConfig(EngineConfig):
+    """The engine's settings (model, draft, quantize, KV cache, batching: EngineConfig) and the server's."""
+
     served_model_names: list[str] = field(default_factory=list)  # default: [model], as vLLM
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
-    # engine
-    draft: str | None = None
-    ngram: bool = False
-    num_spec_tokens: int = 4
-    quantize: str = "none"
-    dtype: str = "auto"
-    device: str = "auto"
     threads: int | None = None  # torch intra-op threads; None: torch's default
-    kv_cache_gb: float = 1.0
-    block_size: int = 16
-    max_num_seqs: int = 256  # requests running at once
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
-    enable_prefix_caching: bool = True
-    enforce_eager: bool = False  # no CUDA graphs for decode steps (vLLM's flag)
     # API
     chat_template: str | None = None  # a file or an inline Jinja template; None: the model's, else the default
     max_tokens_default: int = 256  # max_tokens when a request gives none (capped by the context left)
@@ -48,6 +37,7 @@ class ServeConfig:
     access_log: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # the engine's flags
         if not self.served_model_names:
             self.served_model_names = [self.model]
         if any(not n for n in self.served_model_names):
@@ -56,15 +46,7 @@ class ServeConfig:
             raise ValueError(f"--port must be in [0, 65535] (0: any free port), got {self.port}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("--api-key is empty: give a key, or leave the flag out to serve without one")
-        if self.quantize not in ("none", "int8"):
-            raise ValueError(f"--quantize must be none or int8, got {self.quantize!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.draft and self.ngram:
-            raise ValueError("--draft and --ngram are two proposers: choose one")
-        positive = {"num_spec_tokens": "--num-spec-tokens", "block_size": "--block-size",
-                    "max_num_seqs": "--max-num-seqs", "max_num_batched_tokens": "--max-num-batched-tokens",
-                    "max_tokens_default": "--max-tokens-default", "max_n": "--max-n",
+        positive = {"max_tokens_default": "--max-tokens-default", "max_n": "--max-n",
                     "max_body_bytes": "--max-body-bytes"}
         for name, flag in positive.items():
             if getattr(self, name) < 1:
@@ -73,10 +55,6 @@ class ServeConfig:
             raise ValueError(f"--max-n must be <= {MAX_N} (OpenAI's limit), got {self.max_n}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {self.threads}")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError(f"--max-model-len must be >= 2, got {self.max_model_len}")
-        if not self.kv_cache_gb > 0:
-            raise ValueError(f"--kv-cache-gb must be > 0, got {self.kv_cache_gb}")
         if self.max_waiting < 0:
             raise ValueError(f"--max-waiting must be >= 0 (0: no queue, only running slots), got {self.max_waiting}")
         if self.drain_timeout < 0:

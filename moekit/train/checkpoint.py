@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from moekit.model.transformer import upgrade_state_dict
+
 CKPT_DIR = "checkpoints"
 MODEL_FILE, OPTIM_FILE, STATE_FILE = "model.safetensors", "optimizer.safetensors", "state.json"
 
@@ -50,19 +52,11 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    expected = set(model_tensors(model))
-    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-    if missing or unexpected:
-        raise CheckpointError(f"{source} does not match this model (missing {missing[:3]}, unexpected "
-                              f"{unexpected[:3]}): was it saved from another configuration?")
-    params = model.state_dict()
-    for name, t in tensors.items():
-        if params[name].shape != t.shape:
-            raise CheckpointError(f"{source}: {name} has shape {tuple(t.shape)}, the model expects "
-                                  f"{tuple(params[name].shape)}")
-    with torch.no_grad():
-        for name, t in tensors.items():
-            params[name].copy_(t)
+    """Copy a checkpoint's tensors into `model` (its one loading path, `Transformer.load_tensors`)."""
+    try:
+        model.load_tensors(tensors, source)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def optimizer_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -80,7 +74,7 @@ def load_optimizer_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer, t
     index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
     state: dict[int, dict] = {}
     names = dict(model.named_parameters())
-    for key, t in tensors.items():
+    for key, t in upgrade_state_dict(tensors).items():  # a run saved before the Experts module: renamed
         name, _, field = key.partition("::")
         if name not in names or id(names[name]) not in index:
             raise CheckpointError(f"{source}: optimizer state for unknown parameter {name!r}")

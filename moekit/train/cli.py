@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from moekit.config import ModelConfig
 from moekit.presets import get_preset
+from moekit.resolve import apply_overrides, load_config, save_config
 from moekit.train.checkpoint import CKPT_DIR, load_latest, model_tensors
 from moekit.train.config import TrainConfig
 from moekit.train.corpus import resolve_sources
@@ -183,7 +184,6 @@ def prepare_data(tc: TrainConfig, seq_len: int, vocab_size: int, tokenizer_path:
 
 # ---- the command -----------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
-    from moekit.cli import apply_overrides
     from moekit.model.transformer import Transformer
     from moekit.train.loop import Trainer, amp_dtype, seed_everything
     from moekit.train.metrics import peak_flops
@@ -218,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--init-from {init} is not a moekit run with checkpoints")
         if args.preset:
             raise ValueError("--init-from takes the model from the run: drop --preset")
-        cfg = apply_overrides(ModelConfig.load(init / "config.json"), args.overrides)
+        cfg = apply_overrides(load_config(init / "config.json"), args.overrides)
         base_len = cfg.max_seq_len
         tokenizer_path = args.tokenizer or str(init / "tokenizer.json")
     else:
@@ -250,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
                                       f"{cfg.rope_scaling['factor']:g}" if cfg.rope_scaling else ""))
 
     create_out_dir(out, args.overwrite)
-    cfg.save(out / "config.json")
+    save_config(cfg, out / "config.json")
     tc.save(out / "train_config.json")
     atomic_write_text(out / "tokenizer.json", data.tokenizer_json)
     dtype = amp_dtype(tc.dtype, device)
@@ -281,7 +281,7 @@ def resume(args: argparse.Namespace, given: dict, log) -> int:
         raise ValueError(f"--resume continues a run with its saved settings; only --max-minutes and --steps may "
                          f"change (got {', '.join(bad)})")
     tc = TrainConfig.load(run_dir / "train_config.json").replace(**given)
-    cfg = ModelConfig.load(run_dir / "config.json")
+    cfg = load_config(run_dir / "config.json")
     device = resolve_device(tc.device)
     data = prepare_data(tc, tc.seq_len, cfg.vocab_size, str(run_dir / "tokenizer.json"), log)
     model = Transformer(cfg).to(device)

@@ -181,7 +181,7 @@ class Trainer:
         self.token_bytes_V, self.run_dir, self.device = token_bytes_V, Path(run_dir), device
         self.dtype = amp_dtype(tc.dtype, device)
         if tc.compile:  # per block, as torchtitan: the 8..120 identical blocks share one compiled graph
-            for block in model.blocks:
+            for block in model.blocks.values():
                 block.compile()
         self.opt = build_optimizer(model, tc)
         self.state = TrainState(total_steps=tc.steps or None)

@@ -20,8 +20,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from moekit.config import ModelConfig
+from moekit.model.attention import ContiguousContext
 from moekit.model.transformer import Transformer
+from moekit.resolve import load_config
 from moekit.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_model_tensors
 from moekit.train.tokenizer import EOT, load_tokenizer
 
@@ -31,7 +32,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", log=print)
     run = Path(run_dir)
     if not (run / "config.json").is_file():
         raise FileNotFoundError(f"{run} is not a moekit run (no config.json); train one with `moekit train`")
-    cfg = ModelConfig.load(run / "config.json")
+    cfg = load_config(run / "config.json")
     tok = load_tokenizer(run / "tokenizer.json")
     model = Transformer(cfg)
     step = None
@@ -75,7 +76,7 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, tem
     device = model.tok_emb.weight.device
     total = min(len(prompt_ids) + max_new_tokens, max_len)
     cache = model.new_cache(1, total)
-    logits_V = model(torch.tensor([prompt_ids], device=device), cache=cache, start_pos=0).logits[0, -1]
+    logits_V = model(torch.tensor([prompt_ids], device=device), ctx=ContiguousContext(cache, 0)).logits[0, -1]
     out: list[int] = []
     pos = len(prompt_ids)
     while pos < total:
@@ -83,7 +84,7 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, tem
         out.append(nxt)
         if nxt == stop_id or pos + 1 >= total:
             break
-        logits_V = model(torch.tensor([[nxt]], device=device), cache=cache, start_pos=pos).logits[0, -1]
+        logits_V = model(torch.tensor([[nxt]], device=device), ctx=ContiguousContext(cache, pos)).logits[0, -1]
         pos += 1
     return out
 

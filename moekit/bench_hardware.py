@@ -14,6 +14,9 @@ and moekit's own engine overhead per layer and per decode step (`engine_overhead
 planner adds to the bandwidth and compute times so that it predicts moekit's speed on this machine.
 The entry (default `~/.cache/moekit/hardware.json`, where `--gpu local` finds it) holds achieved
 figures, so its efficiencies are 1 and the planner uses them as they are. Written atomically.
+
+It lives beside `moekit.plan`, not in it: timing moekit's engine imports `moekit.infer`, and the planner
+is pure functions over a hardware table (it imports no engine, DESIGN.md "Layout").
 """
 
 from __future__ import annotations

@@ -1,0 +1,29 @@
+"""The plain data between the engine, the model runner and the CUDA-graph runner (DESIGN.md principle 5).
+
+A step's batch is a list of `RunItem`s, one per request; the runner (or a replayed graph) returns
+one `RunOutput`. Nothing here holds model state, so every part of `moekit.infer` can import it.
+
+Shape legend: R rows of logits (num_logits per item, in item order), V vocabulary, L MoE layers,
+E experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RunItem:
+    token_ids: list[int]  # tokens to compute
+    start: int  # position of the first one = tokens of this request already in the cache
+    block_ids: list[int]  # the request's block table, covering start + len(token_ids) tokens
+    num_logits: int  # logits wanted for the last num_logits tokens (0 for a partial prefill chunk)
+    request_id: str = ""  # for logs and tests only
+
+
+@dataclass
+class RunOutput:
+    logits_RV: torch.Tensor  # float32, rows in item order, num_logits rows per item
+    tokens_per_expert_LE: torch.Tensor | None  # int64 on the CPU; None for a dense model

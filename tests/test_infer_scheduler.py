@@ -1,0 +1,155 @@
+"""Scheduler.update without a model: the post-step transitions (advance, roll back rejected drafts, commit
+with token-level stops, finish) driven by hand-written "sampled" tokens, as a cluster simulator drives
+them (vLLM v1 `update_from_output`, nano-vllm `postprocess`). No tensors anywhere: exact block counts.
+"""
+
+from collections import deque
+
+import pytest
+
+import moekit.infer.request
+from moekit.infer.kv_cache import KVCacheManager
+from moekit.infer.request import Request, Status
+from moekit.infer.sampler import SamplingParams
+from moekit.infer.scheduler import Scheduler, SchedulerConfig
+
+P = 4  # tokens per block
+
+
+def setup(num_blocks=8, budget=64, max_model_len=64):
+    kv = KVCacheManager(num_blocks, block_size=P, enable_caching=False)
+    return kv, Scheduler(SchedulerConfig(budget, max_num_seqs=8, max_model_len=max_model_len), kv)
+
+
+def request(name, n_prompt, arrival=0, **params):
+    return Request(name, list(range(10, 10 + n_prompt)), SamplingParams(**params), arrival, eos_token_ids=(2,))
+
+
+def step(sched, emit):
+    """One schedule -> update, with `emit(scheduled)` standing in for the model and the sampler."""
+    out = sched.schedule()
+    sampled = {s.request.request_id: emit(s) for s in out.scheduled if s.reaches_end}
+    return out, sched.update(out, sampled)
+
+
+@pytest.mark.parametrize("limit", ["max_tokens", "max_model_len"])
+def test_plain_request_decodes_to_its_limit_finishes_with_length_and_frees_its_blocks(limit):
+    kv, sched = setup(max_model_len=8 if limit == "max_model_len" else 64)
+    req = request("a", 5, max_tokens=3 if limit == "max_tokens" else 100)
+    sched.add(req)
+    out, ups = step(sched, lambda s: [7])  # prefill: 5 tokens in 2 blocks, then the first token
+    assert out.scheduled[0].num_tokens == 5 and len(ups) == 1 and ups[0].new_token_ids == [7]
+    assert (req.num_computed_tokens, req.num_tokens, len(kv.block_ids("a"))) == (5, 6, 2)
+    assert ups[0].finish_reason is None and ups[0].num_draft_tokens == 0 and req.status is Status.RUNNING
+    _, ups = step(sched, lambda s: [8])
+    assert (req.num_computed_tokens, req.num_tokens, ups[0].finish_reason) == (6, 7, None)
+    _, ups = step(sched, lambda s: [9])  # the 3rd output token / the 8th token of the context
+    assert ups[0].finish_reason == "length" and ups[0].new_token_ids == [9]
+    assert req.finished and req.finish_reason == "length" and req.output_token_ids == [7, 8, 9]
+    assert req.num_computed_tokens == 7 and sched.running == [] and kv.num_free_blocks == kv.num_blocks
+    kv.check_whole()
+    assert sched.schedule().scheduled == []
+
+
+@pytest.mark.parametrize("stop", ["eos", "stop_token_ids"])
+def test_stop_token_finishes_with_stop_and_the_tokens_after_it_are_not_committed(stop):
+    kv, sched = setup()
+    req = request("a", 6, max_tokens=50, **({"stop_token_ids": [3]} if stop == "stop_token_ids" else {}))
+    end = 2 if stop == "eos" else 3
+    sched.add(req)
+    step(sched, lambda s: [7])
+    req.spec_token_ids = [5, end, 6]  # a proposer's drafts; the target accepts all three, then a bonus token
+    out, ups = step(sched, lambda s: [5, end, 6, 8])
+    assert out.scheduled[0].spec_token_ids == [5, end, 6] and len(kv.block_ids("a")) == 0  # freed
+    u = ups[0]
+    assert u.new_token_ids == [5, end] and u.finish_reason == "stop" and req.finish_reason == "stop"
+    assert (u.num_draft_tokens, u.num_accepted, u.num_rejected) == (3, 3, 0)
+    assert req.output_token_ids == [7, 5, end] and req.spec_token_ids == [] and req.finished
+    kv.check_whole()
+
+
+def test_eos_is_an_ordinary_token_with_ignore_eos():
+    kv, sched = setup()
+    req = request("a", 3, max_tokens=2, ignore_eos=True)
+    sched.add(req)
+    _, ups = step(sched, lambda s: [2])
+    assert ups[0].finish_reason is None and req.output_token_ids == [2]
+    _, ups = step(sched, lambda s: [2])
+    assert ups[0].finish_reason == "length"
+    kv.check_whole()
+
+
+def test_one_of_three_drafts_accepted_rolls_back_two_tokens_and_trims_a_block():
+    kv, sched = setup(num_blocks=8)
+    req = request("a", 6, max_tokens=50)
+    sched.add(req)
+    step(sched, lambda s: [7])  # 6 prompt tokens computed (2 blocks), 7 tokens
+    assert (req.num_computed_tokens, req.num_tokens, len(kv.block_ids("a"))) == (6, 7, 2)
+    req.spec_token_ids = [20, 21, 22]
+    out, ups = step(sched, lambda s: [20, 30])  # draft 20 accepted, 21 rejected: 30 is the correction
+    # Scheduled: the last committed token + 3 drafts = positions 6..9, in 3 blocks while the step ran.
+    assert out.scheduled[0].num_tokens == 4 and out.scheduled[0].spec_token_ids == [20, 21, 22]
+    u = ups[0]
+    assert (u.num_draft_tokens, u.num_accepted, u.num_rejected) == (3, 1, 2) and u.new_token_ids == [20, 30]
+    assert req.num_computed_tokens == 6 + 4 - 2 == req.num_tokens - 1  # K/V of 21 and 22 is discarded
+    assert req.output_token_ids == [7, 20, 30] and req.spec_token_ids == [] and u.finish_reason is None
+    assert len(kv.block_ids("a")) == 2 and kv.num_free_blocks == 6  # 8 computed tokens: the 3rd block went back
+    _, ups = step(sched, lambda s: [31])  # decoding goes on from the correction token
+    assert (req.num_computed_tokens, len(kv.block_ids("a"))) == (9, 3) and ups[0].new_token_ids == [31]
+    sched.finish(req, "abort")
+    kv.check_whole()
+
+
+def test_a_partial_prefill_chunk_advances_and_commits_nothing():
+    kv, sched = setup(budget=5)
+    a, b = request("a", 2, arrival=0, max_tokens=50), request("b", 10, arrival=1, max_tokens=50)
+    sched.add(a)
+    step(sched, lambda s: [7])
+    sched.add(b)
+    out, ups = step(sched, lambda s: [8])  # a decodes 1 token; b gets the other 4 of the budget
+    assert [(s.request.request_id, s.num_tokens, s.reaches_end) for s in out.scheduled] == [
+        ("a", 1, True), ("b", 4, False)]
+    assert [u.request for u in ups] == [a]  # b is not sampled: no update, no token
+    assert (b.num_computed_tokens, b.num_tokens, b.output_token_ids) == (4, 10, [])
+    step(sched, lambda s: [9])
+    assert (b.num_computed_tokens, b.num_tokens) == (8, 10)
+    out, ups = step(sched, lambda s: [40] if s.request is b else [10])  # b's last 2 prompt tokens, then 40
+    assert [u.request for u in ups] == [a, b] and b.output_token_ids == [40] and b.num_computed_tokens == 10
+    for r in (a, b):
+        sched.finish(r, "abort")
+    kv.check_whole()
+
+
+def test_scheduler_kv_manager_and_requests_hold_no_tensors():
+    torch = pytest.importorskip("torch")
+    assert "torch" not in vars(moekit.infer.request)  # request.py imports no torch at all
+
+    def tensors(obj, path, seen):  # every torch object reachable from obj's attributes and containers
+        if id(obj) in seen or isinstance(obj, (str, bytes, int, float, type(None), type)):
+            return []
+        seen.add(id(obj))
+        if isinstance(obj, (torch.Tensor, torch.Generator)):
+            return [path]
+        if isinstance(obj, dict):
+            items = obj.items()
+        elif isinstance(obj, (list, tuple, set, deque)):
+            items = enumerate(obj)
+        elif hasattr(obj, "__dict__") and type(obj).__module__.startswith("moekit"):
+            items = vars(obj).items()
+        else:
+            return []
+        return [p for k, v in items for p in tensors(v, f"{path}.{k}", seen)]
+
+    assert tensors({"x": [torch.zeros(1), torch.Generator()]}, "probe", set()) == ["probe.x.0", "probe.x.1"]
+    kv, sched = setup(num_blocks=6, budget=6)
+    reqs = [request(x, 5 + i, arrival=i, max_tokens=4, temperature=0.7, seed=i) for i, x in enumerate("abc")]
+    for r in reqs:
+        sched.add(r)
+    for i in range(6):  # chunked prefill, decoding, drafts (one of two accepted) every other step, finishing
+        for r in sched.running:
+            if r.num_computed_tokens == r.num_tokens - 1 and i % 2:
+                r.spec_token_ids = [1, 1]
+        step(sched, lambda s: [1] * (len(s.spec_token_ids) // 2 + 1))
+    assert [r.status for r in reqs] == [Status.FINISHED, Status.FINISHED, Status.RUNNING]
+    for name, obj in [("scheduler", sched), ("kv", kv)] + [(r.request_id, r) for r in reqs]:
+        assert tensors(obj, name, set()) == []
