@@ -141,7 +141,11 @@ class Transformer(nn.Module):
             out.aux_loss = torch.stack([r.aux_loss for r in routing]).mean()
             out.z_loss = torch.stack([r.z_loss for r in routing]).mean()
         if targets_BT is not None:
-            out.ce_loss = F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets_BT.flatten(), ignore_index=-100)
+            # In at least fp32 (bf16 logits would round the softmax), never narrower than the logits: a float64
+            # model's loss stays float64 (gradient checks, oracle comparisons).
+            logits = logits_BTV.flatten(0, 1)
+            out.ce_loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)),
+                                          targets_BT.flatten(), ignore_index=-100)
             out.loss = out.ce_loss
             if out.aux_loss is not None:
                 out.loss = out.loss + self.cfg.aux_loss_coef * out.aux_loss + self.cfg.z_loss_coef * out.z_loss

@@ -142,7 +142,9 @@ def evaluate(model: torch.nn.Module, val: dict[str, list[np.ndarray]], token_byt
             x_BT, y_BT = xy_BT[:, :-1], xy_BT[:, 1:]
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 logits_BTV = model(x_BT).logits
-            nats += F.cross_entropy(logits_BTV.flatten(0, 1).float(), y_BT.flatten(), reduction="sum").item()
+            logits = logits_BTV.flatten(0, 1)
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least, never narrower
+            nats += F.cross_entropy(logits, y_BT.flatten(), reduction="sum").item()
             n_tok += y_BT.numel()
             n_bytes += int(token_bytes_V[y_BT.cpu()].sum())
             i = j
