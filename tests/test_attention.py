@@ -2,8 +2,8 @@
 
 import pytest
 import torch
+from conftest import tiny_cfg
 
-from moekit.config import ModelConfig
 from moekit.model.attention import (
     Attention,
     ContiguousContext,
@@ -15,12 +15,12 @@ from moekit.model.attention import (
 from moekit.model.reference import attention_naive
 from moekit.model.transformer import Transformer
 
+# The tiny config, 48 wide with 6 heads (so that n_kv_head can be 1, 2, 3 or 6), MQA, a GELU MoE in both layers.
+SHAPE = dict(d_model=48, n_head=6, n_kv_head=1, d_ff=64, moe_every=1, mlp="gelu", max_seq_len=64)
+
 
 def small_cfg(**kw):
-    base = dict(vocab_size=97, n_layer=2, d_model=48, n_head=6, n_kv_head=1, d_ff=64, n_expert=4, top_k=2,
-                max_seq_len=64)
-    base.update(kw)
-    return ModelConfig(**base)
+    return tiny_cfg(**{**SHAPE, **kw})
 
 
 @pytest.mark.parametrize("n_kv_head", [1, 2, 6])  # MQA, GQA, MHA
@@ -96,6 +96,8 @@ def test_loss_includes_router_losses_and_backpropagates():
     idx = torch.randint(0, 97, (2, 16))
     out = model(idx, idx)
     assert len(out.routing) == 2
+    # The language-model term is the cross-entropy of the returned logits, computed here on its own.
+    torch.testing.assert_close(out.ce_loss, torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), idx.flatten()))
     expected = out.ce_loss + 0.1 * out.aux_loss + 0.01 * out.z_loss
     torch.testing.assert_close(out.loss, expected)
     out.loss.backward()

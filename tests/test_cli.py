@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import tiny_cfg
 
 from moekit.cli import main
-from moekit.config import ModelConfig
 from moekit.resolve import save_config
 
 
@@ -33,7 +33,7 @@ def test_info_json_and_overrides(capsys):
 
 
 def test_info_reads_a_config_file(tmp_path, capsys):
-    save_config(ModelConfig(name="mine", n_layer=3, d_model=64, n_head=4), tmp_path / "config.json")
+    save_config(tiny_cfg(name="mine", n_layer=3), tmp_path / "config.json")
     code, out, _ = run_cli(capsys, "info", str(tmp_path), "--json")
     assert code == 0 and json.loads(out)["config"]["n_layer"] == 3
 

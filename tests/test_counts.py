@@ -1,9 +1,12 @@
-"""Analytic counts: equal to the built model's numel() for every preset; gpt4 inside SPEC's tolerances."""
+"""Analytic counts: equal to the built model's numel() for every preset; FLOPs equal to torch's FLOP counter
+over a real forward pass; gpt4 inside SPEC's tolerances."""
 
 import pytest
 import torch
+from conftest import tiny_cfg
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
-from moekit.config import ModelConfig
 from moekit.counts import count_params, flops_per_token, kv_bytes_per_token
 from moekit.model.moe import MoE
 from moekit.model.transformer import Transformer
@@ -89,8 +92,33 @@ def test_kv_bytes_per_token_mqa_vs_mha():
 
 
 def test_flops_hand_worked_tiny_dense():
-    cfg = ModelConfig(vocab_size=10, n_layer=1, d_model=4, n_head=2, n_kv_head=2, d_ff=8, max_seq_len=8)
+    cfg = tiny_cfg(vocab_size=10, n_layer=1, d_model=4, n_head=2, d_ff=8, n_expert=1, top_k=1, mlp="gelu",
+                   max_seq_len=8)  # one dense GELU layer, 4 wide, 2 heads of 2 (both KV heads), 10 tokens
     # attention 4*4*4 = 64, MLP 2*4*8 = 64, norms 3*4 = 12, embedding 40, lm_head 40
     c = count_params(cfg)
     assert (c.attention, c.dense_mlp, c.norms, c.embedding, c.lm_head, c.total) == (64, 64, 12, 40, 40, 220)
     assert flops_per_token(cfg).matmul == 2 * (220 - 40)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),  # the tiny config: a dense and a SwiGLU MoE layer, GQA
+    dict(n_expert=1, top_k=1, tie_embeddings=True),  # dense, the embedding read by the lm_head
+    dict(n_kv_head=4, mlp="gelu", moe_every=1, head_dim=12),  # MHA with a q width (48) unlike d_model
+    dict(n_kv_head=1, n_layer=4, dense_d_ff=40, n_expert=8, top_k=1),  # MQA, dense layers of their own width
+])
+@pytest.mark.parametrize("dispatch", ["sorted", "gather"])
+def test_flops_per_token_equal_torch_flop_counter(overrides, dispatch):
+    """Oracle: torch's FLOP counter over a real forward pass of T tokens, with the math attention kernel
+    (which it sees as matmuls over all T x T scores: `context` = T keys for every token, the convention of
+    counts). counts puts 2 FLOPs on each norm weight as well (norms are in N by convention, Kaplan et al.
+    2020), where the model multiplies them elementwise, and the embedding lookup is no matmul in either."""
+    cfg = tiny_cfg(**overrides)
+    model = Transformer(cfg).eval()
+    for moe in model.moe_layers():
+        moe.dispatch = dispatch
+    T = 16
+    idx = torch.randint(0, cfg.vocab_size, (1, T))
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(idx)
+    f = flops_per_token(cfg, context=T)
+    assert f.attention > 0 and counter.get_total_flops() == T * (f.total - 2 * count_params(cfg).norms)

@@ -13,10 +13,10 @@ import shutil
 
 import pytest
 import torch
+from conftest import tiny_cfg
 from safetensors.torch import load_file, save_file
 
 from moekit.cli import main
-from moekit.config import ModelConfig
 from moekit.hf import config_from_hf, config_to_hf, load_hf, parse_size, save_hf
 from moekit.model.attention import rope_inv_freq
 from moekit.model.transformer import Transformer
@@ -178,11 +178,11 @@ def test_hub_and_transformers5_config_forms_agree():
 
 @pytest.mark.parametrize("cfg", [
     get_preset("mixtral-8x7b"),
-    ModelConfig(name="m", vocab_size=V, n_layer=2, d_model=64, n_head=4, n_kv_head=1, head_dim=24, d_ff=48,
-                n_expert=4, top_k=2, mlp="swiglu", tie_embeddings=True, aux_loss_coef=0.05,
-                rope_scaling={"rope_type": "linear", "factor": 4.0}),
-    ModelConfig(name="d", vocab_size=V, n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=48, mlp="swiglu",
-                rope_theta=5e5, rope_scaling=dict(LLAMA3_ROPE), norm_eps=1e-6),
+    # MQA with a head_dim of its own, every layer MoE, tied, linear RoPE scaling; a dense Llama 3.1-style one.
+    tiny_cfg(name="m", vocab_size=V, d_model=64, n_kv_head=1, head_dim=24, moe_every=1, tie_embeddings=True,
+             aux_loss_coef=0.05, rope_scaling={"rope_type": "linear", "factor": 4.0}, max_seq_len=2048),
+    tiny_cfg(name="d", vocab_size=V, d_model=64, n_expert=1, top_k=1, moe_every=1, rope_theta=5e5,
+             rope_scaling=dict(LLAMA3_ROPE), norm_eps=1e-6, max_seq_len=2048),
 ])
 def test_config_to_hf_round_trip(cfg):
     import transformers
@@ -279,8 +279,7 @@ def test_parse_size():
 
 
 def test_save_native_moekit_model(tmp_path):
-    cfg = ModelConfig(name="native", vocab_size=V, n_layer=2, d_model=32, n_head=4, n_kv_head=1, d_ff=16,
-                      n_expert=4, top_k=2, mlp="swiglu")
+    cfg = tiny_cfg(name="native", vocab_size=V, n_kv_head=1, d_ff=16, moe_every=1, max_seq_len=2048)
     model = Transformer(cfg)
     model.init_weights(seed=0)
     again = load_hf(save_hf(model, tmp_path / "native"))

@@ -2,27 +2,17 @@
 
 import pytest
 import torch
-from safetensors.torch import save_file
-from test_infer_utils import CHARS, char_tokenizer, greedy_reference, tiny_model
+from conftest import CHARS, char_tokenizer, greedy_reference, save_run, tiny_model
 from tokenizers import Tokenizer, models
 
 from moekit.cli import main
 from moekit.infer.loader import load_model
-from moekit.resolve import save_config
 
 
 def write_run(folder, seed=0, tokenizer=None, checkpoint_step=None):
-    """A run folder as `moekit train` leaves it: config.json, tokenizer.json, safetensors weights."""
+    """A run folder of the tiny model (31 tokens: the character tokenizer's), tied embeddings; the model."""
     model = tiny_model(seed, vocab_size=31, tie_embeddings=True)
-    folder.mkdir(parents=True)
-    save_config(model.cfg, folder / "config.json")
-    (tokenizer or char_tokenizer()).save(str(folder / "tokenizer.json"))
-    tensors = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied: once
-    target = folder / "model.safetensors"
-    if checkpoint_step is not None:
-        target = folder / "checkpoints" / f"step_{checkpoint_step:08d}" / "model.safetensors"
-        target.parent.mkdir(parents=True)
-    save_file(tensors, target)
+    save_run(folder, model, tokenizer or char_tokenizer(), checkpoint_step)
     return model
 
 

@@ -6,7 +6,7 @@ replayed, and the same checks run against the eager runner.
 
 import pytest
 import torch
-from test_infer_utils import greedy_reference, random_prompts, tiny_model
+from conftest import greedy_reference, random_prompts, tiny_model
 
 from moekit.infer.cuda_graphs import DecodeGraphs
 from moekit.infer.engine import Engine

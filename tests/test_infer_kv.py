@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from test_infer_utils import tiny_cfg
+from conftest import tiny_cfg
 
 from moekit.counts import kv_bytes_per_token
 from moekit.infer.kv_cache import KVCacheManager, PagedKVCache, hash_block, num_blocks_for

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from test_infer_utils import greedy_reference, random_prompts, tiny_model
+from conftest import greedy_reference, random_prompts, tiny_model
 
 from moekit.infer import Engine, SamplingParams, speculative
 from moekit.model.moe import MoE

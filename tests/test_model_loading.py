@@ -3,13 +3,13 @@ runs saved before the Experts module (expert weights `blocks.{i}.mlp.w1` stored 
 
 import pytest
 import torch
+from conftest import tiny_cfg
 
-from moekit.config import ModelConfig
 from moekit.model.transformer import Transformer, upgrade_state_dict
 from moekit.train.checkpoint import CheckpointError, load_model_tensors, load_optimizer_tensors, optimizer_tensors
 
-CFG = ModelConfig(vocab_size=61, n_layer=2, d_model=16, n_head=2, head_dim=8, d_ff=24, n_expert=4, top_k=2,
-                  moe_every=2, mlp="swiglu", max_seq_len=32, tie_embeddings=True)
+# The tiny config (a dense and a SwiGLU MoE layer) at 16 wide, 2 heads of 8 with one KV head, 61 tokens, tied.
+CFG = tiny_cfg(vocab_size=61, d_model=16, n_head=2, n_kv_head=1, d_ff=24, max_seq_len=32, tie_embeddings=True)
 
 
 def model(seed: int = 0) -> Transformer:

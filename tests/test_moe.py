@@ -4,15 +4,16 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_cfg
 
-from moekit.config import ModelConfig
 from moekit.model.moe import MLP, MoE, capacity_keep, load_balancing_loss, route
 from moekit.model.reference import capacity_keep_loop, moe_loop
 
 
 def make_moe(mlp="gelu", n_expert=8, top_k=2, capacity_factor=0.0, d_model=32, d_ff=48, seed=0):
-    cfg = ModelConfig(vocab_size=16, n_layer=1, d_model=d_model, n_head=4, d_ff=d_ff, n_expert=n_expert,
-                      top_k=top_k, mlp=mlp, capacity_factor=capacity_factor)
+    # One MoE layer reads d_model, d_ff, n_expert, top_k, mlp and capacity_factor of the tiny config.
+    cfg = tiny_cfg(d_model=d_model, d_ff=d_ff, n_expert=n_expert, top_k=top_k, mlp=mlp,
+                   capacity_factor=capacity_factor)
     torch.manual_seed(seed)
     moe = MoE(cfg).double()
     for p in moe.parameters():
@@ -71,7 +72,7 @@ def test_gather_path_reads_only_routed_experts():
 @pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
 def test_one_expert_equals_dense_mlp(mlp):
     moe = make_moe(mlp=mlp, n_expert=1, top_k=1)
-    cfg = ModelConfig(vocab_size=16, n_layer=1, d_model=32, n_head=4, d_ff=48, mlp=mlp)
+    cfg = tiny_cfg(n_expert=1, top_k=1, mlp=mlp)  # a dense MLP of d_model 32 (d_ff given: 48)
     dense = MLP(cfg, 48).double()
     with torch.no_grad():
         dense.w1.weight.copy_(moe.experts.w1[0])  # experts are stored (E, out, in), as nn.Linear

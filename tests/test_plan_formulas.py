@@ -1,14 +1,17 @@
 """The planner's formulas against hand-worked numbers and slow, obviously correct oracles (issue 3).
 
-Oracles: a Monte-Carlo simulation of random top-k routing for the expert coverage; `moekit.counts`
-for the parameters the pipeline layout hands out; a linear search for the closed-form largest batch
-and for the bisection on a tokens/s-per-user target.
+Oracles: exact enumeration of every routing of a few tokens and a Monte-Carlo simulation of random
+top-k routing for the expert coverage; `moekit.counts` for the parameters the pipeline layout hands
+out; the trainer's FLOP count (itself checked against torch's FLOP counter) for the training FLOPs; a
+linear search for the closed-form largest batch and for the bisection on a tokens/s-per-user target.
 """
 
+import itertools
 import math
 
 import numpy as np
 import pytest
+from conftest import tiny_cfg
 
 from moekit.counts import count_params, flops_per_token
 from moekit.plan import expert_coverage, serve, stages, train
@@ -16,6 +19,7 @@ from moekit.plan.hardware import GPU
 from moekit.plan.layout import layers_per_stage
 from moekit.plan.train import activation_bytes
 from moekit.presets import PRESETS, get_preset
+from moekit.train.metrics import train_flops_per_token
 
 
 @pytest.fixture(autouse=True)
@@ -34,11 +38,22 @@ def toy_gpu(**changes) -> GPU:
 
 def test_coverage_hand_worked():
     assert expert_coverage(16, 2, 1) == pytest.approx(2)  # batch 1 reads exactly its top-2
-    assert expert_coverage(16, 2, 8) == pytest.approx(16 * (1 - (14 / 16) ** 8))  # 10.50
+    # Two tokens: 4 assignments, less the expected overlap of two random pairs, 2 x 2 / 16 (each of the
+    # second token's 2 experts is one of the first token's 2 with probability 2/16).
+    assert expert_coverage(16, 2, 2) == pytest.approx(4 - 2 * 2 / 16)  # 3.75
     assert expert_coverage(16, 2, 8) == pytest.approx(10.5023, abs=1e-4)
     assert expert_coverage(16, 2, 0) == 0
     assert expert_coverage(16, 2, 4096) == pytest.approx(16)
     assert expert_coverage(1, 1, 100) == 1  # a dense MLP is one "expert", always read
+
+
+@pytest.mark.parametrize("n_expert, top_k, tokens", [(4, 2, 3), (5, 2, 2), (6, 3, 3), (8, 2, 2), (5, 1, 4)])
+def test_coverage_equals_the_mean_over_every_routing(n_expert, top_k, tokens):
+    # Oracle: every way the tokens can pick their k distinct experts, all equally likely; the mean
+    # number of distinct experts touched, exactly.
+    subsets = list(itertools.combinations(range(n_expert), top_k))
+    touched = [len(set().union(*picks)) for picks in itertools.product(subsets, repeat=tokens)]
+    assert expert_coverage(n_expert, top_k, tokens) == pytest.approx(sum(touched) / len(touched), rel=1e-12)
 
 
 @pytest.mark.parametrize("n_expert, top_k, tokens",
@@ -84,10 +99,7 @@ def test_stages_hand_out_exactly_the_counted_parameters(name, pp):
 # ---- training ------------------------------------------------------------------------------------
 
 def test_activation_bytes_hand_worked():
-    from moekit.config import ModelConfig
-
-    cfg = ModelConfig(vocab_size=64, n_layer=2, d_model=8, n_head=2, head_dim=4, n_kv_head=1, d_ff=16,
-                      n_expert=4, top_k=2)
+    cfg = tiny_cfg(d_model=8, n_head=2, n_kv_head=1, d_ff=16, moe_every=1, mlp="gelu")  # heads of 4, 4 experts
     # MoE layer, h=8, q=8, kv=4, f=16, k=2: d_model-sized 4h + 2kh = 64; split 2q + k * 2f = 80, + 2kv = 8;
     # router 2E = 8 (fp32 logits counted in bf16 units); x 2 bytes.
     assert activation_bytes(cfg, True, tp=1, sequence_parallel=True) == 2 * (64 + 80 + 8 + 8)
@@ -135,7 +147,10 @@ def test_bubble_and_time_hand_worked():
     p = train(cfg, "A100-80GB", n_gpus=16, tokens=1e12, mfu=0.5, tp=1, pp=4, batch_tokens=32 * 1024,
               seq_len=1024)
     assert (p.dp, p.micro_batches, p.bubble) == (4, 8, pytest.approx(3 / 11))
-    flops = 6 * (flops_per_token(cfg).matmul / 2) * 1e12
+    # The planner counts what the trainer's MFU counts (moekit.train.metrics, checked against torch's FLOP
+    # counter in test_train_loop.py): 6 x active matmul parameters per token without attention.
+    flops = 1e12 * train_flops_per_token(cfg, 0)
+    assert flops == pytest.approx(6 * 1e12 * flops_per_token(cfg).matmul / 2)
     assert p.flops == pytest.approx(flops)
     assert p.seconds == pytest.approx(flops / (16 * 312e12 * 0.5))
     assert p.cost == pytest.approx(16 * p.seconds / 3600 * 1.0)  # $1 per A100-hour
@@ -144,7 +159,7 @@ def test_bubble_and_time_hand_worked():
                  seq_len=1024)
     assert back.mfu == pytest.approx(0.5)
     with_attn = train(cfg, "A100-80GB", n_gpus=16, tokens=1e12, mfu=0.5, tp=1, pp=4, include_attention=True)
-    assert with_attn.flops == pytest.approx(flops + 1e12 * 3 * 4 * cfg.n_layer * 1024 * cfg.q_dim)
+    assert with_attn.flops == pytest.approx(1e12 * train_flops_per_token(cfg, 1024))  # the trainer's, at 1k context
 
 
 # ---- serving -------------------------------------------------------------------------------------

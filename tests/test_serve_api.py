@@ -2,7 +2,7 @@
 seeds, logprobs, echo, usage, models, and every error as the matching `openai` exception class.
 
 One server subprocess (with an API key) serves the whole module; greedy outputs are checked
-against full recomputation with the model the test wrote (test_infer_utils.greedy_reference).
+against full recomputation with the model the test wrote (conftest.greedy_reference).
 """
 
 import json
@@ -10,7 +10,7 @@ import json
 import openai
 import pytest
 import torch
-from test_infer_utils import greedy_reference
+from conftest import greedy_reference
 from test_serve_utils import API_KEY, ServerProcess, ascii_tokenizer, encode, request, write_run
 
 from moekit.serve.chat import render_default

@@ -1,7 +1,7 @@
 """Helpers shared by tests/test_serve_*.py: a tiny random moekit run on disk, a `moekit serve` subprocess,
 raw HTTP and /metrics parsing. (No tests here.)
 
-The model is tests/test_infer_utils.py's tiny MoE (2 layers, 4 experts, top-2, 128-token context)
+The model is tests/conftest.py's tiny MoE (2 layers, 4 experts, top-2, 128-token context)
 with a 97-token vocabulary: `<|endoftext|>` and one token per printable ASCII character and newline,
 so any ASCII text (the default chat template's "User:" included) round-trips exactly.
 """
@@ -18,32 +18,21 @@ import sys
 import time
 from pathlib import Path
 
-from safetensors.torch import save_file
-from test_infer_utils import tiny_model
-from tokenizers import Tokenizer, decoders, models
-
-from moekit.resolve import save_config
+from conftest import char_tokenizer, save_run, tiny_model
+from tokenizers import Tokenizer
 
 ASCII = [chr(i) for i in range(32, 127)] + ["\n"]
 API_KEY = "test-key-123"
 
 
 def ascii_tokenizer() -> Tokenizer:
-    vocab = {c: i for i, c in enumerate(["<|endoftext|>"] + ASCII)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.add_special_tokens(["<|endoftext|>"])
-    tok.decoder = decoders.Fuse()
-    return tok
+    return char_tokenizer(ASCII)
 
 
 def write_run(folder: Path, seed: int = 0, **overrides):
     """A run folder as `moekit train` leaves it: config.json, tokenizer.json, model.safetensors; the model."""
     model = tiny_model(seed, vocab_size=97, tie_embeddings=True, **overrides)
-    folder.mkdir(parents=True)
-    save_config(model.cfg, folder / "config.json")
-    ascii_tokenizer().save(str(folder / "tokenizer.json"))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
-              folder / "model.safetensors")
+    save_run(folder, model, ascii_tokenizer())
     return model
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_cfg
 
-from moekit.config import ModelConfig
 from moekit.model.transformer import Transformer
 from moekit.train.checkpoint import (
     CheckpointError,
@@ -23,8 +23,9 @@ from moekit.train.checkpoint import (
 from moekit.train.config import TrainConfig
 from moekit.train.loop import build_optimizer
 
-CFG = ModelConfig(vocab_size=64, n_layer=2, d_model=16, n_head=2, head_dim=8, d_ff=32, n_expert=4, top_k=2,
-                  max_seq_len=16, tie_embeddings=True)
+# The tiny config at 16 wide (2 heads of 8, one KV head), 64 tokens, a GELU MoE in both layers, tied embeddings.
+CFG = tiny_cfg(vocab_size=64, d_model=16, n_head=2, n_kv_head=1, d_ff=32, moe_every=1, mlp="gelu", max_seq_len=16,
+               tie_embeddings=True)
 
 
 def model_and_opt(seed=0):
@@ -164,15 +165,16 @@ print(json.dumps(results))
 
 @pytest.mark.slow
 def test_sigkill_at_any_point_of_a_save_leaves_a_loadable_checkpoint(tmp_path):
-    small = dict(CFG.to_dict(), n_layer=1)
-    out = subprocess.run([sys.executable, "-c", KILLER, str(tmp_path), json.dumps(small)], capture_output=True,
-                         text=True, timeout=120, env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
+    small = CFG.replace(n_layer=1)
+    out = subprocess.run([sys.executable, "-c", KILLER, str(tmp_path), json.dumps(small.to_dict())],
+                         capture_output=True, text=True, timeout=120,
+                         env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
     assert out.returncode == 0, out.stderr
     results = json.loads(out.stdout)
     assert len(results) >= 6 and [r["killed"] for r in results] == [True] * (len(results) - 1) + [False]
     steps = []
     for r in results:
-        model = Transformer(ModelConfig(**small))
+        model = Transformer(small)
         opt = torch.optim.AdamW(model.parameters())
         _, state = load_latest(r["run"], model, opt, log=lambda m: None)  # never fails
         steps.append(state["step"])

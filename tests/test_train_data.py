@@ -181,8 +181,9 @@ def test_packing_windows_and_validation_windows():
 
 # ---- the epoch-weighted mixture ---------------------------------------------------------------------------
 def make_mixture(seed=0):
-    text = PackedSource("text", 2.0, np.arange(3000, dtype=np.uint16) % 7, 10)  # 299 windows x 2 epochs
-    code = PackedSource("code", 4.0, np.arange(5000, dtype=np.uint16) % 5, 10)  # 499 windows x 4 epochs
+    # Tokens 0, 1, 2, ...: window j of a source (seq_len 10) starts with token 10 j, so a batch says which it is.
+    text = PackedSource("text", 2.0, np.arange(3000, dtype=np.uint16), 10)  # 299 windows x 2 epochs
+    code = PackedSource("code", 4.0, np.arange(5000, dtype=np.uint16), 10)  # 499 windows x 4 epochs
     return Mixture([text, code], seed)
 
 
@@ -201,11 +202,9 @@ def test_mixture_follows_tokens_times_epochs_within_sampling_error():
 def test_mixture_sees_every_window_once_per_epoch():
     m = make_mixture()
     seen = {0: [], 1: []}
-    for _ in range(3000):
-        s = m._choice(m.next_seq)
-        seen[s].append(m._window_index(s, m.taken[s]))
-        m.taken[s] += 1
-        m.next_seq += 1
+    x, _, which = m.next_batch(3000)
+    for first, s in zip(x[:, 0].tolist(), which, strict=True):
+        seen[s].append(first // 10)  # the window's index in its source
     for s, n in ((0, 299), (1, 499)):
         full = len(seen[s]) // n
         assert full >= 1
