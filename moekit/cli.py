@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 2
         args.overrides = overrides
+        args.argv = argv  # as given: `moekit train --nproc N` hands it on to its workers
         return importlib.import_module(args._module).run(args) or 0
     except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
         print(f"moekit: error: {e}", file=sys.stderr)

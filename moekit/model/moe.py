@@ -24,6 +24,7 @@ F expert hidden size, N routed assignments (T x K, fewer after capacity dropping
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -109,7 +110,8 @@ def count_per_expert(expert_N: torch.Tensor, n: int) -> torch.Tensor:
         0, expert_N.reshape(-1), torch.ones_like(expert_N.reshape(-1)))
 
 
-def load_balancing_loss(probs_TE: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
+def load_balancing_loss(probs_TE: torch.Tensor, experts_TK: torch.Tensor,
+                        reduce_counts: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Switch Transformer (Fedus et al. 2021, eq. 4), normalized so that perfect balance gives 1:
 
         aux = E * sum_e f_e * P_e,   f_e = (assignments to e) / (T * K),   P_e = mean_t probs[t, e]
@@ -117,10 +119,19 @@ def load_balancing_loss(probs_TE: torch.Tensor, experts_TK: torch.Tensor) -> tor
     With uniform routing f_e = P_e = 1/E, so aux = E * E * (1/E^2) = 1; any imbalance raises it.
     f_e counts router decisions before capacity dropping and is not differentiable; P_e carries the
     gradient.
+
+    `reduce_counts` (set on the MoE from outside by data parallelism) sums the assignment counts over
+    the data-parallel ranks: f_e is then the whole global batch's, as in one process. Each rank keeps
+    its own P_e; since the loss is linear in P and DDP/FSDP average the gradients, the mean of the
+    ranks' losses and its gradient equal one process's (global-batch balancing, Qiu et al. 2025,
+    "Demons in the Detail"; Megatron's per-micro-batch statistic is the special case of one rank).
     """
     E = probs_TE.shape[-1]
-    f_E = count_per_expert(experts_TK, E).to(probs_TE.dtype) / experts_TK.numel()
-    return E * (f_E * probs_TE.mean(dim=0)).sum()
+    counts_E = count_per_expert(experts_TK, E).to(probs_TE.dtype)
+    n = torch.tensor(float(experts_TK.numel()), dtype=probs_TE.dtype, device=probs_TE.device)
+    if reduce_counts is not None:
+        counts_E, n = reduce_counts(torch.cat([counts_E, n[None]])).split([E, 1])
+    return E * (counts_E / n * probs_TE.mean(dim=0)).sum()
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -149,9 +160,18 @@ class Experts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(n_expert, d_ff, d_model)) if swiglu else None
         self.w2 = nn.Parameter(torch.empty(n_expert, d_model, d_ff))
 
+    def local_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """w1, w2, w3 as plain tensors: this rank's shards when tensor parallelism made them DTensors
+        (moekit/parallel/tensor.py splits F; the kernels below run on the local slice, as torchtitan's
+        GroupedExperts does), the weights themselves otherwise."""
+        def local(w):
+            return w.to_local() if hasattr(w, "to_local") else w
+
+        return local(self.w1), local(self.w2), local(self.w3)
+
     def _weights(self, dtype: torch.dtype):
-        w3 = self.w3.to(dtype) if self.w3 is not None else None
-        return self.w1.to(dtype), self.w2.to(dtype), w3
+        w1, w2, w3 = self.local_weights()
+        return w1.to(dtype), w2.to(dtype), (w3.to(dtype) if w3 is not None else None)
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         w1, w2, w3 = self._weights(x_ND.dtype)
@@ -161,12 +181,14 @@ class Experts(nn.Module):
         return grouped_expert_mlp(x_ND, counts_E.tolist(), w1, w2, w3)
 
     def gather(self, x_ND: torch.Tensor, expert_N: torch.Tensor) -> torch.Tensor:
+        w1, w2, w3 = self.local_weights()
+
         def pick(w_EOI):  # gather the routed experts first, then cast: read k experts, not E
             return w_EOI[expert_N].to(x_ND.dtype).transpose(1, 2)
 
         x_N1D = x_ND.unsqueeze(1)
-        h3 = torch.bmm(x_N1D, pick(self.w3)) if self.w3 is not None else None
-        return torch.bmm(activation(torch.bmm(x_N1D, pick(self.w1)), h3), pick(self.w2)).squeeze(1)
+        h3 = torch.bmm(x_N1D, pick(w3)) if w3 is not None else None
+        return torch.bmm(activation(torch.bmm(x_N1D, pick(w1)), h3), pick(w2)).squeeze(1)
 
     def capturable(self, dispatch: str, dtype: torch.dtype) -> bool:
         """Can a CUDA graph capture this dispatch path at compute dtype `dtype` (no host sync)?"""
@@ -184,6 +206,8 @@ class MoE(nn.Module):
         self.experts = Experts(cfg.n_expert, cfg.d_model, cfg.d_ff, cfg.mlp == "swiglu")
         self.router = Router(cfg)
         self.dispatch = "auto"
+        # Data parallelism sets this to a sum over its ranks (moekit/parallel/data.py): see load_balancing_loss.
+        self.reduce_counts: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, RoutingInfo]:
         x_TD = x_BTD.reshape(-1, x_BTD.shape[-1])
@@ -210,7 +234,7 @@ class MoE(nn.Module):
         # engine) they are left out: ~15 small kernels per layer, a sixth of a graphed decode step's.
         serving = torch.is_inference_mode_enabled()
         info = RoutingInfo(
-            aux_loss=None if serving else load_balancing_loss(probs_TE, experts_TK),
+            aux_loss=None if serving else load_balancing_loss(probs_TE, experts_TK, self.reduce_counts),
             z_loss=None if serving else torch.logsumexp(logits_TE, dim=-1).square().mean(),
             tokens_per_expert_E=count_per_expert(kept_N, E),
             dropped=dropped.detach(),

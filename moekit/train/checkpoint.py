@@ -150,6 +150,15 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer | None,
                     state: dict, keep: int = 3) -> Path:
     """Write checkpoint `step` atomically, then delete all but the newest `keep`."""
+    files = {MODEL_FILE: model_tensors(model)}
+    if opt is not None:
+        files[OPTIM_FILE] = optimizer_tensors(model, opt)
+    return save_checkpoint_files(run_dir, step, files, state, keep)
+
+
+def save_checkpoint_files(run_dir: str | Path, step: int, files: dict[str, dict[str, torch.Tensor]], state: dict,
+                          keep: int = 3) -> Path:
+    """`save_checkpoint` for tensors already gathered ({MODEL_FILE: ..., OPTIM_FILE: ...}), e.g. from many ranks."""
     folder = Path(run_dir) / CKPT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     for stale in [*folder.glob(".tmp-*"), *folder.glob(".del-*")]:  # left by a kill during an earlier save
@@ -157,9 +166,6 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opt:
     final = step_dir(run_dir, step)
     tmp = folder / f".tmp-{final.name}-{os.getpid()}"
     tmp.mkdir()
-    files = {MODEL_FILE: model_tensors(model)}
-    if opt is not None:
-        files[OPTIM_FILE] = optimizer_tensors(model, opt)
     state = dict(state, step=step, files={})
     for name, tensors in files.items():
         save_file(tensors, tmp / name, metadata={"format": "pt", "step": str(step)})

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from moekit.config import ModelConfig
 from moekit.presets import get_preset
 from moekit.resolve import apply_overrides, load_config, save_config
-from moekit.train.checkpoint import CKPT_DIR, load_latest, model_tensors
+from moekit.train.checkpoint import CKPT_DIR
 from moekit.train.config import TrainConfig
 from moekit.train.corpus import resolve_sources
 from moekit.train.data import Mixture, PackedSource, tokenize_cached, val_windows
@@ -84,6 +84,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         kind = {"int": int, "float": float}.get(f.type, str)
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, dest=f.name,
                        help=text if "default" in text else f"{text} (default: {_default(f)})")
+    add_parallel_arguments(p)
     p.epilog = ("Model overrides: --key=value with a ModelConfig field, e.g. --n_layer=2 --top_k=1 (see "
                 "`moekit info tiny --json`). Training flags are written with dashes.")
 
@@ -183,18 +184,77 @@ def prepare_data(tc: TrainConfig, seq_len: int, vocab_size: int, tokenizer_path:
 
 
 # ---- the command -----------------------------------------------------------------------------------------
-def run(args: argparse.Namespace) -> int:
-    from moekit.model.transformer import Transformer
-    from moekit.train.loop import Trainer, amp_dtype, seed_everything
-    from moekit.train.metrics import peak_flops
-    from moekit.util import resolve_device
+def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallel (moekit/parallel/; README, Distributed training)")
+    g.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train on N local processes (starts torchrun's elastic agent; default 1)")
+    g.add_argument("--dp", type=int, default=0, help="data-parallel ranks (default: the processes --tp leaves)")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks, sequence parallel and a "
+                   "vocabulary-parallel loss (must divide the query heads; default 1)")
+    g.add_argument("--zero", type=int, default=0, help="how data-parallel ranks share the training state: "
+                   "0 DDP, 1 ZeRO-1 (sharded optimizer state), 2 FSDP2 ZeRO-2, 3 FSDP2 ZeRO-3 (default 0)")
+    g.add_argument("--collective-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="a collective that waits longer fails the job instead of hanging it (default 600)")
 
+
+def _layout_flags(args: argparse.Namespace, world: int, cfg: ModelConfig):
+    from moekit.parallel.mesh import ParallelDims
+
+    if args.nproc is not None and args.nproc < 1:
+        raise ValueError(f"--nproc {args.nproc}: the number of processes must be >= 1 (1 = this process)")
+    return ParallelDims.from_flags(world, dp=args.dp, tp=args.tp, zero=args.zero, cfg=cfg)
+
+
+def _in_job() -> bool:
+    """Is this process a worker of a torchrun job (of more than one process)?"""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+class _Job:
+    """This process's place in the run: the layout, and the barrier around what only the main rank writes."""
+
+    def __init__(self, args: argparse.Namespace, cfg: ModelConfig, device_choice: str):
+        from moekit.parallel.mesh import init_distributed
+        from moekit.parallel.parallelize import Layout
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if args.nproc not in (None, 1, world) and _in_job():
+            raise ValueError(f"--nproc {args.nproc} under torchrun's {world} processes: drop --nproc")
+        dims = _layout_flags(args, world, cfg)  # every rank checks the same flags: all fail alike, none waits
+        self.env = init_distributed(device_choice, timeout=args.collective_timeout)
+        self.layout = Layout.from_env(dims, self.env)
+        self.is_main = self.env.is_main
+
+    def barrier(self) -> None:
+        if self.layout.mesh is not None:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        from moekit.parallel.mesh import destroy_distributed
+
+        destroy_distributed()
+
+
+def _maybe_launch(args: argparse.Namespace, cfg: ModelConfig) -> int | None:
+    """`--nproc N` outside a torchrun job: check the layout here, then start the N workers; None = train here."""
+    if args.nproc in (None, 1) or _in_job():
+        return None
+    _layout_flags(args, args.nproc, cfg)  # before any process starts work
+    from moekit.train.launch import launch
+
+    argv = list(args.argv)
+    return launch(args.nproc, argv[argv.index("train") + 1:])
+
+
+def run(args: argparse.Namespace) -> int:
     log = tqdm.write
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     misnamed = sorted(k for k in args.overrides if k in train_fields)
     if misnamed:
         raise ValueError(f"--{misnamed[0]} is a training flag: write it with dashes, "
                          f"--{misnamed[0].replace('_', '-')}")
+    if args.nproc is not None and args.nproc < 1:
+        raise ValueError(f"--nproc {args.nproc}: the number of processes must be >= 1 (1 = this process)")
     given = _given(args)
     if args.resume:
         return resume(args, given, log)
@@ -231,9 +291,29 @@ def run(args: argparse.Namespace) -> int:
     suffix = ("-ft" if seq_len == base_len else f"-{seq_len}") if args.init_from else ""
     out = Path(args.out or f"runs/{cfg.name}{suffix}")
     check_out_dir(out, args.overwrite)
-    device = resolve_device(tc.device)
+    launched = _maybe_launch(args, cfg)
+    if launched is not None:
+        return launched
+    job = _Job(args, cfg, tc.device)
+    try:
+        return _train_new(args, job, tc, cfg, out, tokenizer_path, seq_len, log)
+    finally:
+        job.close()
 
+
+def _train_new(args, job: _Job, tc: TrainConfig, cfg: ModelConfig, out: Path, tokenizer_path, seq_len: int,
+               log) -> int:
+    from moekit.model.transformer import Transformer
+    from moekit.train.loop import Trainer, amp_dtype, seed_everything
+    from moekit.train.metrics import peak_flops
+
+    device = job.env.device
+    if not job.is_main:
+        log = _quiet
+        job.barrier()  # the main rank trains the tokenizer and fills the token caches first; then read them
     data = prepare_data(tc, seq_len, cfg.vocab_size, tokenizer_path, log)
+    if job.is_main:
+        job.barrier()
     n_vocab = data.tokenizer.get_vocab_size()
     if n_vocab > cfg.vocab_size:
         if "vocab_size" in args.overrides or args.init_from:
@@ -242,32 +322,44 @@ def run(args: argparse.Namespace) -> int:
         log(f"vocab_size {cfg.vocab_size:,} -> {n_vocab:,} to fit the tokenizer")
         cfg = cfg.replace(vocab_size=n_vocab)
 
-    seed_everything(tc.seed)
+    seed_everything(tc.seed)  # the same seed on every rank: identical initial weights, whatever the layout
     model = Transformer(cfg).to(device)
+    dtype = amp_dtype(tc.dtype, device)
+    trainer = Trainer(model, tc, seq_len, data.mixture, data.val, data.token_bytes_V, out, device, None,
+                      {"fingerprints": data.fingerprints}, layout=job.layout)
     if args.init_from:  # before the run folder exists: a bad checkpoint leaves nothing behind
-        path, _ = load_latest(args.init_from, model, log=log)
+        path, _ = trainer.load_latest(args.init_from, with_optimizer=False, log=log)
         log(f"weights from {path}" + (f"; context {seq_len:,} with RoPE interpolation x"
                                       f"{cfg.rope_scaling['factor']:g}" if cfg.rope_scaling else ""))
-
-    create_out_dir(out, args.overwrite)
-    save_config(cfg, out / "config.json")
-    tc.save(out / "train_config.json")
-    atomic_write_text(out / "tokenizer.json", data.tokenizer_json)
-    dtype = amp_dtype(tc.dtype, device)
-    peak, peak_src = peak_flops(dtype or torch.float32, device)
-    trainer = Trainer(model, tc, seq_len, data.mixture, data.val, data.token_bytes_V, out, device, peak,
-                      {"fingerprints": data.fingerprints})
-    trainer.metrics.write({"event": "start", "model": cfg.to_dict(), "train": tc.to_dict(), "device": str(device),
-                           "dtype": str(dtype or torch.float32), "peak_flops": peak, "peak_source": peak_src,
-                           "flops_per_token": trainer.flops_per_token})
+    peak, peak_src = None, ""
+    if job.is_main:
+        create_out_dir(out, args.overwrite)
+        save_config(cfg, out / "config.json")
+        tc.save(out / "train_config.json")
+        atomic_write_text(out / "tokenizer.json", data.tokenizer_json)
+        peak, peak_src = peak_flops(dtype or torch.float32, device)
+        trainer.peak = peak
+        trainer.metrics.write({"event": "start", "model": cfg.to_dict(), "train": tc.to_dict(),
+                               "device": str(device), "dtype": str(dtype or torch.float32), "peak_flops": peak,
+                               "peak_source": peak_src, "flops_per_token": trainer.flops_per_token,
+                               "layout": _layout_record(job)})
+    job.barrier()
     return _train_and_report(trainer, out, args, log, peak, peak_src)
+
+
+def _layout_record(job: _Job) -> dict:
+    d = job.layout.dims
+    return {"world_size": d.world_size, "dp": d.dp, "tp": d.tp, "zero": d.zero, "describe": d.describe()}
+
+
+def _quiet(line: str) -> None:
+    pass
 
 
 def resume(args: argparse.Namespace, given: dict, log) -> int:
     from moekit.model.transformer import Transformer
     from moekit.train.loop import Trainer, amp_dtype
     from moekit.train.metrics import peak_flops
-    from moekit.util import resolve_device
 
     run_dir = Path(args.resume)
     if not (run_dir / "train_config.json").is_file() or not (run_dir / "config.json").is_file():
@@ -278,57 +370,90 @@ def resume(args: argparse.Namespace, given: dict, log) -> int:
                             ("--preset", args.preset), ("--out", args.out)) if v]
     if fixed or extra or args.overrides:
         bad = [f"--{n.replace('_', '-')}" for n in fixed] + extra + [f"--{k}" for k in args.overrides]
-        raise ValueError(f"--resume continues a run with its saved settings; only --max-minutes and --steps may "
-                         f"change (got {', '.join(bad)})")
+        raise ValueError(f"--resume continues a run with its saved settings; only --max-minutes and --steps (and "
+                         f"the layout: --nproc, --dp, --tp, --zero) may change (got {', '.join(bad)})")
     tc = TrainConfig.load(run_dir / "train_config.json").replace(**given)
     cfg = load_config(run_dir / "config.json")
-    device = resolve_device(tc.device)
-    data = prepare_data(tc, tc.seq_len, cfg.vocab_size, str(run_dir / "tokenizer.json"), log)
-    model = Transformer(cfg).to(device)
-    trainer = Trainer(model, tc, tc.seq_len, data.mixture, data.val, data.token_bytes_V, run_dir, device, None,
-                      {"fingerprints": data.fingerprints})
-    path, ckpt = load_latest(run_dir, model, trainer.opt, log=log)
-    trainer.restore(ckpt)
-    log(f"resumed {run_dir} from {path.name}: step {ckpt['step']}, {ckpt['tokens_seen']:,} tokens")
-    if trainer.finished():
-        log(f"the run is complete at step {trainer.state.step}; pass --steps N (more) or --max-minutes M "
-            "to train further")
-        return 0
-    changed = sorted(n for n, fp in data.fingerprints.items() if ckpt.get("fingerprints", {}).get(n) != fp)
-    if changed:
-        log(f"warning: data source(s) {', '.join(changed)} changed since the checkpoint: the resumed run "
-            "will not repeat the original one exactly")
-    if given:
-        tc.save(run_dir / "train_config.json")
-    trainer.peak, peak_src = peak_flops(amp_dtype(tc.dtype, device) or torch.float32, device)
-    trainer.metrics.write({"event": "resume", "step": ckpt["step"], "checkpoint": str(path),
-                           "peak_flops": trainer.peak, "peak_source": peak_src})
-    return _train_and_report(trainer, run_dir, args, log, trainer.peak, peak_src)
+    launched = _maybe_launch(args, cfg)
+    if launched is not None:
+        return launched
+    job = _Job(args, cfg, tc.device)
+    try:
+        device = job.env.device
+        if not job.is_main:
+            log = _quiet
+        data = prepare_data(tc, tc.seq_len, cfg.vocab_size, str(run_dir / "tokenizer.json"), log)
+        model = Transformer(cfg).to(device)
+        trainer = Trainer(model, tc, tc.seq_len, data.mixture, data.val, data.token_bytes_V, run_dir, device, None,
+                          {"fingerprints": data.fingerprints}, layout=job.layout)
+        path, ckpt = trainer.load_latest(run_dir, log=log)  # saved by any layout: each rank keeps its part
+        trainer.restore(ckpt)
+        log(f"resumed {run_dir} from {path.name}: step {ckpt['step']}, {ckpt['tokens_seen']:,} tokens"
+            + ("" if job.layout.mesh is None else f" on {job.layout.describe()}"))
+        if trainer.finished():
+            log(f"the run is complete at step {trainer.state.step}; pass --steps N (more) or --max-minutes M "
+                "to train further")
+            return 0
+        changed = sorted(n for n, fp in data.fingerprints.items() if ckpt.get("fingerprints", {}).get(n) != fp)
+        if changed:
+            log(f"warning: data source(s) {', '.join(changed)} changed since the checkpoint: the resumed run "
+                "will not repeat the original one exactly")
+        peak_src = ""
+        if job.is_main:
+            if given:
+                tc.save(run_dir / "train_config.json")
+            trainer.peak, peak_src = peak_flops(amp_dtype(tc.dtype, device) or torch.float32, device)
+            trainer.metrics.write({"event": "resume", "step": ckpt["step"], "checkpoint": str(path),
+                                   "peak_flops": trainer.peak, "peak_source": peak_src,
+                                   "layout": _layout_record(job)})
+        job.barrier()
+        return _train_and_report(trainer, run_dir, args, log, trainer.peak, peak_src)
+    finally:
+        job.close()
 
 
-def _train_and_report(trainer, out: Path, args: argparse.Namespace, log, peak: float, peak_src: str) -> int:
+def _train_and_report(trainer, out: Path, args: argparse.Namespace, log, peak: float | None, peak_src: str) -> int:
+    from moekit.model.transformer import Transformer
+    from moekit.train.dist_checkpoint import gather_tensors
     from moekit.train.loop import fmt
     from moekit.train.sample import complete
 
-    c = trainer.model.cfg
-    log(f"training {c.name} ({sum(p.numel() for p in trainer.model.parameters()):,} parameters) on "
-        f"{trainer.device}, {str(trainer.dtype or torch.float32).removeprefix('torch.')}, seq {trainer.seq_len}; "
-        f"MFU against {peak / 1e9:,.0f} GFLOP/s ({peak_src})")
+    c, main = trainer.raw.cfg, trainer.layout.is_main
+    n_params = _count(trainer)
+    layout = "" if trainer.layout.mesh is None else f" x {trainer.layout.dims.world_size} ({trainer.layout.describe()})"
+    if main:
+        log(f"training {c.name} ({n_params:,} parameters) on {trainer.device}{layout}, "
+            f"{str(trainer.dtype or torch.float32).removeprefix('torch.')}, seq {trainer.seq_len}; "
+            f"MFU against {(peak or 0) / 1e9:,.0f} GFLOP/s per process ({peak_src})")
     t0 = time.perf_counter()
     result = trainer.run(log=log, progress=not args.no_progress)
+    weights = gather_tensors(trainer, with_optimizer=False)  # every rank takes part; the main one gets them
+    if not main:
+        return 0
+    weights = weights["model.safetensors"]
     atomic_write(out / "model.safetensors", lambda tmp: save_file(
-        model_tensors(trainer.model), tmp, metadata={"format": "pt", "step": str(trainer.state.step)}))
+        weights, tmp, metadata={"format": "pt", "step": str(trainer.state.step)}))
     s = trainer.state
     log(f"done: {s.step} steps, {s.tokens_seen:,} tokens in {time.perf_counter() - t0:.0f}s "
         f"(this session); tokens per source {json.dumps(trainer.mixture.tokens_seen())}")
     per_source = ", ".join(f"{k} {fmt(v['bpb'])}" for k, v in result.items() if k != "all")
     print(f"validation: loss {result['all']['loss']:.3f}, {fmt(result['all']['bpb'])} bits per byte ({per_source})")
-    trainer.model.eval()
-    sample = complete(trainer.model, _tokenizer(out), args.sample_prompt, max_new_tokens=120, seed=0)
+    # The sample runs on one process: the trainer's own model, or (distributed) the gathered weights.
+    model = trainer.raw if trainer.layout.mesh is None else Transformer.from_tensors(c, weights,
+                                                                                      device=trainer.device)
+    model.eval()
+    sample = complete(model, _tokenizer(out), args.sample_prompt, max_new_tokens=120, seed=0)
     print(f"sample:\n{args.sample_prompt}{sample}\n")
     print(f"next:\n  moekit sample {out} \"def\"\n  moekit generate --model {out} \"import\"\n"
           f"  moekit serve --model {out}\n  moekit train --resume {out} --steps {s.step + 100}   # train longer")
     return 0
+
+
+def _count(trainer) -> int:
+    """Parameters of the whole model (not of one rank's shards)."""
+    from moekit.counts import count_params
+
+    return count_params(trainer.raw.cfg).total
 
 
 def _tokenizer(out: Path):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 DTYPES = ("auto", "bf16", "fp32")
+RECOMPUTE = ("none", "selective", "full")  # moekit/parallel/parallelize.py says what each keeps
 
 
 @dataclass
@@ -52,6 +53,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto = bf16 autocast where the hardware has bf16 matmuls, else fp32
     device: str = "auto"  # auto = cuda if available, else cpu
     compile: bool = False  # torch.compile each transformer block (torchtitan's --compile): fuses the elementwise ops
+    recompute: str = "none"  # activation recomputation, Megatron's names: none | selective | full (moekit/parallel/)
     init_from: str = ""  # a run whose weights start this one (fresh optimizer and schedule)
 
     def __post_init__(self) -> None:
@@ -90,6 +92,8 @@ class TrainConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"recompute must be one of {RECOMPUTE}, got {self.recompute!r}")
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile must be true or false, got {self.compile!r}")
 

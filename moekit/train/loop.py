@@ -32,7 +32,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from moekit.train.checkpoint import rng_state, save_checkpoint
+from moekit.parallel.data import clip_grad_norm, gradient_sync, shard_optimizer, unwrap
+from moekit.parallel.mesh import data_rank
+from moekit.parallel.parallelize import Layout, parallelize
+from moekit.train.checkpoint import rng_state
 from moekit.train.config import TrainConfig
 from moekit.train.data import Mixture
 from moekit.train.metrics import MetricsLog, RoutingStats, bits_per_byte, format_log_line, mfu, train_flops_per_token
@@ -142,6 +145,8 @@ def evaluate(model: torch.nn.Module, val: dict[str, list[np.ndarray]], token_byt
             x_BT, y_BT = xy_BT[:, :-1], xy_BT[:, 1:]
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 logits_BTV = model(x_BT).logits
+            if hasattr(logits_BTV, "full_tensor"):  # vocabulary-sharded logits of a tensor-parallel model
+                logits_BTV = logits_BTV.full_tensor()
             logits = logits_BTV.flatten(0, 1)
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least, never narrower
             nats += F.cross_entropy(logits, y_BT.flatten(), reduction="sum").item()
@@ -162,6 +167,10 @@ def fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
+def _quiet(line: str) -> None:  # the log of every rank but the main one
+    pass
+
+
 # ---- the loop --------------------------------------------------------------------------------------
 @dataclass
 class TrainState:
@@ -176,23 +185,40 @@ class TrainState:
 
 
 class Trainer:
+    """One training run, on one process or as one rank of a `layout` (moekit/parallel/).
+
+    Every rank runs the same loop on the same data stream: rank r of D data-parallel ranks computes the
+    r-th contiguous slice of every micro-batch (tensor-parallel ranks of one data rank see the same
+    slice), so the global batch, its ramp and the token mixture are exactly one process's. Losses and
+    routing statistics are summed over the data-parallel ranks; only the main rank logs and writes.
+    `model` is the built, unparallelized Transformer: the trainer applies the layout (`parallelize`:
+    tensor parallel -> recomputation -> compile -> data parallel), then builds the optimizer on it.
+    """
+
     def __init__(self, model: torch.nn.Module, tc: TrainConfig, seq_len: int, mixture: Mixture,
                  val: dict[str, list[np.ndarray]], token_bytes_V: torch.Tensor, run_dir: Path,
-                 device: torch.device, peak_flops: float | None, extra_state: dict | None = None):
-        self.model, self.tc, self.seq_len, self.mixture, self.val = model, tc, seq_len, mixture, val
+                 device: torch.device, peak_flops: float | None, extra_state: dict | None = None,
+                 layout: Layout | None = None):
+        self.tc, self.seq_len, self.mixture, self.val = tc, seq_len, mixture, val
         self.token_bytes_V, self.run_dir, self.device = token_bytes_V, Path(run_dir), device
+        self.layout = layout or Layout.single(device)
         self.dtype = amp_dtype(tc.dtype, device)
-        if tc.compile:  # per block, as torchtitan: the 8..120 identical blocks share one compiled graph
-            for block in model.blocks.values():
-                block.compile()
-        self.opt = build_optimizer(model, tc)
+        self.dp_rank, self.dp_size = data_rank(self.layout.mesh)
+        smallest = sequences_at(0, tc, seq_len) // tc.grad_accum
+        if smallest < self.dp_size:
+            raise ValueError(f"the first steps' micro-batches hold {smallest} sequences, fewer than the {self.dp_size} "
+                             "data-parallel ranks: raise --batch-tokens-start (or --batch-tokens), lower "
+                             "--grad-accum, or use fewer data-parallel ranks")
+        self.model = parallelize(model, self.layout, recompute=tc.recompute, compile=tc.compile)
+        self.raw = unwrap(self.model)  # the Transformer itself (cfg, blocks, state dict names)
+        self.opt = shard_optimizer(build_optimizer(self.raw, tc), self.layout.dims, self.layout.mesh)
         self.state = TrainState(total_steps=tc.steps or None)
         self.timed = not tc.steps  # the length of the run is a time budget (see the module docstring)
         self.eval_seconds: float | None = None  # how long the last evaluation took
-        self.flops_per_token = train_flops_per_token(model.cfg, seq_len)
-        self.peak = peak_flops
+        self.flops_per_token = train_flops_per_token(self.raw.cfg, seq_len)
+        self.peak = peak_flops  # of one rank's device; MFU divides by the whole world's
         self.extra_state = extra_state or {}  # recorded in checkpoints (data fingerprints, ...)
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.layout.is_main)
         self.routing = RoutingStats()
         self._stop_signal: int | None = None
 
@@ -217,8 +243,16 @@ class Trainer:
         set_rng_state(ckpt["rng"])
 
     def save(self) -> Path:
-        return save_checkpoint(self.run_dir, self.state.step, self.model, self.opt, self.checkpoint_state(),
-                               keep=self.tc.keep_checkpoints)
+        from moekit.train.dist_checkpoint import save_trainer
+
+        return save_trainer(self)
+
+    def load_latest(self, run_dir: str | Path, with_optimizer: bool = True, log=print) -> tuple[Path, dict]:
+        """Load the newest checkpoint of `run_dir` that verifies into this trainer's (sharded) model and, unless
+        `with_optimizer` is False (--init-from), its optimizer; (path, the state.json record)."""
+        from moekit.train.dist_checkpoint import load_trainer
+
+        return load_trainer(self, run_dir, with_optimizer, log)
 
     # -- one optimizer step --------------------------------------------------------------------------------
     def train_step(self) -> dict:
@@ -227,34 +261,58 @@ class Trainer:
         lr = lr_at(s.step, tc, s.total_steps, self.time_progress())
         for g in self.opt.param_groups:
             g["lr"] = lr
-        sums: dict[str, torch.Tensor] = {}
-        for m in micro_sizes(n_seqs, tc.grad_accum):
-            x_BT, y_BT, _ = self.mixture.next_batch(m)
-            x_BT, y_BT = x_BT.to(self.device, non_blocking=True), y_BT.to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-                out = self.model(x_BT, y_BT)
-            # Each micro-batch's mean loss weighted by its share of the step: the step's gradient is
-            # the gradient of the mean over all its tokens, however the sequences are split.
-            (out.loss * (m / n_seqs)).backward()
-            for key in ("loss", "ce_loss", "aux_loss", "z_loss"):
+        keys = ("loss", "ce_loss", "aux_loss", "z_loss")
+        sums = torch.zeros(len(keys), dtype=torch.float64, device=self.device)  # summed on the device, read once
+        present = [False] * len(keys)
+        micro = micro_sizes(n_seqs, tc.grad_accum)
+        for i, m in enumerate(micro):
+            x_BT, y_BT, _ = self.mixture.next_batch(m)  # every rank draws the whole micro-batch, keeps its slice
+            lo, hi = self.dp_rank * m // self.dp_size, (self.dp_rank + 1) * m // self.dp_size
+            x_BT, y_BT = x_BT[lo:hi].to(self.device, non_blocking=True), y_BT[lo:hi].to(self.device, non_blocking=True)
+            # This slice's mean loss weighted by its share of the step: the step's gradient is the gradient of
+            # the mean over all its tokens, however the sequences are split into micro-batches and ranks. Data
+            # parallelism averages the D ranks' gradients, hence the factor D.
+            share = (hi - lo) / n_seqs
+            with gradient_sync(self.model, i == len(micro) - 1), self._loss_context():
+                with torch.autocast(self.device.type, dtype=self.dtype or torch.float32,
+                                    enabled=self.dtype is not None):
+                    out = self.model(x_BT, y_BT)
+                (out.loss * (share * self.dp_size)).backward()
+            for k, key in enumerate(keys):
                 value = getattr(out, key)
-                if value is not None:  # summed on the device; read once per step
-                    sums[key] = sums.get(key, 0) + value.detach().float() * (m / n_seqs)
+                if value is not None:
+                    sums[k] += value.detach().to(torch.float64) * share
+                    present[k] = True
             self.routing.add(out.routing)
-        grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip).item()
-                     if tc.grad_clip > 0 else None)
+        group = self.layout.dp_group
+        if group is not None:  # the step's losses over the whole global batch
+            torch.distributed.all_reduce(sums, group=group)
+        grad_norm = clip_grad_norm(self.model.parameters(), tc.grad_clip).item() if tc.grad_clip > 0 else None
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         s.step += 1
         s.tokens_seen += n_seqs * self.seq_len
-        losses = {k: (sums[k].item() if k in sums else None) for k in ("loss", "ce_loss", "aux_loss", "z_loss")}
+        values = sums.tolist()
+        losses = {key: (values[k] if present[k] else None) for k, key in enumerate(keys)}
         return {**losses, "lr": lr, "grad_norm": grad_norm, "batch_tokens": n_seqs * self.seq_len}
+
+    def _loss_context(self):
+        """Tensor parallelism's vocabulary-parallel loss (forward and backward inside it); else nothing."""
+        if self.layout.dims.tp > 1 and self.layout.loss_parallel:
+            from moekit.parallel.tensor import loss_context
+
+            return loss_context(True)
+        import contextlib
+
+        return contextlib.nullcontext()
 
     # -- evaluation ------------------------------------------------------------------------------------
     def eval_batch(self) -> int:
         return max(1, self.tc.batch_tokens // self.seq_len // self.tc.grad_accum)
 
     def run_eval(self) -> dict:
+        # Every rank evaluates the whole validation set (ranks of a sharded model must run the same forwards);
+        # splitting it over the data-parallel ranks is left for later (it is a small share of a run).
         result = evaluate(self.model, self.val, self.token_bytes_V, self.eval_batch(), self.device, self.dtype)
         self.state.last_eval = {"step": self.state.step, **result}
         self.metrics.write({"step": self.state.step, "tokens": self.state.tokens_seen, "eval": result})
@@ -310,7 +368,9 @@ class Trainer:
         tc, s = self.tc, self.state
         deadline = tc.max_minutes * 60 if tc.max_minutes else math.inf
         bar = tqdm(total=s.total_steps, initial=s.step, unit="step", dynamic_ncols=True,
-                   disable=not progress or None, desc="train")
+                   disable=not progress or not self.layout.is_main or None, desc="train")
+        if not self.layout.is_main:  # only the main rank prints
+            log = _quiet
         old_handlers = self._install_signal_handlers()
         session_start = (s.train_seconds, s.tokens_seen)
         interval = {"t": 0.0, "tokens": 0, "n": 0, "loss": 0.0, "ce_loss": 0.0}
@@ -370,8 +430,10 @@ class Trainer:
 
     def _log_interval(self, interval: dict, rec: dict, bar, log) -> None:
         s = self.state
-        tok_s = interval["tokens"] / max(interval["t"], 1e-9)
-        util = mfu(tok_s, self.flops_per_token, self.peak) if self.peak else None
+        tok_s = interval["tokens"] / max(interval["t"], 1e-9)  # the whole world's tokens
+        util = mfu(tok_s, self.flops_per_token, self.peak * self.layout.dims.world_size) if self.peak else None
+        if self.layout.dp_group is not None:
+            self.routing.all_reduce(self.layout.dp_group)
         routing = self.routing.summary()
         self.routing.reset()
         imbalance = max(routing["imbalance"]) if routing else None
@@ -384,4 +446,5 @@ class Trainer:
                   "tokens_per_source": self.mixture.tokens_seen(), "epochs_per_source": self.mixture.epochs_seen()}
         self.metrics.write(record)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * util:.1f}%" if util else "-")
-        log(format_log_line(s.step, loss, rec["lr"], tok_s, util, imbalance))
+        log(format_log_line(s.step, loss, rec["lr"], tok_s, util, imbalance,
+                            None if self.layout.dims.world_size == 1 else self.layout.describe()))

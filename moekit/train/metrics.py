@@ -111,6 +111,19 @@ class RoutingStats:
             self.entropy_L += entropy
         self.n_batches += 1
 
+    def all_reduce(self, group) -> None:
+        """Sum the interval's statistics over the data-parallel ranks (every rank calls it at the same step)."""
+        if self.counts_LE is None:
+            return
+        import torch.distributed as dist
+
+        packed = torch.cat([self.counts_LE.flatten(), self.dropped_L, self.entropy_L])
+        dist.all_reduce(packed, group=group)
+        L = self.dropped_L.numel()
+        self.counts_LE, self.dropped_L, self.entropy_L = packed[:-2 * L].view_as(self.counts_LE), packed[-2 * L:-L], \
+            packed[-L:]
+        self.n_batches *= dist.get_world_size(group)  # entropy: a mean over every rank's batches
+
     def summary(self) -> dict | None:
         """imbalance = max/mean tokens per expert (1 = balanced); dead = experts that got no token."""
         if self.counts_LE is None:
@@ -134,8 +147,9 @@ def human_rate(x: float) -> str:
 
 
 def format_log_line(step: int, loss: float, lr: float, tokens_per_s: float, mfu_frac: float | None,
-                    imbalance: float | None = None) -> str:
-    """`step 120 | loss 3.210 | lr 3.0e-04 | 152.0k tok/s | mfu 41.2% | moe imbalance 1.08` (DESIGN.md).
+                    imbalance: float | None = None, layout: str | None = None) -> str:
+    """`step 120 | loss 3.210 | lr 3.0e-04 | 152.0k tok/s | mfu 41.2% | moe imbalance 1.08` (DESIGN.md),
+    then `| dp2 x tp2 ZeRO-1` for a distributed run.
 
     `loss` is the mean over the interval's steps (cross-entropy + router losses); `moe imbalance` is the
     worst MoE layer's max/mean tokens per expert over the interval (the straggler that sets the pace).
@@ -145,17 +159,22 @@ def format_log_line(step: int, loss: float, lr: float, tokens_per_s: float, mfu_
         parts.append(f"mfu {100 * mfu_frac:.1f}%")
     if imbalance is not None:
         parts.append(f"moe imbalance {imbalance:.2f}")
+    if layout:
+        parts.append(layout)
     return " | ".join(parts)
 
 
 class MetricsLog:
     """Appends one JSON object per line to `metrics.jsonl`, flushed at once (a crash loses nothing)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, enabled: bool = True):
         self.path = Path(path)
+        self.enabled = enabled  # False on every rank of a distributed run but the main one
         self.file = None  # opened at the first record: constructing a trainer writes nothing
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         if self.file is None:
             self._drop_torn_tail()
             self.file = open(self.path, "a", encoding="utf-8")
