@@ -62,7 +62,38 @@ def apply_data_parallel(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh |
         return model
     if dims.zero >= 2:
         return apply_fsdp(model, mesh["dp_shard"], reshard_after_forward=dims.zero == 3)
+    if dims.tp > 1:
+        if dims.zero == 1:
+            raise ValueError("--zero 1 with --tp: ZeroRedundancyOptimizer cannot shard tensor-parallel (DTensor) "
+                             "weights; use --zero 0 (DDP), 2 or 3 (FSDP2) with --tp")
+        return apply_replicate(model, mesh["dp_replicate"])
     return apply_ddp(model, mesh["dp_replicate"])
+
+
+def apply_replicate(model: nn.Module, dp_mesh: DeviceMesh) -> nn.Module:
+    """DDP for a tensor-parallel model: every gradient averaged over the data-parallel ranks as it is complete.
+
+    DistributedDataParallel buckets plain tensors and cannot take DTensor parameters; here each parameter's
+    post-accumulate-grad hook (torch >= 2.1) all-reduces the local part of its gradient (each tensor rank's own
+    shard) over the "dp_replicate" ranks, in place, after the step's last micro-batch. The same arithmetic as
+    DDP, without its bucketing and overlap: a tensor-parallel layout (tp x dp) for correctness on CPUs and
+    reviewable code, where large GPU runs would use FSDP2 (--zero 2/3), as torchtitan does. In place on `model`,
+    which gains FSDP2's `set_requires_gradient_sync(bool)` (for `gradient_sync`, gradient accumulation)."""
+    import torch.distributed as dist
+
+    group, size, sync = dp_mesh.get_group(), dp_mesh.size(), {"on": True}
+
+    def average(p: torch.Tensor) -> None:
+        if sync["on"] and p.grad is not None:
+            g = p.grad.to_local() if _is_dtensor(p.grad) else p.grad
+            g.div_(size)
+            dist.all_reduce(g, group=group)
+
+    for p in model.parameters():
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(average)
+    model.set_requires_gradient_sync = lambda on: sync.__setitem__("on", bool(on))
+    return model
 
 
 def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh) -> nn.Module:

@@ -174,15 +174,22 @@ def check_tp(tp: int, cfg: ModelConfig) -> None:
     if cfg.n_kv_head > 1 and cfg.n_kv_head % tp:
         raise ValueError(f"--tp {tp} must divide the {cfg.n_kv_head} KV heads (a single KV head, MQA, would be "
                          f"replicated): choose one of {choices}")
-    for name in ("d_ff", "dense_d_ff"):
+    for name in _hidden_sizes(cfg):
         if getattr(cfg, name) % tp:
             raise ValueError(f"--tp {tp} must divide the MLP hidden size {name}={getattr(cfg, name)}: "
                              f"choose one of {choices}")
 
 
+def _hidden_sizes(cfg: ModelConfig) -> list[str]:
+    """The hidden sizes tensor parallelism splits: the experts' if there are MoE layers, the dense MLPs' if there
+    are dense layers."""
+    return (["d_ff"] if cfg.n_moe_layers else []) + (["dense_d_ff"] if cfg.n_layer > cfg.n_moe_layers else [])
+
+
 def _model_tps(cfg: ModelConfig) -> list[int]:
     """Tensor-parallel sizes the model allows (the common divisors of check_tp's sizes)."""
-    sizes = [cfg.n_head, cfg.d_ff, cfg.dense_d_ff] + ([cfg.n_kv_head] if cfg.n_kv_head > 1 else [])
+    sizes = ([cfg.n_head] + [getattr(cfg, n) for n in _hidden_sizes(cfg)]
+             + ([cfg.n_kv_head] if cfg.n_kv_head > 1 else []))
     return [t for t in _divisors(cfg.n_head) if all(s % t == 0 for s in sizes)]
 
 

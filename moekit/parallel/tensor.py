@@ -49,10 +49,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from moekit.parallel.mesh import check_tp
+
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-    from moekit.config import ModelConfig
     from moekit.model.transformer import Transformer
 
 # The public `torch.distributed.tensor` namespace (DTensor, Shard/Replicate/Partial, distribute_tensor) and the
@@ -65,29 +66,6 @@ def tensor_parallel_available() -> bool:
     """True when this torch has everything apply_tensor_parallel uses (torch >= MIN_TORCH with distributed)."""
     version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
     return version >= MIN_TORCH and torch.distributed.is_available()
-
-
-def validate_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
-    """Raise ValueError naming `--tp` and the valid choices when `cfg` cannot be split `tp` ways."""
-    valid = [d for d in range(1, cfg.n_head + 1) if _splittable(cfg, d)]
-    if tp < 1 or not _splittable(cfg, tp):
-        reasons = [f"n_head ({cfg.n_head})"]
-        if cfg.n_kv_head > 1:
-            reasons.append(f"n_kv_head ({cfg.n_kv_head}, unless it is 1: MQA's one head is replicated)")
-        if cfg.n_moe_layers:
-            reasons.append(f"d_ff ({cfg.d_ff})")
-        if cfg.n_layer > cfg.n_moe_layers:
-            reasons.append(f"dense_d_ff ({cfg.dense_d_ff})")
-        raise ValueError(f"--tp {tp} must divide {', '.join(reasons)}; valid --tp for this model: {valid}")
-
-
-def _splittable(cfg: ModelConfig, tp: int) -> bool:
-    ok = cfg.n_head % tp == 0 and (cfg.n_kv_head == 1 or cfg.n_kv_head % tp == 0)
-    if cfg.n_moe_layers:
-        ok = ok and cfg.d_ff % tp == 0
-    if cfg.n_layer > cfg.n_moe_layers:
-        ok = ok and cfg.dense_d_ff % tp == 0
-    return ok
 
 
 def loss_context(loss_parallel: bool) -> contextlib.AbstractContextManager:
@@ -285,14 +263,14 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_para
     if tp_mesh.ndim != 1:
         raise ValueError(f"apply_tensor_parallel takes the 1-D tensor-parallel mesh (mesh['tp']), got {tp_mesh}")
     cfg, tp = model.cfg, tp_mesh.size()
-    validate_tensor_parallel(cfg, tp)
+    check_tp(tp, cfg)  # --tp must divide the heads and hidden sizes (ValueError naming the choices)
     if tp == 1:
         return model
     PrepareInput, ReplicateParallel, MoETensorParallel, RouterParallel, ExpertTensorParallel = _styles()
     sp = sequence_parallel
     stream = Shard(1) if sp else Replicate()  # the residual stream between blocks: a sequence shard, or everything
     norm_style = SequenceParallel if sp else ReplicateParallel
-    kv_sharded = cfg.n_kv_head > 1  # validate_tensor_parallel: then tp divides it
+    kv_sharded = cfg.n_kv_head > 1  # check_tp: then tp divides it
 
     parallelize_module(model, tp_mesh, {
         # Vocabulary-split embedding: each rank looks up its rows, the partial sums are reduce-scattered (SP) or

@@ -8,6 +8,10 @@ restarted from" (SPEC section 3). A checkpoint is a folder `RUN/checkpoints/step
     state.json             step, tokens, data position, RNG states, schedule horizon, and the
                            SHA-256 and size of both tensor files
 
+A distributed run (moekit/train/dist_checkpoint.py) writes the same folder with the tensors as a
+torch.distributed.checkpoint (DCP) set instead: one `__R_0.distcp` file of shards per rank and DCP's
+`.metadata`, every file in state.json's checksums; it loads into any layout, one process included.
+
 It is written into a hidden temporary folder, every file fsynced, then renamed into place and the
 parent fsynced: a kill at any instant leaves either the old set of checkpoints or the new one.
 Loading checks the checksums first; a truncated or corrupted checkpoint is reported by file name
@@ -32,6 +36,7 @@ from moekit.model.transformer import upgrade_state_dict
 
 CKPT_DIR = "checkpoints"
 MODEL_FILE, OPTIM_FILE, STATE_FILE = "model.safetensors", "optimizer.safetensors", "state.json"
+DCP_METADATA = ".metadata"  # a distributed checkpoint (torch.distributed.checkpoint): one shard file per rank
 
 
 class CheckpointError(ValueError):
@@ -159,18 +164,32 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opt:
 def save_checkpoint_files(run_dir: str | Path, step: int, files: dict[str, dict[str, torch.Tensor]], state: dict,
                           keep: int = 3) -> Path:
     """`save_checkpoint` for tensors already gathered ({MODEL_FILE: ..., OPTIM_FILE: ...}), e.g. from many ranks."""
+    tmp = new_checkpoint_dir(run_dir, step, f"{os.getpid()}")
+    for name, tensors in files.items():
+        save_file(tensors, tmp / name, metadata={"format": "pt", "step": str(step)})
+    return publish_checkpoint(run_dir, step, tmp, state, keep)
+
+
+def new_checkpoint_dir(run_dir: str | Path, step: int, tag: str) -> Path:
+    """A fresh hidden folder to write checkpoint `step` into (stale ones from a killed save are removed first)."""
     folder = Path(run_dir) / CKPT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     for stale in [*folder.glob(".tmp-*"), *folder.glob(".del-*")]:  # left by a kill during an earlier save
         shutil.rmtree(stale, ignore_errors=True)
-    final = step_dir(run_dir, step)
-    tmp = folder / f".tmp-{final.name}-{os.getpid()}"
+    tmp = folder / f".tmp-{step_dir(run_dir, step).name}-{tag}"
     tmp.mkdir()
+    return tmp
+
+
+def publish_checkpoint(run_dir: str | Path, step: int, tmp: Path, state: dict, keep: int = 3) -> Path:
+    """Make the complete checkpoint in `tmp` visible: checksum every file into state.json, fsync, rename it to
+    step_N in one step (a kill before leaves the previous checkpoints as they were), keep the newest `keep`."""
+    folder = Path(run_dir) / CKPT_DIR
+    final = step_dir(run_dir, step)
     state = dict(state, step=step, files={})
-    for name, tensors in files.items():
-        save_file(tensors, tmp / name, metadata={"format": "pt", "step": str(step)})
-        _fsync_path(tmp / name)
-        state["files"][name] = {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
+    for f in sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != STATE_FILE):
+        _fsync_path(f)
+        state["files"][str(f.relative_to(tmp))] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
     with open(tmp / STATE_FILE, "w", encoding="utf-8") as f:
         f.write(json.dumps(state, indent=1) + "\n")
         f.flush()
@@ -199,7 +218,8 @@ def verify_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{state_file} is missing: the checkpoint is incomplete") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{state_file} is truncated or corrupted (not valid JSON)") from None
-    if not isinstance(state, dict) or not isinstance(state.get("files"), dict) or MODEL_FILE not in state["files"]:
+    if not isinstance(state, dict) or not isinstance(state.get("files"), dict) or not (
+            MODEL_FILE in state["files"] or DCP_METADATA in state["files"]):
         raise CheckpointError(f"{state_file} does not describe a moekit checkpoint (no 'files' record)")
     for name, rec in state["files"].items():
         f = path / name

@@ -1,25 +1,20 @@
-"""Checkpoints of a Trainer on any layout, in the one format moekit reads everywhere (checkpoint.py).
+"""Checkpoints of a Trainer on any layout: every rank writes its own shards (torch.distributed.checkpoint).
 
-    path = save_trainer(trainer)                     # every rank calls it; the main rank writes
-    path, state = load_trainer(trainer, "runs/x")    # every rank reads; each keeps what its layout holds
+    path = save_trainer(trainer)                     # every rank calls it
+    path, state = load_trainer(trainer, "runs/x")    # every rank calls it; each loads what its layout holds
 
-Saving gathers the model's and the optimizer's full tensors to the main rank, which writes today's
-checksummed, atomic checkpoint (model.safetensors, optimizer.safetensors, state.json). Loading reads the
-full tensors on every rank and lets each keep its part. Because the file holds whole tensors named as in
-one process, a checkpoint saved by any layout (one process, DDP, ZeRO-1, FSDP2, tensor parallel) loads into
-any other, and `moekit generate/serve` and Hugging Face export read it as they are.
+A one-process run writes checkpoint.py's safetensors files. A distributed run writes the same folder with
+the tensors as a DCP set (`torch.distributed.checkpoint.save`): each rank writes the shards it holds (FSDP2
+and tensor-parallel DTensors, ZeRO-1's optimizer partition; replicated tensors once) into `__R_0.distcp`,
+rank 0 the `.metadata`; then rank 0 checksums every file into state.json and renames the folder into
+place, so a killed save leaves the previous checkpoint loadable and a damaged shard is named at load.
 
-How the gathering works per layout:
-- one process, DDP: the tensors are whole on every rank already;
-- ZeRO-1: `ZeroRedundancyOptimizer.consolidate_state_dict` sends each rank's optimizer shard to the main rank;
-  loading hands every rank the whole state and it keeps its partition;
-- FSDP2 and tensor parallel (DTensor parameters): torch's `get_state_dict` / `set_state_dict` with
-  `full_state_dict=True` (torch.distributed.checkpoint.state_dict), which all-gathers the shards to the main
-  rank, and on load shards the whole tensors again.
-
-Why not DCP's sharded files yet: at GPT-4's size no rank can hold a whole tensor set, and every rank must
-write its own shards (`torch.distributed.checkpoint.save`); that format is the next step (issue 10 notes).
-Up to the models a CPU trains here, the gathered format costs one copy of the weights on the main rank.
+Loading takes either format into any layout: the keys are the one-process names (`model.<name>`,
+`optim.<name>.<exp_avg|exp_avg_sq|step>`), and DCP reshards saved chunks into whatever this layout holds
+(save at dp2 x tp2, resume at tp2, at dp4, or on one process with no process group at all). A whole-tensor
+checkpoint (one process, or a seed checkpoint) is read whole by every rank, each keeping its part.
+`gather_tensors` collects whole tensors on the main rank: the export to model.safetensors at the end of a
+run, which `moekit generate/serve` and Hugging Face read.
 """
 
 from __future__ import annotations
@@ -33,14 +28,18 @@ from safetensors.torch import load_file
 
 from moekit.model.transformer import upgrade_state_dict
 from moekit.train.checkpoint import (
+    DCP_METADATA,
     MODEL_FILE,
     OPTIM_FILE,
     CheckpointError,
     list_checkpoints,
     load_optimizer_tensors,
     model_tensors,
+    new_checkpoint_dir,
     optimizer_tensors,
+    publish_checkpoint,
     save_checkpoint_files,
+    step_dir,
     verify_checkpoint,
 )
 
@@ -120,14 +119,92 @@ def gather_tensors(trainer: Trainer, with_optimizer: bool = True) -> dict[str, d
 
 def save_trainer(trainer: Trainer) -> Path:
     """Checkpoint the trainer's step (every rank must call it); the checkpoint folder's path on every rank."""
-    files = gather_tensors(trainer)
-    path = None
-    if files is not None:
-        path = save_checkpoint_files(trainer.run_dir, trainer.state.step, files, trainer.checkpoint_state(),
-                                     keep=trainer.tc.keep_checkpoints)
-    if trainer.layout.mesh is not None:
-        dist.barrier()  # nobody goes on (or exits) before the checkpoint is complete on disk
-    return path or trainer.run_dir / "checkpoints" / f"step_{trainer.state.step}"
+    step, keep = trainer.state.step, trainer.tc.keep_checkpoints
+    if trainer.layout.mesh is None:
+        return save_checkpoint_files(trainer.run_dir, step, gather_tensors(trainer), trainer.checkpoint_state(), keep)
+    import torch.distributed.checkpoint as dcp
+
+    tmp = None
+    if trainer.layout.is_main:
+        tmp = new_checkpoint_dir(trainer.run_dir, step, "dcp")
+    holder = [str(tmp) if tmp else None]
+    dist.broadcast_object_list(holder, src=0)  # every rank writes into the main rank's new folder
+    tmp = Path(holder[0])
+    _init_optimizer_state(trainer)
+    dcp.save(dcp_state(trainer, with_optimizer=True), checkpoint_id=str(tmp))  # each rank its shards
+    path = step_dir(trainer.run_dir, step)
+    if trainer.layout.is_main:
+        publish_checkpoint(trainer.run_dir, step, tmp, dict(trainer.checkpoint_state(), format="dcp"), keep)
+    dist.barrier()  # nobody goes on (or exits) before the checkpoint is complete on disk
+    return path
+
+
+# ---- the DCP form: one-process names over whatever this layout holds ----------------------------------------------
+def _param_names(trainer: Trainer) -> dict[int, str]:
+    return {id(p): n for n, p in trainer.raw.named_parameters()}
+
+
+def _local_optimizer(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer holding this rank's state tensors (ZeRO-1 wraps a local AdamW over its partition)."""
+    return opt.optim if _is_zero1(opt) else opt
+
+
+def _init_optimizer_state(trainer: Trainer) -> None:
+    """Give every parameter its AdamW state before the first step (a resume into a fresh trainer): a step with
+    zero gradients at learning rate 0 creates the tensors without changing a weight (what torch's own
+    `torch.distributed.checkpoint.state_dict._init_optim_state` does). DCP then loads into them in place."""
+    local = _local_optimizer(trainer.opt)
+    params = [p for g in local.param_groups for p in g["params"]]
+    if all(p in local.state and local.state[p] for p in params):
+        return
+    lrs = [g["lr"] for g in local.param_groups]
+    for g in local.param_groups:
+        g["lr"] = 0.0
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    local.step()
+    for g, lr in zip(local.param_groups, lrs, strict=True):
+        g["lr"] = lr
+    local.zero_grad(set_to_none=True)
+
+
+def dcp_state(trainer: Trainer, with_optimizer: bool) -> dict[str, torch.Tensor]:
+    """The flat dict DCP saves and loads: `model.<name>` and `optim.<name>.<key>` over this rank's tensors
+    (plain, DTensor shards, or ZeRO-1's partition only), keyed by the one-process parameter names."""
+    out = {f"model.{k}": v for k, v in trainer.raw.state_dict().items()
+           if not (k == "lm_head.weight" and trainer.raw.cfg.tie_embeddings)}  # tied: stored once
+    if with_optimizer:
+        names, local = _param_names(trainer), _local_optimizer(trainer.opt)
+        for p, st in local.state.items():
+            for key, value in st.items():
+                out[f"optim.{names[id(p)]}.{key}"] = value
+    return out
+
+
+def _load_dcp(trainer: Trainer, path: Path, with_optimizer: bool) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if with_optimizer:
+        _init_optimizer_state(trainer)
+    wanted = dcp_state(trainer, with_optimizer)
+    reader = FileSystemReader(str(path))
+    saved = reader.read_metadata().state_dict_metadata
+    missing = sorted(set(wanted) - set(saved))
+    if missing:
+        raise CheckpointError(f"{path} does not match this model (it lacks {missing[0]}"
+                              + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+                              + "): was it saved from another configuration?")
+    for key, t in wanted.items():
+        shape = tuple(saved[key].size) if hasattr(saved[key], "size") else None
+        if shape is not None and shape != tuple(t.shape):
+            raise CheckpointError(f"{path}: {key.split('.', 1)[1]} has shape {shape}, the model expects "
+                                  f"{tuple(t.shape)}: was it saved from another configuration?")
+    # In place into this layout's tensors; a world of one reads it with no process group (no_dist).
+    dcp.load(wanted, storage_reader=reader, no_dist=trainer.layout.mesh is None)
+    if trainer.raw.cfg.tie_embeddings:
+        trainer.raw.lm_head.weight = trainer.raw.tok_emb.weight
 
 
 def load_tensors_into(trainer: Trainer, model_t: dict[str, torch.Tensor], optim_t: dict[str, torch.Tensor] | None,
@@ -197,13 +274,16 @@ def load_trainer(trainer: Trainer, run_dir: str | Path, with_optimizer: bool = T
     for path in reversed(ckpts):
         try:
             state = verify_checkpoint(path)
-            optim_t = None
-            if with_optimizer:
-                if OPTIM_FILE not in state["files"]:
-                    raise CheckpointError(f"{path} has no optimizer state: it cannot be resumed, only used with "
-                                          "--init-from")
-                optim_t = load_file(path / OPTIM_FILE)
-            load_tensors_into(trainer, load_file(path / MODEL_FILE), optim_t, str(path / MODEL_FILE))
+            if DCP_METADATA in state["files"]:
+                _load_dcp(trainer, path, with_optimizer)
+            else:
+                optim_t = None
+                if with_optimizer:
+                    if OPTIM_FILE not in state["files"]:
+                        raise CheckpointError(f"{path} has no optimizer state: it cannot be resumed, only used "
+                                              "with --init-from")
+                    optim_t = load_file(path / OPTIM_FILE)
+                load_tensors_into(trainer, load_file(path / MODEL_FILE), optim_t, str(path / MODEL_FILE))
         except CheckpointError as e:
             errors.append(str(e))
             log(f"warning: {e}; trying the previous checkpoint")

@@ -129,36 +129,54 @@ def steps_that_fit(step: int, tokens_seen: int, token_budget: float, tc: TrainCo
 # ---- evaluation ----------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, val: dict[str, list[np.ndarray]], token_bytes_V: torch.Tensor,
-             batch: int, device: torch.device, dtype: torch.dtype | None) -> dict:
-    """Validation loss (nats per token) and bits per byte for each source and for all together."""
+             batch: int, device: torch.device, dtype: torch.dtype | None, rank: int = 0, world: int = 1,
+             group=None) -> dict:
+    """Validation loss (nats per token) and bits per byte for each source and for all together.
+
+    With `world` data-parallel ranks, rank r evaluates the batches r, r + world, ... and the sums are
+    all-reduced over `group`. Every rank runs the same number of forward passes (a rank short of a batch
+    repeats one and drops it): sharded models and the MoE's global statistics need every rank in each.
+    """
     was_training = model.training
     model.eval()
-    out, total = {}, {"nats": 0.0, "tokens": 0, "bytes": 0}
-    for name, windows in val.items():
-        nats, n_tok, n_bytes = 0.0, 0, 0
-        i = 0
+    names = list(val)
+    sums = torch.zeros(len(names), 3, dtype=torch.float64)  # nats, tokens, bytes per source
+    batches = []
+    for k, name in enumerate(names):
+        windows, i = val[name], 0
         while i < len(windows):
             j = i + 1  # a batch of windows of equal length (only the last one of a stream can be shorter)
             while j < len(windows) and j - i < batch and len(windows[j]) == len(windows[i]):
                 j += 1
-            xy_BT = torch.from_numpy(np.stack(windows[i:j])).to(device)
-            x_BT, y_BT = xy_BT[:, :-1], xy_BT[:, 1:]
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                logits_BTV = model(x_BT).logits
-            if hasattr(logits_BTV, "full_tensor"):  # vocabulary-sharded logits of a tensor-parallel model
-                logits_BTV = logits_BTV.full_tensor()
-            logits = logits_BTV.flatten(0, 1)
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least, never narrower
-            nats += F.cross_entropy(logits, y_BT.flatten(), reduction="sum").item()
-            n_tok += y_BT.numel()
-            n_bytes += int(token_bytes_V[y_BT.cpu()].sum())
+            batches.append((k, windows[i:j]))
             i = j
-        out[name] = {"loss": nats / max(1, n_tok), "bpb": bits_per_byte(nats, n_bytes) if n_bytes else None,
-                     "tokens": n_tok, "bytes": n_bytes}
-        total = {"nats": total["nats"] + nats, "tokens": total["tokens"] + n_tok, "bytes": total["bytes"] + n_bytes}
-    out["all"] = {"loss": total["nats"] / max(1, total["tokens"]),
-                  "bpb": bits_per_byte(total["nats"], total["bytes"]) if total["bytes"] else None,
-                  "tokens": total["tokens"], "bytes": total["bytes"]}
+    rounds = -(-len(batches) // world)
+    for b in range(rounds):
+        index = b * world + rank
+        k, windows = batches[min(index, len(batches) - 1)]
+        xy_BT = torch.from_numpy(np.stack(windows)).to(device)
+        x_BT, y_BT = xy_BT[:, :-1], xy_BT[:, 1:]
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits_BTV = model(x_BT).logits
+        if index >= len(batches):  # this rank's padding pass: every rank ran one, nothing is counted
+            continue
+        if hasattr(logits_BTV, "full_tensor"):  # vocabulary-sharded logits of a tensor-parallel model
+            logits_BTV = logits_BTV.full_tensor()
+        logits = logits_BTV.flatten(0, 1)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least, never narrower
+        sums[k, 0] += F.cross_entropy(logits, y_BT.flatten(), reduction="sum").item()
+        sums[k, 1] += y_BT.numel()
+        sums[k, 2] += int(token_bytes_V[y_BT.cpu()].sum())
+    if group is not None:
+        torch.distributed.all_reduce(sums, group=group)
+    out = {}
+    for k, name in enumerate(names):
+        nats, n_tok, n_bytes = sums[k].tolist()
+        out[name] = {"loss": nats / max(1, n_tok), "bpb": bits_per_byte(nats, int(n_bytes)) if n_bytes else None,
+                     "tokens": int(n_tok), "bytes": int(n_bytes)}
+    nats, n_tok, n_bytes = sums.sum(0).tolist()
+    out["all"] = {"loss": nats / max(1, n_tok), "bpb": bits_per_byte(nats, int(n_bytes)) if n_bytes else None,
+                  "tokens": int(n_tok), "bytes": int(n_bytes)}
     model.train(was_training)
     return out
 
@@ -311,9 +329,8 @@ class Trainer:
         return max(1, self.tc.batch_tokens // self.seq_len // self.tc.grad_accum)
 
     def run_eval(self) -> dict:
-        # Every rank evaluates the whole validation set (ranks of a sharded model must run the same forwards);
-        # splitting it over the data-parallel ranks is left for later (it is a small share of a run).
-        result = evaluate(self.model, self.val, self.token_bytes_V, self.eval_batch(), self.device, self.dtype)
+        result = evaluate(self.model, self.val, self.token_bytes_V, self.eval_batch(), self.device, self.dtype,
+                          self.dp_rank, self.dp_size, self.layout.dp_group)
         self.state.last_eval = {"step": self.state.step, **result}
         self.metrics.write({"step": self.state.step, "tokens": self.state.tokens_seen, "eval": result})
         return result
@@ -371,7 +388,9 @@ class Trainer:
                    disable=not progress or not self.layout.is_main or None, desc="train")
         if not self.layout.is_main:  # only the main rank prints
             log = _quiet
-        old_handlers = self._install_signal_handlers()
+        # SIGINT/SIGTERM: save and stop, on one process. A distributed rank just dies: a signal from the elastic
+        # agent means a peer has failed, and saving would wait forever in a collective with it.
+        old_handlers = self._install_signal_handlers() if self.layout.mesh is None else {}
         session_start = (s.train_seconds, s.tokens_seen)
         interval = {"t": 0.0, "tokens": 0, "n": 0, "loss": 0.0, "ce_loss": 0.0}
         first_step = s.step

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from moekit.config import ModelConfig
-from moekit.parallel.tensor import loss_context, tensor_parallel_available, validate_tensor_parallel
+from moekit.parallel.mesh import check_tp
+from moekit.parallel.tensor import loss_context, tensor_parallel_available
 
 pytestmark = pytest.mark.skipif(not tensor_parallel_available() or not torch.distributed.is_gloo_available(),
                                 reason="tensor parallelism needs torch >= 2.5 with gloo")
@@ -149,17 +150,17 @@ def test_refused_calls_name_the_problem(ranks):
 
 
 # ---- in this process: no ranks needed ----------------------------------------------------------------------------
-def test_validate_names_the_flag_and_the_valid_choices():
+def test_check_tp_names_the_flag_and_the_valid_choices():
     mqa = ModelConfig(vocab_size=64, n_layer=2, d_model=32, n_head=4, n_kv_head=1, d_ff=48, n_expert=4, top_k=2)
     for tp in (1, 2, 4):
-        validate_tensor_parallel(mqa, tp)  # MQA: the KV head is replicated, any divisor of n_head works
-    with pytest.raises(ValueError, match=r"--tp 3 must divide n_head \(4\).*valid --tp for this model: \[1, 2, 4\]"):
-        validate_tensor_parallel(mqa, 3)
+        check_tp(tp, mqa)  # MQA: the KV head is replicated, any divisor of n_head works
+    with pytest.raises(ValueError, match=r"--tp 3 must divide the 4 query heads: choose one of 1, 2, 4"):
+        check_tp(3, mqa)
     gqa = ModelConfig(vocab_size=64, n_layer=2, d_model=64, n_head=8, n_kv_head=2, d_ff=64)
-    with pytest.raises(ValueError, match=r"n_kv_head \(2, unless it is 1.*\[1, 2\]"):
-        validate_tensor_parallel(gqa, 4)
-    with pytest.raises(ValueError, match=r"d_ff \(44\)"):
-        validate_tensor_parallel(mqa.replace(n_head=8, head_dim=4, d_ff=44), 8)
+    with pytest.raises(ValueError, match=r"--tp 4 must divide the 2 KV heads .*MQA.*: choose one of 1, 2"):
+        check_tp(4, gqa)
+    with pytest.raises(ValueError, match=r"--tp 8 must divide the MLP hidden size d_ff=44"):
+        check_tp(8, mqa.replace(n_head=8, head_dim=4, d_ff=44))
 
 
 def test_loss_context_is_a_no_op_without_loss_parallel():

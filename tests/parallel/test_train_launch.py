@@ -1,0 +1,230 @@
+"""`moekit train --nproc N` end to end: the same losses as one process on other layouts, checkpoints that
+resume on any layout, a killed rank that stops the job, and bad layout flags refused before any process starts.
+
+Each distributed run is one launch of torchrun's elastic agent (~10-20 s on 2 cores), so the file launches
+as few as it can and shares them through module-scoped fixtures.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from moekit.cli import main
+
+TINY = ["--n_layer=2", "--d_model=32", "--n_head=2", "--head_dim=16", "--d_ff=64", "--n_expert=4", "--top_k=2",
+        "--vocab_size=300", "--max_seq_len=32"]
+FAST = ["--batch-tokens", "256", "--batch-tokens-start", "0", "--eval-every", "0", "--save-every", "2",
+        "--log-every", "1", "--eval-tokens", "500", "--no-progress", "--dtype", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("launch")
+    data = root / "data"
+    data.mkdir()
+    for i in range(3):
+        (data / f"a{i}.py").write_text("".join(f"def g{j}(x):\n    return x + {j}\n\n" for j in range(60)))
+        (data / f"b{i}.md").write_text("".join(f"The expert {j} reads token {i + j}.\n" for j in range(80)))
+    env = dict(os.environ, MOEKIT_CACHE=str(root / "cache"), OMP_NUM_THREADS="1")
+    return root, data, env
+
+
+def train_args(data: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    return ["train", *TINY, *FAST, "--steps", str(steps), "--data", f"mine={data}:3", "--out", str(out), *extra]
+
+
+def moekit(env: dict, *argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moekit", *argv], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def losses(run: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+
+
+def close(a: float, b: float, rel: float = 1e-5) -> bool:
+    return abs(a - b) <= rel * abs(b)
+
+
+@pytest.fixture(scope="module")
+def one_process(work):
+    """The reference: one process, 6 steps (checkpoints at 2, 4, 6)."""
+    root, data, env = work
+    out = root / "one"
+    r = moekit(env, *train_args(data, out, 6))
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def dp2_zero1(work):
+    """ZeRO-1 on 2 processes, 4 steps (checkpoints at 2 and 4)."""
+    root, data, env = work
+    out = root / "dp2"
+    r = moekit(env, *train_args(data, out, 4, "--nproc", "2", "--zero", "1"))
+    assert r.returncode == 0, r.stderr
+    return out, r
+
+
+def test_dp2_zero1_and_tp2_log_the_losses_and_routing_of_one_process(work, one_process, dp2_zero1):
+    root, data, env = work
+    ref = losses(one_process)
+    dp, r = dp2_zero1
+    assert "dp2 ZeRO-1" in r.stdout + r.stderr  # the log line names the layout
+    tp = root / "tp2"
+    r = moekit(env, *train_args(data, tp, 4, "--nproc", "2", "--tp", "2"))
+    assert r.returncode == 0, r.stderr
+    for run in (dp, tp):
+        got = losses(run)
+        assert sorted(got) == [1, 2, 3, 4]
+        for step, rec in got.items():
+            assert close(rec["loss"], ref[step]["loss"]), (run.name, step, rec["loss"], ref[step]["loss"])
+            assert rec["routing"]["tokens_per_expert"] == ref[step]["routing"]["tokens_per_expert"]
+        start = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+        assert start["event"] == "start" and start["layout"]["world_size"] == 2
+    # Only the main rank writes: one start record, one line per step.
+    assert len([line for line in (tp / "metrics.jsonl").read_text().splitlines() if '"event": "start"' in line]) == 1
+
+
+def test_a_zero1_checkpoint_resumes_on_tensor_parallel_and_on_one_process(work, one_process, dp2_zero1):
+    """Saved by dp2 x ZeRO-1 at step 4 (a DCP set); continued to step 6 by tp2, by one process (no process
+    group) and by dp2 x tp2 FSDP2 on 4 processes: each follows the one-process run's steps 5 and 6."""
+    import shutil
+
+    root, data, env = work
+    ref = losses(one_process)
+    dp, _ = dp2_zero1
+    for name, layout in (("as_tp2", ["--nproc", "2", "--tp", "2"]), ("as_one", []),
+                         ("as_fsdp_x_tp", ["--nproc", "4", "--tp", "2", "--zero", "3"])):
+        run = root / name
+        shutil.copytree(dp, run)
+        r = moekit(env, "train", "--resume", str(run), "--steps", "6", "--no-progress", *layout)
+        assert r.returncode == 0, r.stderr
+        got = losses(run)
+        for step in (5, 6):
+            assert close(got[step]["loss"], ref[step]["loss"]), (name, step)
+
+
+def test_a_distributed_checkpoint_is_a_dcp_set_every_rank_wrote(dp2_zero1):
+    dp, _ = dp2_zero1
+    ckpt = dp / "checkpoints" / "step_00000004"
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["format"] == "dcp" and {".metadata", "__0_0.distcp", "__1_0.distcp"} <= set(state["files"])
+    # ZeRO-1: each rank wrote its own partition of the AdamW state, so both shard files carry real data.
+    sizes = [(ckpt / f"__{r}_0.distcp").stat().st_size for r in (0, 1)]
+    assert min(sizes) > 0.2 * max(sizes), sizes
+    assert not list((dp / "checkpoints").glob(".tmp-*"))
+
+
+def test_resuming_in_the_same_layout_repeats_the_run_bitwise(work, dp2_zero1):
+    import shutil
+
+    root, data, env = work
+    dp, _ = dp2_zero1
+    run = root / "bitwise"
+    shutil.copytree(dp, run)
+    shutil.rmtree(run / "checkpoints" / "step_00000004")  # as if killed after the step-2 checkpoint
+    r = moekit(env, "train", "--resume", str(run), "--steps", "4", "--no-progress", "--nproc", "2", "--zero", "1")
+    assert r.returncode == 0, r.stderr
+    assert [losses(run)[s]["loss"] for s in (3, 4)] == [losses(dp)[s]["loss"] for s in (3, 4)]
+
+
+def test_a_corrupted_shard_is_named_and_the_previous_checkpoint_used(work, dp2_zero1, capsys, monkeypatch):
+    import shutil
+
+    root, data, env = work
+    monkeypatch.setenv("MOEKIT_CACHE", env["MOEKIT_CACHE"])
+    dp, _ = dp2_zero1
+    run = root / "corrupt"
+    shutil.copytree(dp, run)
+    shard = run / "checkpoints" / "step_00000004" / "__1_0.distcp"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    code = main(["train", "--resume", str(run), "--steps", "5", "--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "__1_0.distcp is corrupted" in out + err and "using step_00000002" in out + err
+
+
+def test_a_rank_killed_mid_run_stops_the_job_and_names_it(work):
+    root, data, env = work
+    out = root / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "moekit", *train_args(data, out, 100_000, "--nproc", "2")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "metrics.jsonl").is_file() or len(losses(out)) < 2:  # training is under way
+            assert proc.poll() is None and time.monotonic() < deadline, "the job did not start training"
+            time.sleep(0.2)
+        workers = children_running_moekit(proc.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[-1], signal.SIGKILL)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+        assert time.monotonic() - t0 < 30
+        assert proc.returncode != 0
+        assert "rank" in err and "killed by signal 9" in err and "moekit train --resume" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def children_running_moekit(pid: int) -> list[int]:
+    """The pids of `pid`'s descendants whose command line runs moekit (the workers), oldest first."""
+    parents = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parents[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        p = frontier.pop()
+        for child, parent in parents.items():
+            if parent == p:
+                frontier.append(child)
+                try:
+                    cmd = (Path("/proc") / str(child) / "cmdline").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if b"moekit" in cmd and b"train" in cmd:
+                    found.append(child)
+    return sorted(found)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--nproc", "2", "--tp", "3"], "--tp 3 must divide the 2 query heads: choose one of 1, 2"),
+    (["--nproc", "4", "--dp", "3"], "--dp 3 x --tp 1 = 3 processes, but there are 4"),
+    (["--nproc", "2", "--zero", "5"], "--zero 5: choose one of 0 (DDP), 1"),
+    (["--nproc", "0"], "--nproc 0: the number of processes must be >= 1"),
+])
+def test_bad_layout_flags_get_one_line_and_exit_2_before_anything_starts(work, tmp_path, capsys, monkeypatch, flags,
+                                                                         message):
+    root, data, env = work
+    monkeypatch.setenv("MOEKIT_CACHE", env["MOEKIT_CACHE"])
+    out = tmp_path / "never"
+    code = main(train_args(data, out, 2, *flags))
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_resuming_with_another_model_shape_is_refused(work, dp2_zero1, capsys, monkeypatch):
+    root, data, env = work
+    monkeypatch.setenv("MOEKIT_CACHE", env["MOEKIT_CACHE"])
+    dp, _ = dp2_zero1
+    before = sorted(p.name for p in (dp / "checkpoints").iterdir())
+    code = main(["train", "--resume", str(dp), "--steps", "8", "--n_layer=3", "--nproc", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--resume continues a run with its saved settings" in err and "--n_layer" in err
+    assert sorted(p.name for p in (dp / "checkpoints").iterdir()) == before
