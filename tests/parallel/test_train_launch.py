@@ -94,14 +94,15 @@ def test_dp2_zero1_and_tp2_log_the_losses_and_routing_of_one_process(work, one_p
 
 def test_a_zero1_checkpoint_resumes_on_tensor_parallel_and_on_one_process(work, one_process, dp2_zero1):
     """Saved by dp2 x ZeRO-1 at step 4 (a DCP set); continued to step 6 by tp2, by one process (no process
-    group) and by dp2 x tp2 FSDP2 on 4 processes: each follows the one-process run's steps 5 and 6."""
+    group), and by dp2 x tp2 on 4 processes with FSDP2 and with DDP: each follows the one-process run's steps 5, 6."""
     import shutil
 
     root, data, env = work
     ref = losses(one_process)
     dp, _ = dp2_zero1
     for name, layout in (("as_tp2", ["--nproc", "2", "--tp", "2"]), ("as_one", []),
-                         ("as_fsdp_x_tp", ["--nproc", "4", "--tp", "2", "--zero", "3"])):
+                         ("as_fsdp_x_tp", ["--nproc", "4", "--tp", "2", "--zero", "3"]),
+                         ("as_ddp_x_tp", ["--nproc", "4", "--tp", "2", "--zero", "0"])):
         run = root / name
         shutil.copytree(dp, run)
         r = moekit(env, "train", "--resume", str(run), "--steps", "6", "--no-progress", *layout)
