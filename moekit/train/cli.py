@@ -194,7 +194,8 @@ def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--zero", type=int, default=0, help="how data-parallel ranks share the training state: "
                    "0 DDP, 1 ZeRO-1 (sharded optimizer state), 2 FSDP2 ZeRO-2, 3 FSDP2 ZeRO-3 (default 0)")
     g.add_argument("--collective-timeout", type=float, default=600.0, metavar="SECONDS",
-                   help="a collective that waits longer fails the job instead of hanging it (default 600)")
+                   help="a collective that waits longer fails the job instead of hanging it; it also bounds the "
+                        "start-up wait while rank 0 prepares the data (default 600)")
 
 
 def _layout_flags(args: argparse.Namespace, world: int, cfg: ModelConfig):

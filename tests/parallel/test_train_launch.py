@@ -178,6 +178,32 @@ def test_a_rank_killed_mid_run_stops_the_job_and_names_it(work):
             proc.communicate()
 
 
+def test_a_rank_that_hangs_fails_the_job_at_the_collective_timeout(work):
+    """A rank stopped (SIGSTOP: alive, silent) leaves its peer waiting in a collective: --collective-timeout ends
+    the wait, that rank fails, and the agent stops the job, instead of both waiting forever."""
+    root, data, env = work
+    out = root / "hung"
+    proc = subprocess.Popen([sys.executable, "-m", "moekit", *train_args(data, out, 100_000, "--nproc", "2",
+                                                                        "--collective-timeout", "5")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "metrics.jsonl").is_file() or len(losses(out)) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "the job did not start training"
+            time.sleep(0.2)
+        workers = children_running_moekit(proc.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[-1], signal.SIGSTOP)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=90)
+        assert time.monotonic() - t0 < 90 and proc.returncode != 0
+        assert "rank 0 of 2" in err, err[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 def children_running_moekit(pid: int) -> list[int]:
     """The pids of `pid`'s descendants whose command line runs moekit (the workers), oldest first."""
     parents = {}
