@@ -13,13 +13,16 @@ engine or trainer: `moekit bench hardware` (moekit/bench_hardware.py) measures a
 """
 
 from moekit.plan.charts import write_charts
+from moekit.plan.comm import step_collectives
 from moekit.plan.hardware import GPU, TABLE, get_gpu, known_gpus, load_hardware_file, local_hardware_path
 from moekit.plan.layout import as_config, stages
 from moekit.plan.report import Claim, Report, format_report, gpt4_report
 from moekit.plan.serve import ServePlan, expert_coverage, serve
+from moekit.plan.shards import rank_bytes
 from moekit.plan.train import TrainPlan, train
 from moekit.plan.wall import Wall, article_h100, max_tokens_per_s, wall
 
 __all__ = ["GPU", "TABLE", "Claim", "Report", "ServePlan", "TrainPlan", "Wall", "article_h100", "as_config",
            "expert_coverage", "format_report", "get_gpu", "gpt4_report", "known_gpus", "load_hardware_file",
-           "local_hardware_path", "max_tokens_per_s", "serve", "stages", "train", "wall", "write_charts"]
+           "local_hardware_path", "max_tokens_per_s", "rank_bytes", "serve", "stages", "step_collectives", "train",
+           "wall", "write_charts"]

@@ -2,6 +2,8 @@
 
     moekit plan                                   # the GPT-4 report (every claim of SPEC sections 1-4)
     moekit plan train --gpu A100-80GB --gpus 25000 --tokens 13T --mfu 0.34
+    moekit plan train --model tiny --gpus 2 --tp 1 --pp 1 --zero 3 --optimizer-precision fp32 \
+        --batch-tokens 256 --seq-len 64 --micro-batch 2 --recompute none    # per-rank bytes, collectives
     moekit plan serve --model gpt4 --gpu H100 --weight-dtype fp8 --kv-dtype fp8 --context 6144
     moekit plan serve --model tiny --gpu local --tp 1 --pp 1 --batch 8 --json  # after moekit bench hardware
     moekit plan wall --gpu H100 --gpus 8 --tps 20 --hbm-gb-s 3000
@@ -76,6 +78,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--no-sequence-parallel", dest="sequence_parallel", action="store_false",
                    help="keep d_model-sized activations whole on every tensor-parallel GPU")
     t.add_argument("--dtype", default="bf16", help="the peak that MFU is measured against (default bf16)")
+    t.add_argument("--optimizer-precision", default="mixed", choices=["mixed", "fp32"],
+                   help="bytes per parameter: mixed = the article's bf16 weights and grads + 12 B of fp32 Adam "
+                        "(2+2+12, default); fp32 = moekit's fp32 weights, grads and AdamW (4+4+8)")
     t.add_argument("--price-per-hour", type=float, help="$ per GPU-hour (default: the hardware table's)")
     t.add_argument("--include-attention", action="store_true",
                    help="count attention FLOPs (PaLM appendix B) in the time and MFU")
@@ -132,6 +137,17 @@ def _gb(x: float) -> str:
     return f"{x / 1e9:,.1f} GB"
 
 
+def _bytes(x: float) -> str:
+    for scale, unit in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if abs(x) >= scale:
+            return f"{x / scale:,.1f} {unit}"
+    return f"{x:,.0f} B"
+
+
+def _seconds(x: float) -> str:
+    return f"{x:,.1f} s" if x >= 1 else f"{x * 1e3:,.2f} ms"
+
+
 def _money(x: float | None, digits: int = 2) -> str:
     return "n/a (pass --price-per-hour)" if x is None else f"${x:,.{digits}f}"
 
@@ -156,7 +172,35 @@ def format_train(p) -> str:
         f"per step, bubble {p.bubble:.1%}; layers per stage {sorted(set(p.layers_per_stage))}",
         f"  tokens per expert    {_count(p.tokens_per_expert)} per {_count(p.batch_tokens)}-token batch",
     ]
-    return "\n".join(lines + [f"  note: {n}" for n in p.notes])
+    return "\n".join(lines + _rank_lines(p) + [f"  note: {n}" for n in p.notes])
+
+
+def _rank_lines(p) -> list[str]:
+    """What one rank holds and what one step's collectives carry, as moekit shards and communicates."""
+    out = []
+    r = p.ranks
+    if r is not None:
+        extra = "".join([f", FSDP2 gathers {_bytes(r.gathered)} in the step" if r.gathered else "",
+                         f", DDP buckets {_bytes(r.buckets)}" if r.buckets else ""])
+        out.append(f"  per rank (moekit)    weights {_bytes(r.weights)}, grads {_bytes(r.gradients)}, optimizer "
+                   f"{_bytes(r.optimizer)} ({p.optimizer_precision}){extra}; total {_bytes(r.total)}")
+        spread = r.optimizer_per_dp_rank
+        if p.zero_stage == 1 and len(spread) > 1:
+            even = sum(spread) / len(spread)
+            out.append(f"  ZeRO-1 partition     optimizer {_bytes(min(spread))} to {_bytes(max(spread))} per rank "
+                       f"over {len(spread)} ranks (whole parameters; an even split is {_bytes(even)})")
+    c = p.collectives
+    if c is not None:
+        names = {"all_reduce": "all-reduce", "all_gather": "all-gather", "reduce_scatter": "reduce-scatter",
+                 "broadcast": "broadcast", "all_to_all": "all-to-all"}
+        calls: dict[str, int | None] = {}
+        for x in c.collectives:  # None: DDP's buckets, whose number depends on its bucket cap
+            calls[x.kind] = None if x.calls is None or calls.get(x.kind, 0) is None else calls.get(x.kind, 0) + x.calls
+        kinds = ", ".join(f"{names[k]} {_bytes(v)}" + (f" ({calls[k]:,} calls)" if calls[k] else "")
+                          for k, v in c.payload_by_kind().items()) or "none"
+        seconds = "" if p.comm_seconds is None else f", {_seconds(p.comm_seconds)} over {p.gpu}'s links"
+        out.append(f"  collectives / step   {kinds}; ring traffic per rank {_bytes(c.wire)}{seconds}")
+    return out
 
 
 def format_serve(p) -> str:
@@ -226,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
                                 seq_len=args.seq_len, micro_batch=args.micro_batch, recompute=args.recompute,
                                 sequence_parallel=args.sequence_parallel, dtype=args.dtype,
                                 price_per_hour=args.price_per_hour, include_attention=args.include_attention,
-                                hardware_files=files)
+                                hardware_files=files, optimizer_precision=args.optimizer_precision)
             text = format_train
         else:
             result = plan.serve(cfg, args.gpu, n_gpus=args.gpus, tp=args.tp, pp=args.pp, ep=args.ep,

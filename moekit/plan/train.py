@@ -13,7 +13,13 @@ Formulas (SPEC section 6 unless cited):
   ep ranks of the data-parallel group (DeepSpeed-MoE / Megatron-LM: expert data parallelism dp/ep):
   bf16 weights (2 B), bf16 gradients (2 B) and Adam states (fp32 master weights, m, v: 12 B), of
   which ZeRO stage 1 shards the optimizer states, 2 also the gradients, 3 also the weights over
-  their data-parallel group (Rajbhandari et al. 2020, "ZeRO", figure 1).
+  their data-parallel group (Rajbhandari et al. 2020, "ZeRO", figure 1). `optimizer_precision="fp32"`
+  is moekit's own training instead: fp32 weights and gradients, 8 B of AdamW state (shards.py).
+- per rank, as moekit itself shards the tensors (`ranks`, moekit/plan/shards.py: torch.chunk shards,
+  ZeRO-1's whole-parameter partition, replicated norms, router and MQA K/V), and the bytes each
+  collective of a step carries (`collectives`, moekit/plan/comm.py), for the layouts moekit runs
+  (pipeline and expert parallelism 1); `comm_seconds` is their ring traffic over the hardware
+  table's links (NVLink inside a node, the inter-node network across), with no overlap or latency.
 - activations per layer and token, bf16, with FlashAttention (no s x s scores stored): the tensors
   autograd saves (norm inputs/outputs, Q, K, V, attention output, MLP hidden before and after the
   activation, for MoE the k gathered token copies and expert outputs); split by tp, fully with
@@ -31,11 +37,14 @@ from dataclasses import asdict, dataclass, field
 
 from moekit.config import ModelConfig
 from moekit.counts import flops_per_token
+from moekit.plan.comm import StepComm, step_collectives
 from moekit.plan.hardware import GPU, get_gpu
 from moekit.plan.layout import Stage, as_config, check_parallel, kv_heads_per_gpu, stages
+from moekit.plan.shards import PRECISIONS, Precision, RankBytes, get_precision, rank_bytes
 
 RECOMPUTE = ("none", "full")
-PARAM_BYTES, GRAD_BYTES, ADAM_BYTES = 2, 2, 12  # mixed-precision Adam (ZeRO paper, section 3.1: K = 12)
+# "mixed": the article's 2 + 2 + 12 B per parameter (ZeRO paper section 3.1, K = 12); "fp32": moekit's 4 + 4 + 8.
+OPTIMIZER_PRECISIONS = tuple(PRECISIONS)
 DEFAULT_MFU = 0.34  # the middle of the article's 32-36% (SPEC section 3)
 
 
@@ -86,6 +95,10 @@ class TrainPlan:
     price_per_hour: float | None
     cost: float | None
     memory: TrainMemory
+    optimizer_precision: str  # "mixed" (2 + 2 + 12 B per parameter) or "fp32" (moekit: 4 + 4 + 8 B)
+    ranks: RankBytes | None  # what one rank holds, as moekit shards it (None: a layout moekit does not run)
+    collectives: StepComm | None  # one step's collectives on one rank (None: likewise)
+    comm_seconds: float | None  # their ring traffic over the hardware's links, one step (a lower bound)
     micro_batches: int
     bubble: float
     tokens_per_expert: float
@@ -99,6 +112,10 @@ class TrainPlan:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.update(days=self.days, memory=dict(d["memory"], total=self.memory.total, fits=self.memory.fits))
+        if self.ranks is not None:
+            d["ranks"]["total"] = self.ranks.total
+        if self.collectives is not None:
+            d["collectives"] = self.collectives.to_dict()
         return d
 
 
@@ -116,7 +133,8 @@ def activation_bytes(cfg: ModelConfig, moe_layer: bool, tp: int, sequence_parall
 
 
 def _stage_memory(cfg: ModelConfig, st: Stage, *, tp: int, dp: int, ep: int, zero: int, in_flight: int,
-                  tokens_per_micro: int, recompute: str, sp: bool, capacity: float) -> TrainMemory:
+                  tokens_per_micro: int, recompute: str, sp: bool, capacity: float,
+                  prec: Precision = PRECISIONS["mixed"]) -> TrainMemory:
     dense_gpu = st.non_expert / tp
     expert_gpu = st.experts / (tp * ep)
     edp = dp // ep  # expert data-parallel group
@@ -124,9 +142,9 @@ def _stage_memory(cfg: ModelConfig, st: Stage, *, tp: int, dp: int, ep: int, zer
     def sharded(level: int) -> float:  # parameters per GPU for a state ZeRO shards from `level` on
         return dense_gpu / (dp if zero >= level else 1) + expert_gpu / (edp if zero >= level else 1)
 
-    weights = PARAM_BYTES * sharded(3)
+    weights = prec.weights * sharded(3)
     if zero >= 3:  # the gathered working copy of ~2 layers (FSDP prefetches the next one)
-        weights += PARAM_BYTES * 2 * (st.dense + st.experts) / max(st.layers, 1) / (tp * ep)
+        weights += prec.weights * 2 * (st.dense + st.experts) / max(st.layers, 1) / (tp * ep)
     moe_frac = st.moe_layers / st.layers if st.layers else 0.0
     per_token_layer = (moe_frac * activation_bytes(cfg, True, tp, sp)
                        + (1 - moe_frac) * activation_bytes(cfg, False, tp, sp))
@@ -137,8 +155,8 @@ def _stage_memory(cfg: ModelConfig, st: Stage, *, tp: int, dp: int, ep: int, zer
         acts = in_flight * st.layers * per_token_layer * tokens_per_micro
     if st.lm_head:  # fp32 logits of one micro-batch for the loss, split over the vocabulary by tp
         acts += 4 * cfg.vocab_size / tp * tokens_per_micro
-    return TrainMemory(stage=st.index, weights=weights, gradients=GRAD_BYTES * sharded(2),
-                       optimizer=ADAM_BYTES * sharded(1), activations=acts, capacity=capacity)
+    return TrainMemory(stage=st.index, weights=weights, gradients=prec.gradients * sharded(2),
+                       optimizer=prec.optimizer * sharded(1), activations=acts, capacity=capacity)
 
 
 def train(model: ModelConfig | str = "gpt4", gpu: GPU | str = "A100-80GB", n_gpus: int = 25_000,
@@ -146,7 +164,8 @@ def train(model: ModelConfig | str = "gpt4", gpu: GPU | str = "A100-80GB", n_gpu
           pp: int = 15, ep: int = 1, zero_stage: int = 1, batch_tokens: float = 60e6,
           seq_len: int | None = None, micro_batch: int = 1, recompute: str = "full",
           sequence_parallel: bool = True, dtype: str = "bf16", price_per_hour: float | None = None,
-          include_attention: bool = False, hardware_files: tuple = ()) -> TrainPlan:
+          include_attention: bool = False, hardware_files: tuple = (),
+          optimizer_precision: str = "mixed") -> TrainPlan:
     """Plan a training run. Give `mfu` (time follows) or `days` (MFU follows); neither = 34% MFU.
 
     Defaults are the article's GPT-4 run (SPEC section 3): 13T tokens, 8-way tensor x 15-way pipeline,
@@ -163,6 +182,7 @@ def train(model: ModelConfig | str = "gpt4", gpu: GPU | str = "A100-80GB", n_gpu
         raise ValueError(f"--tokens and --batch-tokens must be > 0, got {tokens} and {batch_tokens}")
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"--zero must be 0, 1, 2 or 3, got {zero_stage!r}")
+    prec = get_precision(optimizer_precision)
     if recompute not in RECOMPUTE:
         raise ValueError(f"--recompute must be one of {', '.join(RECOMPUTE)}, got {recompute!r}")
     if mfu is not None and days is not None:
@@ -216,22 +236,51 @@ def train(model: ModelConfig | str = "gpt4", gpu: GPU | str = "A100-80GB", n_gpu
     layout = stages(cfg, pp)
     mems = [_stage_memory(cfg, st, tp=tp, dp=dp, ep=ep, zero=zero_stage, in_flight=min(m, pp - st.index),
                           tokens_per_micro=tokens_per_micro, recompute=recompute, sp=sequence_parallel,
-                          capacity=hw.memory_bytes)
+                          capacity=hw.memory_bytes, prec=prec)
             for st in layout]
     memory = max(mems, key=lambda x: x.total)
     if not memory.fits:
         notes.append(f"does not fit: stage {memory.stage} needs {memory.total / 1e9:.1f} GB per GPU, "
                      f"{hw.name} has {hw.memory_gb:g} GB (over by "
                      f"{(memory.total - memory.capacity) / 1e9:.1f} GB)")
+    ranks = collectives = comm_seconds = None
+    if ep == 1:
+        ranks = rank_bytes(cfg, dp=dp, tp=tp, zero=zero_stage, precision=optimizer_precision, pp=pp,
+                           stage=memory.stage)
+        if zero_stage == 1 and tp > 1:
+            notes.append("moekit refuses --zero 1 with --tp (ZeroRedundancyOptimizer cannot shard DTensor "
+                         "weights): its per-rank figures are what the partition would give")
+    if ep == 1 and pp == 1:
+        collectives = step_collectives(cfg, dp=dp, tp=tp, zero=zero_stage, precision=optimizer_precision,
+                                       micro_batches=m, tokens_per_micro=tokens_per_micro,
+                                       sequence_parallel=sequence_parallel, recompute=recompute)
+        comm_seconds = _link_seconds(collectives, hw, tp=tp)
     return TrainPlan(
         model=cfg.name, gpu=hw.name, n_gpus=n_gpus, tokens=tokens, tp=tp, pp=pp, dp=dp, ep=ep,
         zero_stage=zero_stage, seq_len=seq_len, micro_batch=micro_batch, batch_tokens=batch_tokens,
         recompute=recompute, dtype=dtype, flops_per_token=per_token, attention_flops_per_token=attn_per_token,
         flops=flops, include_attention=include_attention, peak_flops=peak, mfu=mfu, seconds=seconds,
         gpu_hours=gpu_hours, price_per_hour=price, cost=None if price is None else gpu_hours * price,
-        memory=memory, micro_batches=m, bubble=bubble,
+        memory=memory, optimizer_precision=optimizer_precision, ranks=ranks, collectives=collectives,
+        comm_seconds=comm_seconds, micro_batches=m, bubble=bubble,
         tokens_per_expert=batch_tokens * cfg.top_k / cfg.n_expert,
         layers_per_stage=[st.layers for st in layout], notes=notes)
 
 
-__all__ = ["TrainMemory", "TrainPlan", "activation_bytes", "train"]
+def _link_seconds(comm: StepComm, hw: GPU, *, tp: int) -> float | None:
+    """The step's ring traffic over the links it crosses (module docstring): tensor ranks are neighbours (tp
+    innermost, moekit/parallel/mesh.py), so a tensor group inside one node uses NVLink; a data-parallel group
+    does too when its ranks (tp apart) fit in one node, else the inter-node network. None: no link figures."""
+    wire = comm.wire_by_group()
+    if not wire:
+        return 0.0
+    node = hw.gpus_per_node
+    dp_size = max((c.group_size for c in comm.collectives if c.group == "dp"), default=1)
+    links = {"tp": hw.nvlink_gb_s if tp <= node else hw.internode_gb_s,
+             "dp": hw.nvlink_gb_s if tp * dp_size <= node else hw.internode_gb_s}
+    if any(not links[g] for g in wire):
+        return None
+    return sum(bytes_ / (links[g] * 1e9) for g, bytes_ in wire.items())
+
+
+__all__ = ["OPTIMIZER_PRECISIONS", "TrainMemory", "TrainPlan", "activation_bytes", "train"]
