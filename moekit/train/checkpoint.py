@@ -26,6 +26,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -249,13 +250,19 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
 def load_latest(run_dir: str | Path, model: torch.nn.Module, opt: torch.optim.Optimizer | None = None,
                 log=print) -> tuple[Path, dict]:
     """Load the newest checkpoint that verifies; say which bad ones were skipped and why."""
+    return load_newest(run_dir, lambda path: load_checkpoint(path, model, opt), log)
+
+
+def load_newest(run_dir: str | Path, load: Callable[[Path], dict], log=print) -> tuple[Path, dict]:
+    """(path, state) of the newest checkpoint `load(path)` takes without a CheckpointError, newest first; every
+    one skipped is logged with its reason (the fallback of `load_latest` and of distributed loading)."""
     ckpts = list_checkpoints(run_dir)
     if not ckpts:
         raise CheckpointError(f"{run_dir} has no checkpoints (no {CKPT_DIR}/step_* folder)")
     errors = []
     for path in reversed(ckpts):
         try:
-            state = load_checkpoint(path, model, opt)
+            state = load(path)
         except CheckpointError as e:
             errors.append(str(e))
             log(f"warning: {e}; trying the previous checkpoint")

@@ -32,7 +32,7 @@ from moekit.train.checkpoint import (
     MODEL_FILE,
     OPTIM_FILE,
     CheckpointError,
-    list_checkpoints,
+    load_newest,
     load_optimizer_tensors,
     model_tensors,
     new_checkpoint_dir,
@@ -267,31 +267,21 @@ def load_trainer(trainer: Trainer, run_dir: str | Path, with_optimizer: bool = T
 
     Every rank verifies and reads the files itself (they are whole tensors; no rank waits on another's read).
     """
-    ckpts = list_checkpoints(run_dir)
-    if not ckpts:
-        raise CheckpointError(f"{run_dir} has no checkpoints (no checkpoints/step_* folder)")
-    errors = []
-    for path in reversed(ckpts):
-        try:
-            state = verify_checkpoint(path)
-            if DCP_METADATA in state["files"]:
-                _load_dcp(trainer, path, with_optimizer)
-            else:
-                optim_t = None
-                if with_optimizer:
-                    if OPTIM_FILE not in state["files"]:
-                        raise CheckpointError(f"{path} has no optimizer state: it cannot be resumed, only used "
-                                              "with --init-from")
-                    optim_t = load_file(path / OPTIM_FILE)
-                load_tensors_into(trainer, load_file(path / MODEL_FILE), optim_t, str(path / MODEL_FILE))
-        except CheckpointError as e:
-            errors.append(str(e))
-            log(f"warning: {e}; trying the previous checkpoint")
-            continue
-        if errors:
-            log(f"using {path.name}, the newest checkpoint that verifies")
-        return path, state
-    raise CheckpointError(f"no usable checkpoint in {Path(run_dir) / 'checkpoints'}: {errors[0]}")
+    def load(path: Path) -> dict:
+        state = verify_checkpoint(path)
+        if DCP_METADATA in state["files"]:
+            _load_dcp(trainer, path, with_optimizer)
+            return state
+        optim_t = None
+        if with_optimizer:
+            if OPTIM_FILE not in state["files"]:
+                raise CheckpointError(f"{path} has no optimizer state: it cannot be resumed, only used with "
+                                      "--init-from")
+            optim_t = load_file(path / OPTIM_FILE)
+        load_tensors_into(trainer, load_file(path / MODEL_FILE), optim_t, str(path / MODEL_FILE))
+        return state
+
+    return load_newest(run_dir, load, log)
 
 
 __all__ = ["gather_tensors", "load_tensors_into", "load_trainer", "save_trainer"]

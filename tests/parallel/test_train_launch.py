@@ -169,18 +169,25 @@ def test_a_corrupted_shard_is_named_and_the_previous_checkpoint_used(work, dp2_z
     assert "__1_0.distcp is corrupted" in out + err and "using step_00000002" in out + err
 
 
+def start_training(env: dict, data: Path, out: Path, *extra: str) -> tuple[subprocess.Popen, list[int]]:
+    """A long 2-process run, returned once it has logged two steps, with its two workers' pids."""
+    proc = subprocess.Popen([sys.executable, "-m", "moekit", *train_args(data, out, 100_000, "--nproc", "2", *extra)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (out / "metrics.jsonl").is_file() or len(losses(out)) < 2:  # training is under way
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"the job did not start training: {proc.communicate()[1][-2000:]}")
+        time.sleep(0.2)
+    workers = children_running_moekit(proc.pid)
+    assert len(workers) == 2, workers
+    return proc, workers
+
+
 def test_a_rank_killed_mid_run_stops_the_job_and_names_it(work):
     root, data, env = work
-    out = root / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "moekit", *train_args(data, out, 100_000, "--nproc", "2")],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, workers = start_training(env, data, root / "killed")
     try:
-        deadline = time.monotonic() + 240
-        while not (out / "metrics.jsonl").is_file() or len(losses(out)) < 2:  # training is under way
-            assert proc.poll() is None and time.monotonic() < deadline, "the job did not start training"
-            time.sleep(0.2)
-        workers = children_running_moekit(proc.pid)
-        assert len(workers) == 2, workers
         os.kill(workers[-1], signal.SIGKILL)
         t0 = time.monotonic()
         _, err = proc.communicate(timeout=30)
@@ -197,17 +204,8 @@ def test_a_rank_that_hangs_fails_the_job_at_the_collective_timeout(work):
     """A rank stopped (SIGSTOP: alive, silent) leaves its peer waiting in a collective: --collective-timeout ends
     the wait, that rank fails, and the agent stops the job, instead of both waiting forever."""
     root, data, env = work
-    out = root / "hung"
-    proc = subprocess.Popen([sys.executable, "-m", "moekit", *train_args(data, out, 100_000, "--nproc", "2",
-                                                                        "--collective-timeout", "5")],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, workers = start_training(env, data, root / "hung", "--collective-timeout", "5")
     try:
-        deadline = time.monotonic() + 240
-        while not (out / "metrics.jsonl").is_file() or len(losses(out)) < 2:
-            assert proc.poll() is None and time.monotonic() < deadline, "the job did not start training"
-            time.sleep(0.2)
-        workers = children_running_moekit(proc.pid)
-        assert len(workers) == 2, workers
         os.kill(workers[-1], signal.SIGSTOP)
         t0 = time.monotonic()
         _, err = proc.communicate(timeout=90)
