@@ -198,6 +198,20 @@ def test_evaluate_matches_a_direct_cross_entropy_and_a_uniform_model():
     assert res["v"]["bpb"] == pytest.approx(math.log2(50) * n_tok / n_bytes, rel=1e-6)
 
 
+def test_evaluate_pads_windows_for_sequence_parallelism_without_changing_the_result():
+    """Sequence parallelism needs lengths divisible by --tp: windows of 16 and 8 tokens are padded to multiples of 3
+    at their end, and causal attention leaves the real positions' losses as they were."""
+    torch.manual_seed(0)
+    model = Transformer(CFG)
+    windows = [np.random.default_rng(i).integers(0, 50, 17) for i in range(3)] + [np.arange(9)]
+    token_bytes = torch.ones(50, dtype=torch.long)
+    cpu = torch.device("cpu")
+    plain = evaluate(model, {"v": windows}, token_bytes, 2, cpu, None)
+    padded = evaluate(model, {"v": windows}, token_bytes, 2, cpu, None, multiple_of=3)
+    assert padded["v"]["tokens"] == plain["v"]["tokens"] == 3 * 16 + 8
+    assert padded["v"]["loss"] == pytest.approx(plain["v"]["loss"], rel=1e-6)
+
+
 def test_training_flops_per_token_hand_worked_and_counted_by_torch():
     cfg = CFG.replace(tie_embeddings=True)
     # Active parameters, by hand: the tied embedding (read by the lm_head matmul) 50 x 16 = 800; attention

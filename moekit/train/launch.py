@@ -53,7 +53,7 @@ def launch(nproc: int, argv: list[str]) -> int:
         print(f"moekit: error: training rank {rank} of {nproc} {how}; the other ranks were stopped. "
               "Its own error, if it printed one, is above; continue with `moekit train --resume RUN`.",
               file=sys.stderr)
-        return 1
+        return 2 if failure.exitcode == 2 else 1  # a worker's user error (one line above) stays exit code 2
     finally:
         if env_threads is None:
             os.environ.pop("OMP_NUM_THREADS", None)

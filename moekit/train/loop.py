@@ -130,12 +130,14 @@ def steps_that_fit(step: int, tokens_seen: int, token_budget: float, tc: TrainCo
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, val: dict[str, list[np.ndarray]], token_bytes_V: torch.Tensor,
              batch: int, device: torch.device, dtype: torch.dtype | None, rank: int = 0, world: int = 1,
-             group=None) -> dict:
+             group=None, multiple_of: int = 1) -> dict:
     """Validation loss (nats per token) and bits per byte for each source and for all together.
 
     With `world` data-parallel ranks, rank r evaluates the batches r, r + world, ... and the sums are
     all-reduced over `group`. Every rank runs the same number of forward passes (a rank short of a batch
     repeats one and drops it): sharded models and the MoE's global statistics need every rank in each.
+    `multiple_of`: sequence parallelism needs a length divisible by --tp; a shorter last window is padded at
+    its end and the padding's logits dropped (attention is causal, so the real positions are unchanged).
     """
     was_training = model.training
     model.eval()
@@ -156,13 +158,14 @@ def evaluate(model: torch.nn.Module, val: dict[str, list[np.ndarray]], token_byt
         k, windows = batches[min(index, len(batches) - 1)]
         xy_BT = torch.from_numpy(np.stack(windows)).to(device)
         x_BT, y_BT = xy_BT[:, :-1], xy_BT[:, 1:]
+        T, pad = x_BT.shape[1], -x_BT.shape[1] % multiple_of
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits_BTV = model(x_BT).logits
+            logits_BTV = model(F.pad(x_BT, (0, pad)) if pad else x_BT).logits
         if index >= len(batches):  # this rank's padding pass: every rank ran one, nothing is counted
             continue
         if hasattr(logits_BTV, "full_tensor"):  # vocabulary-sharded logits of a tensor-parallel model
             logits_BTV = logits_BTV.full_tensor()
-        logits = logits_BTV.flatten(0, 1)
+        logits = logits_BTV[:, :T].flatten(0, 1)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least, never narrower
         sums[k, 0] += F.cross_entropy(logits, y_BT.flatten(), reduction="sum").item()
         sums[k, 1] += y_BT.numel()
@@ -330,7 +333,8 @@ class Trainer:
 
     def run_eval(self) -> dict:
         result = evaluate(self.model, self.val, self.token_bytes_V, self.eval_batch(), self.device, self.dtype,
-                          self.dp_rank, self.dp_size, self.layout.dp_group)
+                          self.dp_rank, self.dp_size, self.layout.dp_group,
+                          multiple_of=self.layout.dims.tp if self.layout.sequence_parallel else 1)
         self.state.last_eval = {"step": self.state.step, **result}
         self.metrics.write({"step": self.state.step, "tokens": self.state.tokens_seen, "eval": result})
         return result
