@@ -230,6 +230,13 @@ class _Job:
         if self.layout.mesh is not None:
             torch.distributed.barrier()
 
+    def finish(self, code: int) -> int:
+        """Every rank leaves together (the main one exports and samples last): a rank that tore down its process
+        group while a peer still ran once aborted in gloo's threads ("terminate called without an active
+        exception")."""
+        self.barrier()
+        return code
+
     def close(self) -> None:
         from moekit.parallel.mesh import destroy_distributed
 
@@ -297,7 +304,7 @@ def run(args: argparse.Namespace) -> int:
         return launched
     job = _Job(args, cfg, tc.device)
     try:
-        return _train_new(args, job, tc, cfg, out, tokenizer_path, seq_len, log)
+        return job.finish(_train_new(args, job, tc, cfg, out, tokenizer_path, seq_len, log))
     finally:
         job.close()
 
@@ -394,7 +401,7 @@ def resume(args: argparse.Namespace, given: dict, log) -> int:
         if trainer.finished():
             log(f"the run is complete at step {trainer.state.step}; pass --steps N (more) or --max-minutes M "
                 "to train further")
-            return 0
+            return job.finish(0)
         changed = sorted(n for n, fp in data.fingerprints.items() if ckpt.get("fingerprints", {}).get(n) != fp)
         if changed:
             log(f"warning: data source(s) {', '.join(changed)} changed since the checkpoint: the resumed run "
@@ -408,7 +415,7 @@ def resume(args: argparse.Namespace, given: dict, log) -> int:
                                    "peak_flops": trainer.peak, "peak_source": peak_src,
                                    "layout": _layout_record(job)})
         job.barrier()
-        return _train_and_report(trainer, run_dir, args, log, trainer.peak, peak_src)
+        return job.finish(_train_and_report(trainer, run_dir, args, log, trainer.peak, peak_src))
     finally:
         job.close()
 
