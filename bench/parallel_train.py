@@ -13,10 +13,10 @@ Per run, after --warmup steps (the first builds AdamW's state; DDP rebuilds its 
 - step_s: the median of --steps timed steps (the slowest rank's); tok_s = global batch tokens / step_s; mfu =
   tok_s x training FLOPs per token (moekit.train.metrics.train_flops_per_token: 6 x active + attention) / peak,
   the peak being the fp32 GEMM rate every rank measures at start with its own threads, summed over the ranks.
-- one more step inside moekit.bench_comm.CollectiveCounter, which catches every collective at the dispatcher and
-  waits on it at once: comm_s is the time the rank spent in communication (slowest rank), comm_share = comm_s /
-  that step's time (counted_step_s; waiting removes the little overlap gloo had, so it is a bit longer than
-  step_s), measured_payload the bytes per collective kind.
+- one more step inside moekit.parallel.collectives.CollectiveCounter, which catches every collective at the
+  dispatcher and waits on it at once: comm_s is the time the rank spent in communication (slowest rank),
+  comm_share = comm_s / that step's time (counted_step_s; waiting removes the little overlap gloo had, so
+  it is a bit longer than step_s), measured_payload the bytes per collective kind.
 - planned_payload: `moekit.plan.train(..., optimizer_precision="fp32").collectives`, predicted from the
   configuration alone; planned_wire what a ring puts on one rank's link. The planner has no link figures for gloo
   on loopback, so it predicts no time here: the measured comm_s and the wire GB/s it implies stand beside the bytes;
@@ -111,8 +111,8 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from moekit.bench_comm import CollectiveCounter
     from moekit.model.transformer import Transformer
+    from moekit.parallel.collectives import CollectiveCounter
     from moekit.parallel.mesh import ParallelDims, destroy_distributed, init_distributed
     from moekit.parallel.parallelize import Layout
     from moekit.train.config import TrainConfig

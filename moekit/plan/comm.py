@@ -7,7 +7,8 @@
 
 Bytes are the *payload*, the whole logical tensor of each collective (all-reduce and broadcast: the tensor;
 all-gather: its gathered output; reduce-scatter: its unreduced input), the same on every rank of the group;
-moekit/bench_comm.py counts the same quantity on a running job and tests/parallel/test_plan_bytes.py compares. The
+moekit/parallel/collectives.py counts the same quantity on a running job and tests/parallel/test_plan_bytes.py
+compares. The
 bytes one rank sends (and receives) on a ring follow: all-reduce 2(n-1)/n x payload, all-gather and reduce-scatter
 (n-1)/n, broadcast 1 (nccl-tests' PERFORMANCE.md "bus bandwidth" factors; Thakur et al. 2005 for the algorithms).
 

@@ -20,6 +20,7 @@ Shape legend: B sequences, T tokens per sequence, V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import signal
@@ -323,8 +324,6 @@ class Trainer:
             from moekit.parallel.tensor import loss_context
 
             return loss_context(True)
-        import contextlib
-
         return contextlib.nullcontext()
 
     # -- evaluation ------------------------------------------------------------------------------------
@@ -396,14 +395,18 @@ class Trainer:
         # agent means a peer has failed, and saving would wait forever in a collective with it.
         old_handlers = self._install_signal_handlers() if self.layout.mesh is None else {}
         session_start = (s.train_seconds, s.tokens_seen)
-        interval = {"t": 0.0, "tokens": 0, "n": 0, "loss": 0.0, "ce_loss": 0.0}
+        interval = self._new_interval()
         first_step = s.step
         self.model.train()
         try:
             while s.train_seconds < deadline and not self.finished():
+                counter = self._comm_counter((s.step + 1) % tc.log_every == 0)
                 t0 = time.perf_counter()
-                rec = self.train_step()
+                with counter or contextlib.nullcontext():
+                    rec = self.train_step()
                 dt = time.perf_counter() - t0
+                if counter is not None:  # the interval's measured step: its time in collectives, and its own time
+                    interval["comm"] = (counter.seconds, dt)
                 s.train_seconds += dt
                 interval["t"] += dt
                 interval["tokens"] += rec["batch_tokens"]
@@ -422,7 +425,7 @@ class Trainer:
                 bar.update(1)
                 if s.step % tc.log_every == 0:
                     self._log_interval(interval, rec, bar, log)
-                    interval = {"t": 0.0, "tokens": 0, "n": 0, "loss": 0.0, "ce_loss": 0.0}
+                    interval = self._new_interval()
                 done = s.step == s.total_steps and not self.timed
                 if tc.eval_every and s.step % tc.eval_every == 0 and not done:
                     t0 = time.perf_counter()
@@ -451,6 +454,26 @@ class Trainer:
                             "epochs_per_source": self.mixture.epochs_seen(), "stopped_by_signal": self._stop_signal})
         return result
 
+    @staticmethod
+    def _new_interval() -> dict:
+        return {"t": 0.0, "tokens": 0, "n": 0, "loss": 0.0, "ce_loss": 0.0, "comm": None}
+
+    def _comm_counter(self, measure: bool):
+        """A collective counter for the last step of each log interval of a distributed run (else None).
+
+        The log line's `comm` is the time that step spent in collectives, each waited on as it is issued
+        (moekit/parallel/collectives.py): an upper bound on the exposed communication, since it removes the
+        overlap of DDP's bucketed all-reduces and FSDP2's prefetch with computation (which gloo on a CPU barely
+        has; on NCCL the overlap is real and the share is what the step would cost without it). One step in
+        log_every: the dispatch mode sees every operator, which costs Python time per op, and waiting changes no
+        value, so the run's numbers are the same with or without it. Not under --compile: a dispatch mode over
+        compiled blocks would make dynamo trace them again with the mode in place."""
+        if not measure or self.layout.mesh is None or self.tc.compile:
+            return None
+        from moekit.parallel.collectives import CollectiveCounter
+
+        return CollectiveCounter()
+
     def _log_interval(self, interval: dict, rec: dict, bar, log) -> None:
         s = self.state
         tok_s = interval["tokens"] / max(interval["t"], 1e-9)  # the whole world's tokens
@@ -461,13 +484,16 @@ class Trainer:
         self.routing.reset()
         imbalance = max(routing["imbalance"]) if routing else None
         loss = interval["loss"] / interval["n"]
+        comm = interval["comm"]  # (seconds in collectives, seconds) of the interval's measured step, or None
         record = {"step": s.step, "loss": loss, "ce_loss": interval["ce_loss"] / interval["n"],
                   "aux_loss": rec["aux_loss"], "z_loss": rec["z_loss"], "lr": rec["lr"],
                   "grad_norm": rec["grad_norm"], "batch_tokens": rec["batch_tokens"], "tokens": s.tokens_seen,
                   "total_steps": s.total_steps,
                   "tok_s": tok_s, "mfu": util, "train_seconds": s.train_seconds, "routing": routing,
+                  "comm_s": comm[0] if comm else None, "comm_share": comm[0] / comm[1] if comm else None,
                   "tokens_per_source": self.mixture.tokens_seen(), "epochs_per_source": self.mixture.epochs_seen()}
         self.metrics.write(record)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * util:.1f}%" if util else "-")
         log(format_log_line(s.step, loss, rec["lr"], tok_s, util, imbalance,
-                            None if self.layout.dims.world_size == 1 else self.layout.describe()))
+                            None if self.layout.dims.world_size == 1 else self.layout.describe(),
+                            comm_share=record["comm_share"]))

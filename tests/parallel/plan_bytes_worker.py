@@ -6,7 +6,8 @@ few steps and measures, on this rank, the bytes its sharded model holds and the 
 
 Each layout is moekit's own trainer (`moekit.train.loop.Trainer` with a `Layout`: parallelize -> build_optimizer ->
 shard_optimizer, then `train_step`) on random tokens, fp32. Every step runs inside a
-`moekit.bench_comm.CollectiveCounter`; right after the optimizer's step (its state exists, the gradients are not yet
+`moekit.parallel.collectives.CollectiveCounter`; right after the optimizer's step (its state exists, the gradients
+are not yet
 cleared) `held_bytes` reads the local weights, gradients and AdamW state. "ddp_hook" is DDP with a communication
 hook that records each gradient bucket it is handed, then reduces it as DDP would (torch's `allreduce_hook`): a
 count of DDP's C++ reducer independent of the dispatch-mode counter. Rank r writes `rank{r}.json`; the tests assert
@@ -29,8 +30,8 @@ import numpy as np
 import torch
 
 from moekit import plan
-from moekit.bench_comm import CollectiveCounter, held_bytes
 from moekit.model.transformer import Transformer
+from moekit.parallel.collectives import CollectiveCounter, held_bytes
 from moekit.parallel.mesh import ParallelDims, destroy_distributed, init_distributed
 from moekit.parallel.parallelize import Layout
 from moekit.presets import get_preset

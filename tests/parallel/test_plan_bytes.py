@@ -12,7 +12,8 @@ the issue's tolerances (1% for bytes held, 5% for collective bytes; on torch 2.1
 - each rank's local weights, gradients (DTensor `to_local()` numel x element size) and AdamW state
   (`optimizer_state_bytes`) = `rank_bytes` for that rank: ZeRO-1's partition too, rank by rank (the planner
   replays ZeroRedundancyOptimizer's greedy assignment; the ranks differ by 7.6% for tiny);
-- each step's payload per collective kind (moekit.bench_comm's dispatch-mode counter) = `step_collectives`, and
+- each step's payload per collective kind (moekit.parallel.collectives's dispatch-mode counter) =
+  `step_collectives`, and
   DDP's gradient buckets as its communication hook sees them = the predicted gradient all-reduce. DDP's second step
   also broadcasts its rebuilt bucket order once (164 bytes for tiny): steps 0 and 2 are compared, step 1 is not.
 
@@ -107,8 +108,8 @@ def fake_rank(cfg, world: int, rank: int, **flags):
     local weight bytes, or under --zero 1 the numbers of elements ZeroRedundancyOptimizer gives each rank."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from moekit.bench_comm import held_bytes
     from moekit.model.transformer import Transformer
+    from moekit.parallel.collectives import held_bytes
     from moekit.parallel.data import shard_optimizer
     from moekit.parallel.mesh import DistEnv, ParallelDims, build_mesh
     from moekit.parallel.parallelize import Layout, parallelize

@@ -7,6 +7,7 @@ as few as it can and shares them through module-scoped fixtures.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -76,7 +77,8 @@ def test_dp2_zero1_and_tp2_log_the_losses_and_routing_of_one_process(work, one_p
     root, data, env = work
     ref = losses(one_process)
     dp, r = dp2_zero1
-    assert "dp2 ZeRO-1" in r.stdout + r.stderr  # the log line names the layout
+    assert re.search(r"\| dp2 ZeRO-1 \| comm \d+%", r.stdout + r.stderr)  # the log line: layout, communication
+    assert all(rec["comm_s"] is None for rec in ref.values())  # one process: no collectives
     tp = root / "tp2"
     r = moekit(env, *train_args(data, tp, 4, "--nproc", "2", "--tp", "2"))
     assert r.returncode == 0, r.stderr
@@ -89,6 +91,9 @@ def test_dp2_zero1_and_tp2_log_the_losses_and_routing_of_one_process(work, one_p
         for step, rec in got.items():
             assert close(rec["loss"], ref[step]["loss"]), (run.name, step, rec["loss"], ref[step]["loss"])
             assert rec["routing"]["tokens_per_expert"] == ref[step]["routing"]["tokens_per_expert"]
+            # --log-every 1: every step ran inside the collective counter (same losses as above), and logged the
+            # time it spent in collectives.
+            assert rec["comm_s"] > 0 and 0 < rec["comm_share"] < 1, (run.name, step, rec["comm_s"])
         start = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
         assert start["event"] == "start" and start["layout"]["world_size"] == (4 if run == fsdp_tp else 2)
     # The exported weights after 4 steps: data parallelism matches one process per tensor within 1e-5 (relative
