@@ -91,16 +91,35 @@ def route(logits_TE: torch.Tensor, top_k: int):
     return probs_TE, weights_TK / weights_TK.sum(dim=-1, keepdim=True), experts_TK
 
 
-def capacity_keep(experts_TK: torch.Tensor, n_expert: int, capacity: int) -> torch.Tensor:
+def capacity_keep(experts_TK: torch.Tensor, n_expert: int, capacity: int,
+                  offset_KE: torch.Tensor | None = None) -> torch.Tensor:
     """Which assignments fit under `capacity` per expert, as a (T, K) bool mask.
 
     Priority as in GShard (Lepikhin et al. 2020, algorithm 1): every token's 1st choice before any
-    2nd choice, and within a choice rank, earlier tokens first.
+    2nd choice, and within a choice rank, earlier tokens first. `offset_KE` (see `global_offsets`) moves
+    these tokens' places in each queue by what other data-parallel ranks' tokens put ahead of them.
     """
+    T, K = experts_TK.shape
     experts_N = experts_TK.t().reshape(-1)  # rank-major priority order
     onehot_NE = F.one_hot(experts_N, n_expert)
     position_N = (onehot_NE.cumsum(0) * onehot_NE).sum(-1) - 1  # place in its expert's queue
-    return (position_N < capacity).view(experts_TK.shape[1], -1).t()
+    if offset_KE is not None:
+        choice_N = torch.arange(K, device=experts_TK.device).repeat_interleave(T)
+        position_N = position_N + offset_KE[choice_N, experts_N]
+    return (position_N < capacity).view(K, -1).t()
+
+
+def global_offsets(counts_KE: torch.Tensor, all_RKE: torch.Tensor, rank: int) -> torch.Tensor:
+    """How far back in each expert's queue data-parallel rank `rank`'s assignments stand when the queues are
+    those of the whole batch, ranks holding consecutive slices of it (rank 0 the first): `counts_KE` are this
+    rank's assignments per choice rank and expert, `all_RKE` every rank's. In the whole batch, choice k of a
+    token on rank r comes after every choice < k of every rank and choice k of ranks < r; `capacity_keep`'s own
+    positions already count this rank's choices < k, hence offset = sum_{k'<k} (all - mine) + sum_{r'<r} mine_k.
+    """
+    def before(c_KE):  # exclusive running sum over the choice ranks
+        return c_KE.cumsum(0) - c_KE
+
+    return before(all_RKE.sum(0)) - before(counts_KE) + all_RKE[:rank].sum(0)
 
 
 def count_per_expert(expert_N: torch.Tensor, n: int) -> torch.Tensor:
@@ -208,6 +227,9 @@ class MoE(nn.Module):
         self.dispatch = "auto"
         # Data parallelism sets this to a sum over its ranks (moekit/parallel/data.py): see load_balancing_loss.
         self.reduce_counts: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # ... and this to an all-gather of per-rank (K, E) counts, returning (all_RKE, this rank's index): the
+        # capacity limit is then the whole batch's, and drops the tokens one process would (`global_offsets`).
+        self.gather_counts: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None = None
 
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, RoutingInfo]:
         x_TD = x_BTD.reshape(-1, x_BTD.shape[-1])
@@ -221,8 +243,13 @@ class MoE(nn.Module):
         keep_N = None
         dropped = torch.zeros((), dtype=torch.long, device=x_TD.device)
         if self.capacity_factor > 0:
-            capacity = math.ceil(self.capacity_factor * T * K / E)
-            keep_N = capacity_keep(experts_TK, E, capacity).t().reshape(-1)
+            offset_KE, batch_T = None, T
+            if self.gather_counts is not None:  # the limit of the whole (data-parallel) batch
+                counts_KE = F.one_hot(experts_TK, E).sum(0)
+                all_RKE, rank = self.gather_counts(counts_KE)
+                offset_KE, batch_T = global_offsets(counts_KE, all_RKE, rank), int(all_RKE[:, 0].sum())
+            capacity = math.ceil(self.capacity_factor * batch_T * K / E)
+            keep_N = capacity_keep(experts_TK, E, capacity, offset_KE).t().reshape(-1)
             dropped = T * K - keep_N.sum()
 
         use_gather = self.dispatch == "gather" or (self.dispatch == "auto" and T * K <= E)

@@ -54,24 +54,36 @@ def has_fsdp2() -> bool:
 
 
 # ---- applying it ---------------------------------------------------------------------------------------
-def apply_data_parallel(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None) -> nn.Module:
+def apply_data_parallel(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None,
+                        expert_mesh: DeviceMesh | None = None) -> nn.Module:
     """`model` with `dims.zero`'s data parallelism over the mesh's data-parallel ranks; the model itself when
     there are none (a world of one, or tensor parallelism only). Use the returned module for forward/backward and
-    `unwrap(...)` of it for the model's own attributes (DDP wraps, FSDP2 changes the class in place)."""
+    `unwrap(...)` of it for the model's own attributes (DDP wraps, FSDP2 changes the class in place).
+
+    With expert parallelism (`expert_mesh`, moekit/parallel/expert.py), the experts' gradients are reduced over
+    expert_mesh["edp"], the data ranks holding the same experts, and divided by the whole dp: see expert.py."""
     if mesh is None or dims.dp == 1:
         return model
+    experts = None
+    if expert_mesh is not None:
+        from moekit.parallel.expert import expert_parameters
+
+        experts = (expert_mesh["edp"], expert_parameters(model))
     if dims.zero >= 2:
-        return apply_fsdp(model, mesh["dp_shard"], reshard_after_forward=dims.zero == 3)
-    if dims.tp > 1:
+        return apply_fsdp(model, mesh["dp_shard"], reshard_after_forward=dims.zero == 3, experts=experts)
+    if dims.tp > 1 or experts is not None:
         if dims.zero == 1:
             raise ValueError("--zero 1 with --tp: ZeroRedundancyOptimizer cannot shard tensor-parallel (DTensor) "
                              "weights; use --zero 0 (DDP), 2 or 3 (FSDP2) with --tp")
-        return apply_replicate(model, mesh["dp_replicate"])
+        return apply_replicate(model, mesh["dp_replicate"], experts=experts)
     return apply_ddp(model, mesh["dp_replicate"])
 
 
-def apply_replicate(model: nn.Module, dp_mesh: DeviceMesh) -> nn.Module:
-    """DDP for a tensor-parallel model: every gradient averaged over the data-parallel ranks as it is complete.
+def apply_replicate(model: nn.Module, dp_mesh: DeviceMesh,
+                    experts: tuple[DeviceMesh, set[int]] | None = None) -> nn.Module:
+    """DDP for a tensor- or expert-parallel model: every gradient averaged over the data-parallel ranks as it is
+    complete; `experts` = (the expert-data-parallel mesh, ids of the expert parameters): those are summed over that
+    mesh instead, and divided by the whole data-parallel degree (moekit/parallel/expert.py says why).
 
     DistributedDataParallel buckets plain tensors and cannot take DTensor parameters; here each parameter's
     post-accumulate-grad hook (torch >= 2.1) all-reduces the local part of its gradient (each tensor rank's own
@@ -81,17 +93,21 @@ def apply_replicate(model: nn.Module, dp_mesh: DeviceMesh) -> nn.Module:
     which gains FSDP2's `set_requires_gradient_sync(bool)` (for `gradient_sync`, gradient accumulation)."""
     import torch.distributed as dist
 
-    group, size, sync = dp_mesh.get_group(), dp_mesh.size(), {"on": True}
+    size, sync = dp_mesh.size(), {"on": True}
+    expert_group, expert_ids = (experts[0].get_group(), experts[1]) if experts else (None, set())
 
-    def average(p: torch.Tensor) -> None:
-        if sync["on"] and p.grad is not None:
-            g = p.grad.to_local() if _is_dtensor(p.grad) else p.grad
-            g.div_(size)
-            dist.all_reduce(g, group=group)
+    def average(group):
+        def hook(p: torch.Tensor) -> None:
+            if sync["on"] and p.grad is not None:
+                g = p.grad.to_local() if _is_dtensor(p.grad) else p.grad
+                g.div_(size)
+                dist.all_reduce(g, group=group)
+
+        return hook
 
     for p in model.parameters():
         if p.requires_grad:
-            p.register_post_accumulate_grad_hook(average)
+            p.register_post_accumulate_grad_hook(average(expert_group if id(p) in expert_ids else dp_mesh.get_group()))
     model.set_requires_gradient_sync = lambda on: sync.__setitem__("on", bool(on))
     return model
 
@@ -118,8 +134,12 @@ def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh) -> nn.Module:
 
 
 def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, reshard_after_forward: bool,
-               mp_policy: object | None = None) -> nn.Module:
+               mp_policy: object | None = None, experts: tuple[DeviceMesh, set[int]] | None = None) -> nn.Module:
     """FSDP2 `fully_shard` on every block, then the root (torchtitan `apply_fsdp`), in place.
+
+    experts = (the expert-data-parallel mesh, ids of the expert parameters): each MoE layer's experts are a unit
+    of their own first, sharded over that mesh with the gradients divided by the whole data-parallel degree
+    (torchtitan's `set_gradient_divide_factor`; moekit/parallel/expert.py), so the block's unit leaves them out.
 
     mp_policy: a `torch.distributed.fsdp.MixedPrecisionPolicy` (e.g. bf16 weights for compute, fp32 gradient
     reduction, torchtitan's default); None = the weights' own dtype (moekit's bf16 runs use autocast instead).
@@ -133,6 +153,12 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, reshard_after_forward: boo
 
     config = {"mesh": dp_mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
     for block in model.blocks.values():
+        if experts is not None and hasattr(block.mlp, "experts"):
+            unit = fully_shard(block.mlp.experts, mesh=experts[0], mp_policy=config["mp_policy"],
+                               reshard_after_forward=reshard_after_forward)
+            unit.set_gradient_divide_factor(float(dp_mesh.size()))
+            if dp_mesh.device_type == "cpu":  # gloo has no PREMUL_SUM: sum, then divide (FSDP2's own fallback)
+                unit.set_force_sum_reduction_for_comms(True)
         fully_shard(block, reshard_after_forward=reshard_after_forward, **config)
     fully_shard(model, **config)
     return model
@@ -209,18 +235,26 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
 def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
     """Clip the gradients to global norm `max_norm` and return the norm before clipping (a plain tensor).
 
-    torch's clip_grad_norm_ on FSDP2's DTensor gradients already reduces the shards' norms; the norm is made a
-    plain (replicated) tensor before scaling, as torchtitan's `clip_grad_norm_` does, so every mode returns the same
-    kind of value and scales by the same factor on every rank. DDP/ZeRO-1 gradients are plain all-reduced tensors
-    (the same on every rank), so the local norm is the global one.
+    DTensor gradients (FSDP2's shards, tensor- and expert-parallel weights) have their norm reduced over their
+    mesh by `get_total_norm`; gradients on different meshes (expert parallelism puts the experts on its own) are
+    normed group by group and the squares summed, as torchtitan's `clip_grad_norm_` does for its expert weights.
+    The norm is made a plain (replicated) tensor before scaling, so every mode returns the same kind of value and
+    scales by the same factor on every rank. DDP/ZeRO-1 gradients are plain all-reduced tensors (the same on every
+    rank), so the local norm is the global one.
     """
     params = [p for p in parameters if p.grad is not None]
     if not hasattr(torch.nn.utils, "get_total_norm"):  # torch < 2.6: no DTensor gradients here (no FSDP2)
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    total = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if _is_dtensor(total):
-        total = total.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    groups: dict[object, list[torch.Tensor]] = {}
+    for p in params:  # one group per mesh (None: plain tensors)
+        groups.setdefault(p.grad.device_mesh if _is_dtensor(p.grad) else None, []).append(p)
+    norms = []
+    for group in groups.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group])
+        norms.append(norm.full_tensor() if _is_dtensor(norm) else norm)
+    total = norms[0] if len(norms) == 1 else torch.stack(norms).square().sum().sqrt()
+    for group in groups.values():
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total
 
 

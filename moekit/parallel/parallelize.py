@@ -4,8 +4,8 @@
     model = parallelize(model, layout, recompute="selective", compile=False)
     raw = unwrap(model)                                    # the Transformer under a DDP wrapper
 
-The order is torchtitan's (`parallelize_llama`): tensor (+ sequence) parallel -> activation checkpointing
--> compile -> data parallel (FSDP2 last, so it shards what the others built). A world of one runs the same
+The order is torchtitan's (`parallelize_llama`): tensor (+ sequence) parallel -> expert parallel -> activation
+checkpointing -> compile -> data parallel (FSDP2 last, so it shards what the others built). A world of one runs the same
 function and gets back the model itself (with recomputation and compilation if asked).
 
 Activation recomputation (`--recompute`, Megatron's names; Korthikanti et al. 2022):
@@ -27,10 +27,12 @@ import torch
 from torch import nn
 
 from moekit.parallel.data import apply_data_parallel, unwrap
-from moekit.parallel.mesh import DistEnv, ParallelDims, build_mesh, dp_mesh
+from moekit.parallel.mesh import DistEnv, ParallelDims, build_expert_mesh, build_mesh, dp_mesh
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
+
+    from moekit.parallel.pipeline import PipelineConfig
 
 RECOMPUTE = ("none", "selective", "full")
 
@@ -44,6 +46,8 @@ class Layout:
     env: DistEnv
     sequence_parallel: bool = True  # with tp > 1 (Megatron's SP: norms on sequence shards)
     loss_parallel: bool = True  # with tp > 1: the cross-entropy on vocabulary-sharded logits
+    expert_mesh: DeviceMesh | None = None  # with ep > 1: the same ranks as ("pp", "edp", "ep", "tp")
+    pipeline: PipelineConfig | None = None  # with pp > 1: schedule, micro-batches, stages per rank (pipeline.py)
 
     @classmethod
     def single(cls, device: torch.device) -> Layout:
@@ -51,7 +55,8 @@ class Layout:
 
     @classmethod
     def from_env(cls, dims: ParallelDims, env: DistEnv, **kw) -> Layout:
-        return cls(dims, build_mesh(dims, env.device.type), env, **kw)
+        return cls(dims, build_mesh(dims, env.device.type), env,
+                   expert_mesh=build_expert_mesh(dims, env.device.type), **kw)
 
     @property
     def is_main(self) -> bool:
@@ -76,7 +81,11 @@ def parallelize(model: nn.Module, layout: Layout, *, recompute: str = "none", co
         from moekit.parallel.tensor import apply_tensor_parallel
 
         apply_tensor_parallel(model, mesh["tp"], sequence_parallel=layout.sequence_parallel,
-                              loss_parallel=layout.loss_parallel)
+                              loss_parallel=layout.loss_parallel, shard_experts=dims.ep == 1)
+    if dims.ep > 1:  # after tensor parallel, which left the experts to it (one ("ep", "tp") placement)
+        from moekit.parallel.expert import apply_expert_parallel
+
+        apply_expert_parallel(model, layout.expert_mesh)
     if recompute != "none":
         apply_recompute(model, recompute)
     if compile:  # per block: the 8..120 identical blocks share one compiled graph (torchtitan)
@@ -84,21 +93,32 @@ def parallelize(model: nn.Module, layout: Layout, *, recompute: str = "none", co
             block.compile()
     if layout.dp_group is not None:
         sum_router_counts(model, layout.dp_group)
-    return apply_data_parallel(model, dims, mesh)
+    return apply_data_parallel(model, dims, mesh, layout.expert_mesh)
 
 
 def sum_router_counts(model: nn.Module, group) -> None:
-    """Make every MoE layer's load-balancing statistic f_e global over the data-parallel ranks (one all-reduce
-    of E + 1 numbers per layer and micro-batch; moekit/model/moe.py `load_balancing_loss` says why)."""
+    """Make every MoE layer's router statistics global over the data-parallel ranks: the load-balancing f_e (one
+    all-reduce of E + 1 numbers per layer and micro-batch; moekit/model/moe.py `load_balancing_loss` says why) and,
+    with a capacity limit, the queue positions and the limit itself (an all-gather of K x E counts: the whole
+    batch's tokens are dropped as in one process, `global_offsets`)."""
     import torch.distributed as dist
+
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
 
     def reduce(counts: torch.Tensor) -> torch.Tensor:
         counts = counts.detach().clone()
         dist.all_reduce(counts, group=group)
         return counts
 
+    def gather(counts_KE: torch.Tensor) -> tuple[torch.Tensor, int]:
+        all_RK_E = counts_KE.new_empty(size * counts_KE.shape[0], counts_KE.shape[1])  # ranks along dimension 0
+        dist.all_gather_into_tensor(all_RK_E, counts_KE.detach().contiguous(), group=group)
+        return all_RK_E.view(size, *counts_KE.shape), rank
+
     for moe in unwrap(model).moe_layers():
         moe.reduce_counts = reduce
+        if moe.capacity_factor > 0:
+            moe.gather_counts = gather
 
 
 # ---- activation recomputation ------------------------------------------------------------------------------

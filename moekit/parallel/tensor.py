@@ -246,8 +246,10 @@ def _styles():
 
 # ---- the plan --------------------------------------------------------------------------------------------------
 def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool,
-                          loss_parallel: bool) -> Transformer:
+                          loss_parallel: bool, shard_experts: bool = True) -> Transformer:
     """Shard `model` (built, holding the same weights on every rank of `tp_mesh`) in place over the 1-D `tp_mesh`.
+    shard_experts=False leaves the experts' weights whole: expert parallelism then shards them on E and F at once
+    (moekit/parallel/expert.py); the MoE boundary and the router are tensor-parallel either way.
 
     First in torchtitan's order: tensor -> expert -> activation checkpointing -> compile -> FSDP (DESIGN.md).
     A mesh of one rank leaves the model as it is (the single-process path). Returns the model.
@@ -296,8 +298,9 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_para
             "mlp_norm": norm_style(),
         }
         if isinstance(block.mlp, MoE):
-            plan.update({"mlp": MoETensorParallel(stream, loss_parallel), "mlp.router": RouterParallel(),
-                         "mlp.experts": ExpertTensorParallel()})
+            plan.update({"mlp": MoETensorParallel(stream, loss_parallel), "mlp.router": RouterParallel()})
+            if shard_experts:
+                plan["mlp.experts"] = ExpertTensorParallel()
         else:
             plan.update({"mlp": PrepareInput(stream), "mlp.w1": ColwiseParallel(),
                          "mlp.w2": RowwiseParallel(output_layouts=stream)})

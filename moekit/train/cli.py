@@ -191,6 +191,11 @@ def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dp", type=int, default=0, help="data-parallel ranks (default: the processes --tp leaves)")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks, sequence parallel and a "
                    "vocabulary-parallel loss (must divide the query heads; default 1)")
+    g.add_argument("--pp", type=int, default=1, help="pipeline stages: each rank holds n_layer / pp consecutive "
+                   "layers, the first also the embedding, the last the norm, head and loss (default 1)")
+    g.add_argument("--ep", type=int, default=1, help="expert-parallel ranks, carved out of the data-parallel ones: "
+                   "each holds n_expert / ep experts of every MoE layer, tokens travel to them by all-to-all "
+                   "(must divide --dp and n_expert; default 1)")
     g.add_argument("--zero", type=int, default=0, help="how data-parallel ranks share the training state: "
                    "0 DDP, 1 ZeRO-1 (sharded optimizer state), 2 FSDP2 ZeRO-2, 3 FSDP2 ZeRO-3 (default 0)")
     g.add_argument("--collective-timeout", type=float, default=600.0, metavar="SECONDS",
@@ -203,7 +208,7 @@ def _layout_flags(args: argparse.Namespace, world: int, cfg: ModelConfig):
 
     if args.nproc is not None and args.nproc < 1:
         raise ValueError(f"--nproc {args.nproc}: the number of processes must be >= 1 (1 = this process)")
-    return ParallelDims.from_flags(world, dp=args.dp, tp=args.tp, zero=args.zero, cfg=cfg)
+    return ParallelDims.from_flags(world, dp=args.dp, tp=args.tp, pp=args.pp, ep=args.ep, zero=args.zero, cfg=cfg)
 
 
 def _in_job() -> bool:
@@ -357,7 +362,8 @@ def _train_new(args, job: _Job, tc: TrainConfig, cfg: ModelConfig, out: Path, to
 
 def _layout_record(job: _Job) -> dict:
     d = job.layout.dims
-    return {"world_size": d.world_size, "dp": d.dp, "tp": d.tp, "zero": d.zero, "describe": d.describe()}
+    return {"world_size": d.world_size, "dp": d.dp, "tp": d.tp, "pp": d.pp, "ep": d.ep, "zero": d.zero,
+            "describe": d.describe()}
 
 
 def _quiet(line: str) -> None:
@@ -379,7 +385,7 @@ def resume(args: argparse.Namespace, given: dict, log) -> int:
     if fixed or extra or args.overrides:
         bad = [f"--{n.replace('_', '-')}" for n in fixed] + extra + [f"--{k}" for k in args.overrides]
         raise ValueError(f"--resume continues a run with its saved settings; only --max-minutes and --steps (and "
-                         f"the layout: --nproc, --dp, --tp, --zero) may change (got {', '.join(bad)})")
+                         f"the layout: --nproc, --dp, --tp, --pp, --ep, --zero) may change (got {', '.join(bad)})")
     tc = TrainConfig.load(run_dir / "train_config.json").replace(**given)
     cfg = load_config(run_dir / "config.json")
     launched = _maybe_launch(args, cfg)

@@ -64,12 +64,24 @@ def seed_everything(seed: int) -> None:
 
 # ---- optimizer and schedules -------------------------------------------------------------------------
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay tensors of 2+ dimensions (matmul weights, embeddings, stacked experts), not norms or biases."""
-    decay, no_decay = [], []
+    """Decay tensors of 2+ dimensions (matmul weights, embeddings, stacked experts), not norms or biases.
+
+    Expert parallelism puts the experts' weights on a mesh of their own (moekit/parallel/expert.py), and the fused
+    AdamW kernel takes the tensors of a group together, which DTensor refuses across meshes (or with plain tensors):
+    such weights get groups of their own, after the usual two (same hyper-parameters, same update)."""
+    decay, no_decay, experts = [], [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            (experts if _on_expert_mesh(p) else decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if experts:  # (E, out, in) matrices: decayed
+        groups.append({"params": experts, "weight_decay": weight_decay})
+    return groups
+
+
+def _on_expert_mesh(p: torch.Tensor) -> bool:
+    mesh = getattr(p, "device_mesh", None)  # a DTensor's mesh; None for a plain tensor
+    return mesh is not None and "ep" in (mesh.mesh_dim_names or ())
 
 
 def build_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
@@ -231,8 +243,19 @@ class Trainer:
             raise ValueError(f"the first steps' micro-batches hold {smallest} sequences, fewer than the {self.dp_size} "
                              "data-parallel ranks: raise --batch-tokens-start (or --batch-tokens), lower "
                              "--grad-accum, or use fewer data-parallel ranks")
-        self.model = parallelize(model, self.layout, recompute=tc.recompute, compile=tc.compile)
-        self.raw = unwrap(self.model)  # the Transformer itself (cfg, blocks, state dict names)
+        self.pipe = None  # with --pp: this rank's stages and their schedule (moekit/parallel/pipeline.py)
+        if self.layout.dims.pp > 1:  # split first, then parallelize each stage (torchtitan's pipeline_llm)
+            from moekit.parallel.pipeline import PipelineModel, build_pipeline
+            from moekit.train.pipelined import check_pipeline_batch
+
+            check_pipeline_batch(tc, seq_len, self.dp_size)
+            self.pipe = build_pipeline(model, self.layout, self.layout.pipeline.replace(microbatches=tc.grad_accum))
+            self.pipe.attach([parallelize(p, self.layout, recompute=tc.recompute, compile=tc.compile)
+                              for p in self.pipe.parts])
+            self.model, self.raw = PipelineModel(self.pipe), self.pipe.raw
+        else:
+            self.model = parallelize(model, self.layout, recompute=tc.recompute, compile=tc.compile)
+            self.raw = unwrap(self.model)  # the Transformer itself (cfg, blocks, state dict names)
         self.opt = shard_optimizer(build_optimizer(self.raw, tc), self.layout.dims, self.layout.mesh)
         self.state = TrainState(total_steps=tc.steps or None)
         self.timed = not tc.steps  # the length of the run is a time budget (see the module docstring)
@@ -278,6 +301,10 @@ class Trainer:
 
     # -- one optimizer step --------------------------------------------------------------------------------
     def train_step(self) -> dict:
+        if self.pipe is not None:
+            from moekit.train.pipelined import pipeline_train_step
+
+            return pipeline_train_step(self)
         tc, s = self.tc, self.state
         n_seqs = sequences_at(s.tokens_seen, tc, self.seq_len)
         lr = lr_at(s.step, tc, s.total_steps, self.time_progress())
@@ -334,6 +361,8 @@ class Trainer:
         result = evaluate(self.model, self.val, self.token_bytes_V, self.eval_batch(), self.device, self.dtype,
                           self.dp_rank, self.dp_size, self.layout.dp_group,
                           multiple_of=self.layout.dims.tp if self.layout.sequence_parallel else 1)
+        if self.pipe is not None:  # computed on the last stage's ranks
+            result = self.pipe.broadcast_from_last(result)
         self.state.last_eval = {"step": self.state.step, **result}
         self.metrics.write({"step": self.state.step, "tokens": self.state.tokens_seen, "eval": result})
         return result
@@ -413,6 +442,7 @@ class Trainer:
                 interval["n"] += 1
                 interval["loss"] += rec["loss"]
                 interval["ce_loss"] += rec["ce_loss"]
+                interval["pp_idle"] += rec.get("pp_idle", 0.0)
                 if self.timed and s.step - first_step >= CALIBRATION_STEPS and s.step % tc.log_every == 0:
                     spt = (s.train_seconds - session_start[0]) / (s.tokens_seen - session_start[1])
                     if s.total_steps is None:
@@ -456,7 +486,7 @@ class Trainer:
 
     @staticmethod
     def _new_interval() -> dict:
-        return {"t": 0.0, "tokens": 0, "n": 0, "loss": 0.0, "ce_loss": 0.0, "comm": None}
+        return {"t": 0.0, "tokens": 0, "n": 0, "loss": 0.0, "ce_loss": 0.0, "comm": None, "pp_idle": 0.0}
 
     def _comm_counter(self, measure: bool):
         """A collective counter for the last step of each log interval of a distributed run (else None).
@@ -480,6 +510,10 @@ class Trainer:
         util = mfu(tok_s, self.flops_per_token, self.peak * self.layout.dims.world_size) if self.peak else None
         if self.layout.dp_group is not None:
             self.routing.all_reduce(self.layout.dp_group)
+        idle = None
+        if self.pipe is not None:  # the whole model's layers, and each stage's idle share of its steps
+            self.pipe.gather_routing(self.routing)
+            idle = self.pipe.gather_idle(interval["pp_idle"] / interval["n"])
         routing = self.routing.summary()
         self.routing.reset()
         imbalance = max(routing["imbalance"]) if routing else None
@@ -491,6 +525,7 @@ class Trainer:
                   "total_steps": s.total_steps,
                   "tok_s": tok_s, "mfu": util, "train_seconds": s.train_seconds, "routing": routing,
                   "comm_s": comm[0] if comm else None, "comm_share": comm[0] / comm[1] if comm else None,
+                  "pp_idle": idle,
                   "tokens_per_source": self.mixture.tokens_seen(), "epochs_per_source": self.mixture.epochs_seen()}
         self.metrics.write(record)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * util:.1f}%" if util else "-")

@@ -31,8 +31,18 @@ CFG = ModelConfig(vocab_size=64, n_layer=2, d_model=32, n_head=4, n_kv_head=1, d
     (dict(world_size=4, tp=4, cfg=CFG.replace(d_ff=50)), "--tp 4 must divide the MLP hidden size d_ff=50: choose one "
                                                          "of 1, 2"),
     (dict(world_size=2, tp=0), "--tp 0: must be a positive integer; choose one of 1, 2"),
-    (dict(world_size=2, ep=2), "--ep 2: expert parallelism comes with the next issue"),
-    (dict(world_size=2, pp=2), "--pp 2: pipeline parallelism comes with the next issue"),
+    (dict(world_size=8, ep=3, cfg=CFG.replace(n_expert=8)), "--ep 3 must divide the 8 experts: choose one of 1, 2, 4, "
+                                                            "8"),
+    (dict(world_size=4, ep=8, cfg=CFG.replace(n_expert=8)), "--ep 8 must divide the 4 data-parallel ranks (expert "
+                                                            "ranks are data ranks too, so --nproc = --pp x --dp x "
+                                                            "--tp): choose one of 1, 2, 4"),
+    (dict(world_size=2, ep=2, cfg=CFG.replace(n_expert=1, top_k=1)), "--ep 2: the model has no MoE layer"),
+    (dict(world_size=2, ep=2, zero=1), "--ep with --zero 1 is not supported"),
+    (dict(world_size=3, pp=3, cfg=CFG.replace(n_layer=4)), "--pp 3 does not split the 4 layers into equal stages: "
+                                                           "choose --pp from 1, 2, 4"),
+    (dict(world_size=6, pp=4), "--pp 4 must divide the 6 processes (--nproc): choose one of 1, 2, 3, 6"),
+    (dict(world_size=4, pp=2, dp=3), "--dp 3 x --tp 1 x --pp 2 = 6 processes, but there are 4"),
+    (dict(world_size=2, pp=0), "--pp 0: must be a positive integer"),
 ])
 def test_every_bad_flag_is_one_line_naming_it_and_the_choices(kwargs, message):
     world = kwargs.pop("world_size")
@@ -51,7 +61,7 @@ def test_mqa_kv_head_is_replicated_so_any_head_divisor_is_a_valid_tp():
 def test_zero_decides_whether_the_data_parallel_ranks_replicate_or_shard(zero, replicate, shard):
     dims = ParallelDims.from_flags(4, tp=2, zero=zero, cfg=CFG)  # --dp 0: the ranks --tp leaves
     assert (dims.dp_replicate, dims.dp_shard, dims.tp, dims.zero) == (replicate, shard, 2, zero)
-    assert dims.mesh_shape == (replicate, shard, 2) and dims.world_size == 4 and dims.dp == 2
+    assert dims.mesh_shape == (1, replicate, shard, 2) and dims.world_size == 4 and dims.dp == 2
     assert dims.describe() == f"dp2 x tp2 {('DDP', 'ZeRO-1', 'FSDP2 ZeRO-2', 'FSDP2 ZeRO-3')[zero]}"
 
 
