@@ -157,7 +157,10 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, reshard_after_forward: boo
             unit = fully_shard(block.mlp.experts, mesh=experts[0], mp_policy=config["mp_policy"],
                                reshard_after_forward=reshard_after_forward)
             unit.set_gradient_divide_factor(float(dp_mesh.size()))
-            if dp_mesh.device_type == "cpu":  # gloo has no PREMUL_SUM: sum, then divide (FSDP2's own fallback)
+            if dp_mesh.device_type == "cpu" and experts[0].size() > 1:
+                # gloo has no PREMUL_SUM: sum, then divide (FSDP2's own fallback). Not on a one-rank mesh: there
+                # torch 2.14's foreach_reduce divides by the factor in its no-communication branch and again as
+                # the fallback's post-division (gradients 1/dp too small; caught by the grad-norm parity test).
                 unit.set_force_sum_reduction_for_comms(True)
         fully_shard(block, reshard_after_forward=reshard_after_forward, **config)
     fully_shard(model, **config)

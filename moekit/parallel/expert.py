@@ -101,8 +101,9 @@ class _Exchange:
         expert_R = torch.arange(El, device=x_ND.device).repeat(self.ep).repeat_interleave(recv_PE.reshape(-1))
         order_R = torch.argsort(expert_R, stable=True)
         self.state = (order_R, in_splits, out_splits, x_ND.shape[0], kept)
-        self.sent += kept
-        self.received += sum(out_splits)
+        if torch.is_grad_enabled():  # training steps only: evaluation runs under no_grad
+            self.sent += kept
+            self.received += sum(out_splits)
         self.last_counts = recv_PE.sum(0)
         return x_recv.index_select(0, order_R), self.last_counts
 

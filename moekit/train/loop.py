@@ -504,6 +504,23 @@ class Trainer:
 
         return CollectiveCounter()
 
+    def _expert_exchange(self, steps: int) -> dict | None:
+        """Rows (token-expert assignments) each expert-parallel rank sent and received per step over the interval,
+        summed over the MoE layers, for every rank of the world (an all-gather); None without --ep."""
+        from moekit.parallel.expert import take_exchange_counts
+
+        counts = take_exchange_counts(self.raw)
+        if counts is None:
+            return None
+        import torch.distributed as dist
+
+        mine = torch.tensor([sum(c[0] for c in counts), sum(c[1] for c in counts)], dtype=torch.float64,
+                            device=self.device)
+        every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(every, mine)
+        sent, received = torch.stack(every).div(max(steps, 1)).t().tolist()
+        return {"sent": sent, "received": received}
+
     def _log_interval(self, interval: dict, rec: dict, bar, log) -> None:
         s = self.state
         tok_s = interval["tokens"] / max(interval["t"], 1e-9)  # the whole world's tokens
@@ -516,6 +533,7 @@ class Trainer:
             idle = self.pipe.gather_idle(interval["pp_idle"] / interval["n"])
         routing = self.routing.summary()
         self.routing.reset()
+        exchange = self._expert_exchange(interval["n"])
         imbalance = max(routing["imbalance"]) if routing else None
         loss = interval["loss"] / interval["n"]
         comm = interval["comm"]  # (seconds in collectives, seconds) of the interval's measured step, or None
@@ -525,10 +543,10 @@ class Trainer:
                   "total_steps": s.total_steps,
                   "tok_s": tok_s, "mfu": util, "train_seconds": s.train_seconds, "routing": routing,
                   "comm_s": comm[0] if comm else None, "comm_share": comm[0] / comm[1] if comm else None,
-                  "pp_idle": idle,
+                  "pp_idle": idle, "ep_rows": exchange,
                   "tokens_per_source": self.mixture.tokens_seen(), "epochs_per_source": self.mixture.epochs_seen()}
         self.metrics.write(record)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * util:.1f}%" if util else "-")
         log(format_log_line(s.step, loss, rec["lr"], tok_s, util, imbalance,
                             None if self.layout.dims.world_size == 1 else self.layout.describe(),
-                            comm_share=record["comm_share"]))
+                            comm_share=record["comm_share"], ep_received=exchange["received"] if exchange else None))

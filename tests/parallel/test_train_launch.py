@@ -26,7 +26,11 @@ FAST = ["--batch-tokens", "256", "--batch-tokens-start", "0", "--eval-every", "0
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    root = tmp_path_factory.mktemp("launch")
+    return make_work(tmp_path_factory.mktemp("launch"))
+
+
+def make_work(root: Path) -> tuple[Path, Path, dict]:
+    """A run root with a small corpus of code and text, and the environment every launch runs in."""
     data = root / "data"
     data.mkdir()
     for i in range(3):
@@ -90,6 +94,7 @@ def test_dp2_zero1_and_tp2_log_the_losses_and_routing_of_one_process(work, one_p
         assert sorted(got) == [1, 2, 3, 4]
         for step, rec in got.items():
             assert close(rec["loss"], ref[step]["loss"]), (run.name, step, rec["loss"], ref[step]["loss"])
+            assert close(rec["grad_norm"], ref[step]["grad_norm"]), (run.name, step, rec["grad_norm"])
             assert rec["routing"]["tokens_per_expert"] == ref[step]["routing"]["tokens_per_expert"]
             # --log-every 1: every step ran inside the collective counter (same losses as above), and logged the
             # time it spent in collectives.
@@ -251,6 +256,8 @@ def children_running_moekit(pid: int) -> list[int]:
     (["--nproc", "4", "--dp", "3"], "--dp 3 x --tp 1 = 3 processes, but there are 4"),
     (["--nproc", "2", "--zero", "5"], "--zero 5: choose one of 0 (DDP), 1"),
     (["--nproc", "0"], "--nproc 0: the number of processes must be >= 1"),
+    (["--nproc", "2", "--ep", "3"], "--ep 3 must divide the 4 experts: choose one of 1, 2, 4"),
+    (["--nproc", "2", "--ep", "2", "--zero", "1"], "--ep with --zero 1 is not supported"),
 ])
 def test_bad_layout_flags_get_one_line_and_exit_2_before_anything_starts(work, tmp_path, capsys, monkeypatch, flags,
                                                                          message):
