@@ -101,7 +101,7 @@ class _Exchange:
         expert_R = torch.arange(El, device=x_ND.device).repeat(self.ep).repeat_interleave(recv_PE.reshape(-1))
         order_R = torch.argsort(expert_R, stable=True)
         self.state = (order_R, in_splits, out_splits, x_ND.shape[0], kept)
-        if torch.is_grad_enabled():  # training steps only: evaluation runs under no_grad
+        if _training_forward():
             self.sent += kept
             self.received += sum(out_splits)
         self.last_counts = recv_PE.sum(0)
@@ -119,6 +119,13 @@ class _Exchange:
         if kept < n_rows:
             y_ND = torch.cat([y_ND, y_ND.new_zeros(n_rows - kept, y_ND.shape[1])])
         return y_ND
+
+
+def _training_forward() -> bool:
+    """A training step's forward: not evaluation (no_grad) and not activation recomputation, which runs the forward
+    again inside the backward (--recompute; the rows then travel twice, but the step routed them once)."""
+    in_backward = getattr(torch._C, "_current_graph_task_id", lambda: -1)() != -1
+    return torch.is_grad_enabled() and not in_backward
 
 
 def _install_exchange(experts: Experts, group, ep: int) -> None:

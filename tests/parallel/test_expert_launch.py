@@ -46,7 +46,8 @@ def assert_same_run(run, ref) -> None:
 
 
 LAYOUTS = {  # name -> (flags, world, ref)
-    "ep2_ddp": (["--nproc", "2", "--ep", "2"], 2, "dropless"),
+    # full recomputation runs each block's forward (and its exchange) again in the backward: counted once
+    "ep2_ddp_recompute": (["--nproc", "2", "--ep", "2", "--recompute", "full"], 2, "dropless"),
     "ep2_fsdp_capacity": (["--nproc", "2", "--ep", "2", "--zero", "3", CAPACITY], 2, "capacity"),
     "ep2_x_tp2": (["--nproc", "4", "--ep", "2", "--tp", "2"], 4, "dropless"),
     "dp4_ep2_fsdp": (["--nproc", "4", "--ep", "2", "--zero", "2"], 4, "dropless"),
