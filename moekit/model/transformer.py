@@ -120,19 +120,24 @@ class Transformer(nn.Module):
         ctx: what attention reads besides these tokens (moekit/model/attention.py): None, a contiguous
         cache, or a paged one. positions_BT: each token's position (default: consecutive from the
         context's start). logits_rows: rows of the flattened (B x T) batch to compute logits for (the
-        serving engine wants a few of its T tokens), giving logits of shape (R, V).
+        serving engine wants a few of its T tokens), giving logits of shape (R, V). A pipeline stage without
+        the embedding takes hidden states x_BTD as idx_BT; one without the head returns its hidden states.
         """
-        B, T = idx_BT.shape
+        B, T = idx_BT.shape[:2]
         if positions_BT is None:
             start = ctx.start_pos if isinstance(ctx, ContiguousContext) else 0
             positions_BT = torch.arange(start, start + T, device=idx_BT.device).expand(B, T)
-        x_BTD = self.tok_emb(idx_BT)
+        # A pipeline stage after the first has no embedding: its input is the previous stage's hidden states
+        # (moekit/parallel/pipeline.py deletes what a stage does not own, as torchtitan's pipeline split does).
+        x_BTD = self.tok_emb(idx_BT) if self.tok_emb is not None else idx_BT
         cos, sin = rope_cos_sin(self.inv_freq, positions_BT)
         routing: list[RoutingInfo] = []
         for block in self.blocks.values():
             x_BTD, info = block(x_BTD, cos, sin, ctx)
             if info is not None:
                 routing.append(info)
+        if self.lm_head is None:  # a stage before the last: its hidden states go to the next stage
+            return x_BTD
         if logits_rows is not None:
             x_BTD = x_BTD.reshape(B * T, -1).index_select(0, logits_rows)
         logits_BTV = self.lm_head(self.norm(x_BTD))

@@ -26,7 +26,9 @@ Formulas (SPEC section 6 unless cited):
   sequence parallelism and except the d_model-sized ones without (Korthikanti et al. 2022, section 4).
   Full recomputation keeps only each layer's input plus one layer's working set. Under the 1F1B
   schedule stage s keeps min(m, pp - s) micro-batches in flight (Narayanan et al. 2021).
-- pipeline bubble = (pp - 1) / (m + pp - 1) of the step, m micro-batches per step.
+- pipeline bubble = (pp - 1) / (m + pp - 1) of the step, m micro-batches per step (GPipe and 1F1B);
+  `pipeline_bubble` also gives the interleaved and zero-bubble schedules' (checked against measured
+  runs by tests/parallel/test_pipeline.py).
 - tokens per expert per batch = batch tokens x top_k / n_expert.
 """
 
@@ -117,6 +119,28 @@ class TrainPlan:
         if self.collectives is not None:
             d["collectives"] = self.collectives.to_dict()
         return d
+
+
+def pipeline_bubble(pp: int, m: int, schedule: str = "1f1b", v: int = 1, w_share: float = 1 / 3) -> float:
+    """The idle share of a pipeline step on each stage: bubble time / step time, m micro-batches.
+
+    gpipe, 1f1b: (p - 1) / (m + p - 1) (Huang et al. 2019; Narayanan et al. 2021 eq. 1: (p - 1) (t_f + t_b) idle
+    next to m (t_f + t_b) busy). interleaved-1f1b with v stages per rank: each ramp step is a 1/v-sized chunk, so
+    (p - 1) / (v m + p - 1) (Narayanan et al. 2021, section 2.2). zero-bubble (ZB-V, Qi et al. 2024, section 6):
+    the weight gradients (a share `w_share` of a micro-batch's work, 1/3 when t_f = t_b = t_w) fill the ramps; its
+    bubble is (p - 1)(t_f + t_b - 2 t_w) / v per stage, zero when the three are equal, and never below 0.
+    """
+    if pp <= 1:
+        return 0.0
+    if schedule in ("gpipe", "1f1b"):
+        return (pp - 1) / (m + pp - 1)
+    if schedule == "interleaved-1f1b":
+        return (pp - 1) / (v * m + pp - 1)
+    if schedule == "zero-bubble":
+        f, b, w = (1 - w_share) / 2, (1 - w_share) / 2, w_share  # a micro-batch's work is 1 = f + b + w
+        idle = max(0.0, (pp - 1) * (f + b - 2 * w) / v)
+        return idle / (m + idle)
+    raise ValueError(f"unknown pipeline schedule {schedule!r}")
 
 
 def activation_bytes(cfg: ModelConfig, moe_layer: bool, tp: int, sequence_parallel: bool) -> float:
@@ -230,7 +254,7 @@ def train(model: ModelConfig | str = "gpt4", gpu: GPU | str = "A100-80GB", n_gpu
         notes.append(f"a {batch_tokens:,.0f}-token batch gives each of {dp} replicas less than one "
                      f"micro-batch of {micro_batch} x {seq_len} tokens")
     m = max(m, 1)
-    bubble = (pp - 1) / (m + pp - 1)
+    bubble = pipeline_bubble(pp, m)
 
     tokens_per_micro = micro_batch * seq_len
     layout = stages(cfg, pp)
@@ -283,4 +307,4 @@ def _link_seconds(comm: StepComm, hw: GPU, *, tp: int) -> float | None:
     return sum(bytes_ / (links[g] * 1e9) for g, bytes_ in wire.items())
 
 
-__all__ = ["OPTIMIZER_PRECISIONS", "TrainMemory", "TrainPlan", "activation_bytes", "train"]
+__all__ = ["OPTIMIZER_PRECISIONS", "TrainMemory", "TrainPlan", "activation_bytes", "pipeline_bubble", "train"]

@@ -196,6 +196,12 @@ def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ep", type=int, default=1, help="expert-parallel ranks, carved out of the data-parallel ones: "
                    "each holds n_expert / ep experts of every MoE layer, tokens travel to them by all-to-all "
                    "(must divide --dp and n_expert; default 1)")
+    g.add_argument("--schedule", default="1f1b", help="pipeline schedule with --pp: gpipe, 1f1b, interleaved-1f1b "
+                   "(--stages-per-rank 2+), zero-bubble (ZB-V, --stages-per-rank 2) (default 1f1b)")
+    g.add_argument("--microbatches", type=int, default=None, metavar="M", help="micro-batches per step through the "
+                   "pipeline: the same setting as --grad-accum (one process accumulating over the same M)")
+    g.add_argument("--stages-per-rank", type=int, default=1, metavar="V", help="pipeline stages each --pp rank "
+                   "holds (interleaving: --pp x V equal stages; default 1)")
     g.add_argument("--zero", type=int, default=0, help="how data-parallel ranks share the training state: "
                    "0 DDP, 1 ZeRO-1 (sharded optimizer state), 2 FSDP2 ZeRO-2, 3 FSDP2 ZeRO-3 (default 0)")
     g.add_argument("--collective-timeout", type=float, default=600.0, metavar="SECONDS",
@@ -208,7 +214,32 @@ def _layout_flags(args: argparse.Namespace, world: int, cfg: ModelConfig):
 
     if args.nproc is not None and args.nproc < 1:
         raise ValueError(f"--nproc {args.nproc}: the number of processes must be >= 1 (1 = this process)")
-    return ParallelDims.from_flags(world, dp=args.dp, tp=args.tp, pp=args.pp, ep=args.ep, zero=args.zero, cfg=cfg)
+    dims = ParallelDims.from_flags(world, dp=args.dp, tp=args.tp, pp=args.pp, ep=args.ep, zero=args.zero, cfg=cfg)
+    pipeline = _pipeline_flags(args)
+    if dims.pp > 1:
+        pipeline.check(dims.pp, cfg)
+    elif args.stages_per_rank != 1:
+        raise ValueError(f"--stages-per-rank {args.stages_per_rank} interleaves pipeline stages: it needs --pp 2 "
+                         "or more")
+    return dims
+
+
+def _pipeline_flags(args: argparse.Namespace):
+    from moekit.parallel.pipeline import PipelineConfig
+
+    return PipelineConfig(args.schedule, args.microbatches or 1, args.stages_per_rank)
+
+
+def _microbatches(args: argparse.Namespace, tc: TrainConfig) -> TrainConfig:
+    """--microbatches M is --grad-accum M (the trainer's micro-batches); afterwards args carry the step's count."""
+    if args.microbatches is not None and args.microbatches != tc.grad_accum:
+        if args.grad_accum is not None or args.resume:
+            raise ValueError(f"--microbatches {args.microbatches} and --grad-accum {tc.grad_accum} name the same "
+                             "setting (micro-batches per step)" + (": a resumed run keeps its own" if args.resume
+                                                                   else ": give one"))
+        tc = tc.replace(grad_accum=args.microbatches)
+    args.microbatches = tc.grad_accum
+    return tc
 
 
 def _in_job() -> bool:
@@ -228,7 +259,7 @@ class _Job:
             raise ValueError(f"--nproc {args.nproc} under torchrun's {world} processes: drop --nproc")
         dims = _layout_flags(args, world, cfg)  # every rank checks the same flags: all fail alike, none waits
         self.env = init_distributed(device_choice, timeout=args.collective_timeout)
-        self.layout = Layout.from_env(dims, self.env)
+        self.layout = Layout.from_env(dims, self.env, **({"pipeline": _pipeline_flags(args)} if dims.pp > 1 else {}))
         self.is_main = self.env.is_main
 
     def barrier(self) -> None:
@@ -283,7 +314,7 @@ def run(args: argparse.Namespace) -> int:
         given.setdefault("batch_tokens_start", 0)
     if "batch_tokens" in given and "batch_tokens_start" not in given:  # keep the default ramp's 1/4 start
         given["batch_tokens_start"] = given["batch_tokens"] // 4
-    tc = TrainConfig(**given)
+    tc = _microbatches(args, TrainConfig(**given))
 
     if args.init_from:
         init = Path(args.init_from)
@@ -386,7 +417,7 @@ def resume(args: argparse.Namespace, given: dict, log) -> int:
         bad = [f"--{n.replace('_', '-')}" for n in fixed] + extra + [f"--{k}" for k in args.overrides]
         raise ValueError(f"--resume continues a run with its saved settings; only --max-minutes and --steps (and "
                          f"the layout: --nproc, --dp, --tp, --pp, --ep, --zero) may change (got {', '.join(bad)})")
-    tc = TrainConfig.load(run_dir / "train_config.json").replace(**given)
+    tc = _microbatches(args, TrainConfig.load(run_dir / "train_config.json").replace(**given))
     cfg = load_config(run_dir / "config.json")
     launched = _maybe_launch(args, cfg)
     if launched is not None:

@@ -85,6 +85,8 @@ def _unflat(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tenso
 def gather_tensors(trainer: Trainer, with_optimizer: bool = True) -> dict[str, dict[str, torch.Tensor]] | None:
     """{MODEL_FILE: ..., OPTIM_FILE: ...} of whole tensors on the main rank, None on the others (a collective)."""
     raw, opt, main = trainer.raw, trainer.opt, trainer.layout.is_main
+    if getattr(trainer, "pipe", None) is not None:
+        return _gather_pipeline(trainer, with_optimizer)
     if trainer.layout.mesh is None:
         files = {MODEL_FILE: model_tensors(raw)}
         if with_optimizer:
@@ -117,6 +119,31 @@ def gather_tensors(trainer: Trainer, with_optimizer: bool = True) -> dict[str, d
     return files
 
 
+def _gather_pipeline(trainer: Trainer, with_optimizer: bool) -> dict[str, dict[str, torch.Tensor]] | None:
+    """gather_tensors of a pipelined run: each stage's whole tensors (one-process names), sent over the pipeline
+    group of the main rank (its data/tensor coordinate) and merged there. Plain (unsharded) stages only: with FSDP2 or
+    tensor parallelism a stage would first gather its own shards (not wired yet; DCP checkpoints cover them)."""
+    if _sharded(trainer):
+        raise CheckpointError("exporting whole tensors from a pipeline with sharded stages (--tp, --zero 2/3) is not "
+                              "supported yet; the DCP checkpoint holds the run (load it on one process to export)")
+    from moekit.parallel.mesh import data_rank
+
+    mine = {MODEL_FILE: {k.split(".", 1)[1]: v.detach().cpu() for k, v in dcp_state(trainer, False).items()}}
+    if with_optimizer:
+        mine[OPTIM_FILE] = _flat({_param_names(trainer)[id(p)]: st
+                                  for p, st in _local_optimizer(trainer.opt).state.items()})
+    dp_rank, _ = data_rank(trainer.layout.mesh)
+    tp_rank = trainer.layout.mesh["tp"].get_local_rank()
+    if dp_rank or tp_rank:  # only the main rank's pipeline group gathers
+        return None
+    group = trainer.pipe.group
+    everything: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everything, mine, group=group)
+    if not trainer.layout.is_main:
+        return None
+    return {name: {k: v for part in everything for k, v in part[name].items()} for name in mine}
+
+
 def save_trainer(trainer: Trainer) -> Path:
     """Checkpoint the trainer's step (every rank must call it); the checkpoint folder's path on every rank."""
     step, keep = trainer.state.step, trainer.tc.keep_checkpoints
@@ -141,7 +168,16 @@ def save_trainer(trainer: Trainer) -> Path:
 
 # ---- the DCP form: one-process names over whatever this layout holds ----------------------------------------------
 def _param_names(trainer: Trainer) -> dict[int, str]:
-    return {id(p): n for n, p in trainer.raw.named_parameters()}
+    return {id(p): _one_process_name(trainer, n) for n, p in trainer.raw.named_parameters()}
+
+
+def _one_process_name(trainer: Trainer, name: str) -> str:
+    """A pipeline's last stage holds a copy of a tied embedding as lm_head.weight (moekit/parallel/pipeline.py):
+    it is saved and loaded as the one tensor one process stores, tok_emb.weight (both stages hold equal values)."""
+    raw = trainer.raw
+    if name == "lm_head.weight" and raw.cfg.tie_embeddings and getattr(raw, "tok_emb", None) is None:
+        return "tok_emb.weight"
+    return name
 
 
 def _local_optimizer(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -172,8 +208,9 @@ def _init_optimizer_state(trainer: Trainer) -> None:
 def dcp_state(trainer: Trainer, with_optimizer: bool) -> dict[str, torch.Tensor]:
     """The flat dict DCP saves and loads: `model.<name>` and `optim.<name>.<key>` over this rank's tensors
     (plain, DTensor shards, or ZeRO-1's partition only), keyed by the one-process parameter names."""
-    out = {f"model.{k}": v for k, v in trainer.raw.state_dict().items()
-           if not (k == "lm_head.weight" and trainer.raw.cfg.tie_embeddings)}  # tied: stored once
+    tied = trainer.raw.cfg.tie_embeddings and getattr(trainer.raw, "tok_emb", None) is not None
+    out = {f"model.{_one_process_name(trainer, k)}": v for k, v in trainer.raw.state_dict().items()
+           if not (k == "lm_head.weight" and tied)}  # tied: stored once
     if with_optimizer:
         names, local = _param_names(trainer), _local_optimizer(trainer.opt)
         for p, st in local.state.items():
@@ -203,7 +240,8 @@ def _load_dcp(trainer: Trainer, path: Path, with_optimizer: bool) -> None:
                                   f"{tuple(t.shape)}: was it saved from another configuration?")
     # In place into this layout's tensors; a world of one reads it with no process group (no_dist).
     dcp.load(wanted, storage_reader=reader, no_dist=trainer.layout.mesh is None)
-    if trainer.raw.cfg.tie_embeddings:
+    if trainer.raw.cfg.tie_embeddings and getattr(trainer.raw, "tok_emb", None) is not None \
+            and getattr(trainer.raw, "lm_head", None) is not None:
         trainer.raw.lm_head.weight = trainer.raw.tok_emb.weight
 
 

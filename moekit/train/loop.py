@@ -248,7 +248,7 @@ class Trainer:
             from moekit.parallel.pipeline import PipelineModel, build_pipeline
             from moekit.train.pipelined import check_pipeline_batch
 
-            check_pipeline_batch(tc, seq_len, self.dp_size)
+            check_pipeline_batch(tc, seq_len, self.dp_size, sequences_at(0, tc, seq_len))
             self.pipe = build_pipeline(model, self.layout, self.layout.pipeline.replace(microbatches=tc.grad_accum))
             self.pipe.attach([parallelize(p, self.layout, recompute=tc.recompute, compile=tc.compile)
                               for p in self.pipe.parts])
@@ -304,7 +304,9 @@ class Trainer:
         if self.pipe is not None:
             from moekit.train.pipelined import pipeline_train_step
 
-            return pipeline_train_step(self)
+            n_seqs = sequences_at(self.state.tokens_seen, self.tc, self.seq_len)
+            lr = lr_at(self.state.step, self.tc, self.state.total_steps, self.time_progress())
+            return pipeline_train_step(self, n_seqs, lr, micro_sizes(n_seqs, self.tc.grad_accum))
         tc, s = self.tc, self.state
         n_seqs = sequences_at(s.tokens_seen, tc, self.seq_len)
         lr = lr_at(s.step, tc, s.total_steps, self.time_progress())
