@@ -90,7 +90,10 @@ def apply_replicate(model: nn.Module, dp_mesh: DeviceMesh,
     shard) over the "dp_replicate" ranks, in place, after the step's last micro-batch. The same arithmetic as
     DDP, without its bucketing and overlap: a tensor-parallel layout (tp x dp) for correctness on CPUs and
     reviewable code, where large GPU runs would use FSDP2 (--zero 2/3), as torchtitan does. In place on `model`,
-    which gains FSDP2's `set_requires_gradient_sync(bool)` (for `gradient_sync`, gradient accumulation)."""
+    which gains FSDP2's `set_requires_gradient_sync(bool)` (for `gradient_sync`, gradient accumulation) and
+    `reduce_gradients()`: the same averaging, now, for a caller that ran its micro-batches with the sync off and
+    cannot tell which backward is the last (a pipeline schedule: moekit/parallel/pipeline.py). Each gradient must be
+    averaged once per step: the expert gradients' division by dp is not undone by a second all-reduce."""
     import torch.distributed as dist
 
     size, sync = dp_mesh.size(), {"on": True}
@@ -105,10 +108,22 @@ def apply_replicate(model: nn.Module, dp_mesh: DeviceMesh,
 
         return hook
 
+    hooks = []
     for p in model.parameters():
         if p.requires_grad:
-            p.register_post_accumulate_grad_hook(average(expert_group if id(p) in expert_ids else dp_mesh.get_group()))
+            hooks.append((p, average(expert_group if id(p) in expert_ids else dp_mesh.get_group())))
+            p.register_post_accumulate_grad_hook(hooks[-1][1])
+
+    def reduce_gradients() -> None:
+        on, sync["on"] = sync["on"], True
+        try:
+            for p, hook in hooks:
+                hook(p)
+        finally:
+            sync["on"] = on
+
     model.set_requires_gradient_sync = lambda on: sync.__setitem__("on", bool(on))
+    model.reduce_gradients = reduce_gradients
     return model
 
 
@@ -248,17 +263,29 @@ def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> torch
     params = [p for p in parameters if p.grad is not None]
     if not hasattr(torch.nn.utils, "get_total_norm"):  # torch < 2.6: no DTensor gradients here (no FSDP2)
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    groups: dict[object, list[torch.Tensor]] = {}
-    for p in params:  # one group per mesh (None: plain tensors)
-        groups.setdefault(p.grad.device_mesh if _is_dtensor(p.grad) else None, []).append(p)
+    groups = _by_mesh(params)
     norms = []
-    for group in groups.values():
+    for group in groups:
         norm = torch.nn.utils.get_total_norm([p.grad for p in group])
         norms.append(norm.full_tensor() if _is_dtensor(norm) else norm)
     total = norms[0] if len(norms) == 1 else torch.stack(norms).square().sum().sqrt()
-    for group in groups.values():
+    for group in groups:
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total
+
+
+def clip_grads_with_norm(parameters: Iterable[torch.Tensor], max_norm: float, total: torch.Tensor) -> None:
+    """torch's clip_grads_with_norm_ over gradients that may live on several meshes (its foreach kernels take one)."""
+    for group in _by_mesh([p for p in parameters if p.grad is not None]):
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+
+
+def _by_mesh(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """The parameters grouped by their gradient's DTensor mesh (plain tensors in a group of their own)."""
+    groups: dict[object, list[torch.Tensor]] = {}
+    for p in params:
+        groups.setdefault(p.grad.device_mesh if _is_dtensor(p.grad) else None, []).append(p)
+    return list(groups.values())
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

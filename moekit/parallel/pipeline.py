@@ -33,9 +33,10 @@ weight backward). Gradients are scaled by the trainer's loss scale (scale_grads=
 the same sums as gradient accumulation over the same micro-batches: with M a power of two the final weights are
 bitwise those of one process (tests/parallel/test_pipeline.py).
 
-Each stage's idle time is measured per step: the wall time of the step minus the time spent inside the stage's
-forward and backward computations (sends, receives and waiting make up the rest); `bubble_fraction` in
-moekit/plan/train.py is the planner's prediction of it.
+Each stage's idle time is measured per step: the wall time of the step, up to the pipeline flush (every stage done),
+minus the time spent inside the stage's forward and backward computations (sends, receives and waiting make up the
+rest); `bubble_fraction` in moekit/plan/train.py is the planner's prediction of it (checked against the measurement
+on 4 stages in tests/parallel/test_pipeline_bubble.py).
 """
 
 from __future__ import annotations
@@ -277,10 +278,12 @@ class Pipeline:
             moe = block.mlp
             if getattr(moe, "router", None) is None:
                 continue
-            inner = moe.forward
 
-            def forward(x_BTD, _inner=inner):
-                y_BTD, info = _inner(x_BTD)
+            # A forward hook, registered after parallelize's: under tensor parallelism the MoE's own exit hook
+            # (tensor.py MoETensorParallel) has summed the output and scaled the router losses' gradients by 1/tp
+            # by then, so the injected gradient enters where one process's would.
+            def hook(module, args, out):
+                y_BTD, info = out
                 # Only the schedule's own forwards count: not the first step's shape inference, nor a recomputation
                 # inside the backward.
                 if self._recording and torch._C._current_graph_task_id() == -1:
@@ -291,7 +294,7 @@ class Pipeline:
                         y_BTD = MoEAuxLossAutoScaler.apply(y_BTD, loss, _router_loss_grad(self.scale, coef, n, loss))
                 return y_BTD, info
 
-            moe.forward = forward
+            moe.register_forward_hook(hook)
 
     def _time(self, stage) -> None:
         """Count the time inside this stage's computations toward `times.compute` (the rest of a step is idle)."""
@@ -330,22 +333,37 @@ class Pipeline:
         positions_BT = torch.arange(T, device=self.device).expand(B, T)
         kwargs = [{"positions_BT": positions_BT, **({"targets_BT": y} if self.has_last else {})} for y in y_mbs]
         args = [(x,) for x in x_mbs] if self.has_first else [()] * len(x_mbs)
+        # torch's stages skip DDP's and FSDP2's gradient sync on all but the last backward themselves; moekit's
+        # hook-based data parallelism for DTensor weights (data.apply_replicate: --tp or --ep with --zero 0) does
+        # not know which is last, so it runs unsynchronized and averages once, after the schedule.
+        replicated = [m for m in self.modules if hasattr(m, "reduce_gradients")]
+        for m in replicated:
+            m.set_requires_gradient_sync(False)
         self._in_step = True
         try:
             self.schedule.step(arg_mbs=args, kwarg_mbs=kwargs, target_mbs=y_mbs if self.has_last else None,
                                return_outputs=False)
         finally:
             self._in_step = False
+            for m in replicated:
+                m.set_requires_gradient_sync(True)
+        for m in replicated:
+            m.reduce_gradients()
         self.sync_tied_grads()
+        # The step ends at the pipeline flush, when the last stage is done (Narayanan et al. 2021, section 2.2): a
+        # stage that finishes early waits for it here, inside its step's wall time, as the formula counts it (the
+        # trainer's next collective would wait for it anyway). Without it the later stages, done first, read low.
+        dist.barrier(group=self.group)
         self.times.wall = time.perf_counter() - t0
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         for ce in self.ce_losses[-self.config.microbatches:] if self.has_last else []:
             sums[0] += ce.to(torch.float64) * scale
         n = self.raw.cfg.n_moe_layers
         for _, info in self.routing:
-            if info.aux_loss is not None:
-                sums[1] += info.aux_loss.detach().to(torch.float64) * scale / n
-                sums[2] += info.z_loss.detach().to(torch.float64) * scale / n
+            if info.aux_loss is not None:  # (replicated DTensors under tensor parallel with loss_parallel)
+                aux, z = (t.to_local() if hasattr(t, "to_local") else t for t in (info.aux_loss, info.z_loss))
+                sums[1] += aux.detach().to(torch.float64) * scale / n
+                sums[2] += z.detach().to(torch.float64) * scale / n
         return sums
 
     def routing_by_microbatch(self) -> list[list]:
@@ -435,6 +453,8 @@ class Pipeline:
         contribute their global per-tensor norms (`full_tensor`)."""
         from torch.utils._foreach_utils import _has_foreach_support
 
+        from moekit.parallel.data import clip_grads_with_norm
+
         local: dict[int, list[torch.Tensor]] = {}
         for s, params in zip(self.owned, self.counted_parameters(), strict=True):
             grads = [p.grad for p in params if p.grad is not None]
@@ -453,7 +473,7 @@ class Pipeline:
         grads_params = [p for params in self.counted_parameters() for p in params if p.grad is not None]
         if self.embed_group is not None and self.has_last:  # the copy is clipped like the original
             grads_params.append(self.raw.lm_head.weight)
-        torch.nn.utils.clip_grads_with_norm_(grads_params, max_norm, total)
+        clip_grads_with_norm(grads_params, max_norm, total)  # by mesh: expert weights have their own (--ep)
         return total
 
 

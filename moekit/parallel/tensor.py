@@ -274,15 +274,18 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_para
     norm_style = SequenceParallel if sp else ReplicateParallel
     kv_sharded = cfg.n_kv_head > 1  # check_tp: then tp divides it
 
-    parallelize_module(model, tp_mesh, {
+    ends = {
         # Vocabulary-split embedding: each rank looks up its rows, the partial sums are reduce-scattered (SP) or
         # all-reduced, exactly torchtitan's `tok_embeddings` entry.
         "tok_emb": RowwiseParallel(input_layouts=Replicate(), output_layouts=stream),
         "norm": norm_style(),
         "lm_head": ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1) if loss_parallel else Replicate(),
                                    use_local_output=not loss_parallel),
-    })
-    if cfg.tie_embeddings:
+    }
+    # A pipeline stage (moekit/parallel/pipeline.py) may hold neither end: its missing modules are None. Between
+    # stages the residual stream travels in its tensor-parallel layout (each tensor rank its sequence shard under SP).
+    parallelize_module(model, tp_mesh, {k: v for k, v in ends.items() if getattr(model, k) is not None})
+    if cfg.tie_embeddings and model.tok_emb is not None and model.lm_head is not None:
         # Both sides shard the shared (V, D) weight on V (Shard(0)); parallelize_module wrapped it in two
         # Parameters, so tie them again (one tensor, one gradient, as in the single-process model).
         model.lm_head.weight = model.tok_emb.weight
@@ -325,6 +328,8 @@ def _check_call(sp: bool, tp: int):
         if sp and kwargs.get("logits_rows") is not None:
             raise ValueError("logits_rows is not supported under sequence parallelism (rows are sequence-sharded)")
         idx_BT = args[0] if args else kwargs["idx_BT"]
+        if idx_BT.dim() == 3:  # a later pipeline stage's input: hidden states, already in the stream's layout
+            return
         if sp and idx_BT.shape[1] % tp:
             raise ValueError(f"sequence parallelism needs the sequence length ({idx_BT.shape[1]}) to be a multiple "
                              f"of --tp ({tp})")
@@ -336,6 +341,9 @@ def _plain_losses(model, args, out):
     # Under loss_parallel the losses are (replicated) DTensors; the trainer logs and backpropagates plain tensors
     # whatever the layout (`to_local` keeps the graph: backward still runs the loss-parallel kernels).
     from torch.distributed.tensor import DTensor
+
+    if isinstance(out, torch.Tensor):  # a pipeline stage before the last returns its hidden states
+        return out
 
     def plain(v):
         return v.to_local() if isinstance(v, DTensor) else v

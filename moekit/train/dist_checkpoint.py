@@ -121,14 +121,19 @@ def gather_tensors(trainer: Trainer, with_optimizer: bool = True) -> dict[str, d
 
 def _gather_pipeline(trainer: Trainer, with_optimizer: bool) -> dict[str, dict[str, torch.Tensor]] | None:
     """gather_tensors of a pipelined run: each stage's whole tensors (one-process names), sent over the pipeline
-    group of the main rank (its data/tensor coordinate) and merged there. Plain (unsharded) stages only: with FSDP2 or
-    tensor parallelism a stage would first gather its own shards (not wired yet; DCP checkpoints cover them)."""
-    if _sharded(trainer):
-        raise CheckpointError("exporting whole tensors from a pipeline with sharded stages (--tp, --zero 2/3) is not "
-                              "supported yet; the DCP checkpoint holds the run (load it on one process to export)")
+    group of the main rank (its data/tensor coordinate) and merged there. A stage's sharded weights (tensor, expert
+    or FSDP2 parallel DTensors) are made whole first with `full_tensor()`, a collective over each weight's own mesh
+    that every rank of the stage joins in the same (state-dict) order. The optimizer state of sharded stages is not
+    gathered (nothing asks for it: distributed runs checkpoint with DCP; the export is the weights)."""
+    if _sharded(trainer) and with_optimizer:
+        raise CheckpointError("gathering a pipeline's sharded optimizer state into one file is not supported; the DCP "
+                              "checkpoint holds it (resume on one process to get one)")
     from moekit.parallel.mesh import data_rank
 
-    mine = {MODEL_FILE: {k.split(".", 1)[1]: v.detach().cpu() for k, v in dcp_state(trainer, False).items()}}
+    def whole(t: torch.Tensor) -> torch.Tensor:
+        return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu()
+
+    mine = {MODEL_FILE: {k.split(".", 1)[1]: whole(v) for k, v in dcp_state(trainer, False).items()}}
     if with_optimizer:
         mine[OPTIM_FILE] = _flat({_param_names(trainer)[id(p)]: st
                                   for p, st in _local_optimizer(trainer.opt).state.items()})
