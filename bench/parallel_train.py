@@ -1,5 +1,6 @@
 """Tokens/s, MFU and the communication share of a gpt4-mini training step: one process x 2 threads, and 2 gloo
-processes x 1 thread for DDP, ZeRO-1, FSDP2 and TP, with the planner's bytes per step beside the measured ones.
+processes x 1 thread for DDP, ZeRO-1, FSDP2, TP, EP and PP (each schedule), and one 4-process combination, with the
+planner's bytes per step (and, for pipelines, its bubble) beside the measured ones.
 
     python bench/parallel_train.py                              # ~4 min on 2 cores; prints one JSON object
     python bench/parallel_train.py --n-layer 2 --layouts ddp,tp2 --steps 2     # a quicker look
@@ -26,6 +27,12 @@ Per run, after --warmup steps (the first builds AdamW's state; DDP rebuilds its 
   peak beside its MFU). explained_comm_s = the planner's calls x latency + payload / GB/s per kind: how much of
   the measured comm_s the planned bytes account for; the rest is waiting for the slower rank (two ranks and
   gloo's threads share two cores) and contention with computation.
+- pipelines (pp2-*, pp2-tp2): pp_idle is each stage's measured idle share of a step (moekit/parallel/pipeline.py:
+  wall time minus time inside the stage's forward and backward), planned_bubble the planner's
+  `pipeline_bubble(pp, m, schedule, v)`. On two shared cores the stages' compute also contends for the cores, so
+  idle shares here are a lower bound of the schedule's bubble (tests/parallel/test_pipeline_bubble.py measures the
+  bubble itself, with the compute made contention-free).
+- ep2: measured and planned all-to-all bytes (the token exchange) beside the rest.
 Gloo on two shared cores is no place to chase speed (DESIGN.md): the figures say what each layout costs here and
 why (the bytes), not what it would cost on a real network.
 """
@@ -43,9 +50,23 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# name -> (--zero, --tp): "fsdp2" is FSDP2 --zero 3 (resharded after each block's forward), "fsdp2-zero2" --zero 2.
-LAYOUTS = {"ddp": (0, 1), "zero1": (1, 1), "fsdp2": (3, 1), "fsdp2-zero2": (2, 1), "tp2": (0, 2)}
-DEFAULT_LAYOUTS = "ddp,zero1,fsdp2,tp2"
+# name -> the layout's flags: "fsdp2" is FSDP2 --zero 3 (resharded after each block's forward), "fsdp2-zero2" --zero
+# 2; pipelines run --microbatches PP_MICROBATCHES (their stages need the batch to split into that many equal parts).
+LAYOUTS = {
+    "ddp": dict(zero=0), "zero1": dict(zero=1), "fsdp2": dict(zero=3), "fsdp2-zero2": dict(zero=2),
+    "tp2": dict(tp=2), "ep2": dict(ep=2),
+    "pp2-gpipe": dict(pp=2, schedule="gpipe"), "pp2-1f1b": dict(pp=2, schedule="1f1b"),
+    "pp2-interleaved": dict(pp=2, schedule="interleaved-1f1b", v=2),
+    "pp2-zero-bubble": dict(pp=2, schedule="zero-bubble", v=2),
+    "pp2-tp2": dict(pp=2, tp=2, nproc=4),  # the 4-process combination
+}
+DEFAULT_LAYOUTS = "ddp,zero1,fsdp2,tp2,ep2,pp2-gpipe,pp2-1f1b,pp2-interleaved,pp2-zero-bubble,pp2-tp2"
+PP_MICROBATCHES = 4
+
+
+def layout_of(name: str) -> dict:
+    """The layout's flags with their defaults filled in."""
+    return {"zero": 0, "tp": 1, "ep": 1, "pp": 1, "schedule": "1f1b", "v": 1, "nproc": 2, **LAYOUTS[name]}
 
 
 def model_config(args):
@@ -72,7 +93,8 @@ def probe(args) -> None:
     calls = {"all_reduce": lambda t: dist.all_reduce(t),
              "all_gather": lambda t: dist.all_gather_into_tensor(t, t[: t.numel() // n].clone()),
              "reduce_scatter": lambda t: dist.reduce_scatter_tensor(t[: t.numel() // n].clone(), t),
-             "broadcast": lambda t: dist.broadcast(t, src=0)}
+             "broadcast": lambda t: dist.broadcast(t, src=0),
+             "all_to_all": lambda t: dist.all_to_all_single(torch.empty_like(t), t)}
     try:
         fits = {}
         for kind, call in calls.items():
@@ -96,11 +118,14 @@ def probe(args) -> None:
 
 
 def explained_seconds(collectives, fits: dict) -> float:
-    """The planner's collectives at the probed gloo rates (calls x latency + payload / bandwidth, per kind)."""
+    """The planner's collectives at the probed gloo rates (calls x latency + payload / bandwidth, per kind; a
+    pipeline's send/recv is not probed and counts nothing)."""
     total = 0.0
     for c in collectives.collectives:
         calls = c.calls if c.calls is not None else -(-c.payload // DDP_BUCKET_BYTES)
-        fit = fits[c.kind]
+        fit = fits.get(c.kind)
+        if fit is None:
+            continue
         total += calls * fit["latency_s"] + c.payload / (fit["gb_s"] * 1e9)
     return total
 
@@ -125,10 +150,18 @@ def worker(args) -> None:
     try:
         cfg = model_config(args)
         peak = measure_gemm_peak(torch.float32, "cpu", n=1024, min_seconds=0.5)
+        grad_accum = 1
         if env.world_size > 1:
-            zero, tp = LAYOUTS[args.layout]
-            dims = ParallelDims.from_flags(env.world_size, tp=tp, zero=zero, cfg=cfg)
-            layout = Layout.from_env(dims, env)
+            lay = layout_of(args.layout)
+            dims = ParallelDims.from_flags(env.world_size, tp=lay["tp"], ep=lay["ep"], pp=lay["pp"], zero=lay["zero"],
+                                           cfg=cfg)
+            extra = {}
+            if lay["pp"] > 1:
+                from moekit.parallel.pipeline import PipelineConfig
+
+                grad_accum = PP_MICROBATCHES
+                extra["pipeline"] = PipelineConfig(lay["schedule"], grad_accum, lay["v"])
+            layout = Layout.from_env(dims, env, **extra)
         else:
             layout = Layout.single(env.device)
         model = Transformer(cfg)
@@ -136,7 +169,7 @@ def worker(args) -> None:
         tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, 400 * args.seq_len, dtype=np.uint16)
         steps = args.warmup + args.steps + 1
         tc = TrainConfig(steps=steps, batch_tokens=args.batch_tokens, batch_tokens_start=0, warmup_steps=0,
-                         dtype="fp32", device="cpu")
+                         dtype="fp32", device="cpu", grad_accum=grad_accum)
         run_dir = Path(args.out).parent / f"run-{env.rank}"  # the launch's temporary folder (metrics.jsonl)
         trainer = Trainer(model, tc, args.seq_len, Mixture([PackedSource("random", 1.0, tokens, args.seq_len)], 0), {},
                           torch.ones(cfg.vocab_size), str(run_dir), env.device, None, layout=layout)
@@ -147,19 +180,21 @@ def worker(args) -> None:
 
         for _ in range(args.warmup):
             trainer.train_step()
-        times = []
+        times, idle = [], []
         for _ in range(args.steps):
             sync()
             t0 = time.perf_counter()
             rec = trainer.train_step()
             times.append(time.perf_counter() - t0)
+            idle.append(rec.get("pp_idle"))
         sync()
         t0 = time.perf_counter()
         with CollectiveCounter() as comm:
             trainer.train_step()
         mine = {"peak": peak, "step_s": statistics.median(times), "counted_step_s": time.perf_counter() - t0,
                 "comm_s": comm.seconds, "payload": comm.payload_by_kind(), "calls": comm.calls_by_kind(),
-                "batch_tokens": rec["batch_tokens"], "layout": layout.describe()}
+                "batch_tokens": rec["batch_tokens"], "layout": layout.describe(),
+                "pp_idle": statistics.median(idle) if idle[0] is not None else None}
         ranks = [mine]
         if env.world_size > 1:
             ranks = [None] * env.world_size
@@ -198,17 +233,24 @@ def _launch(args, layout: str, procs: int, threads: int, out: Path) -> list[dict
 
 def planned(args, cfg, layout: str) -> dict:
     from moekit import plan
+    from moekit.plan.train import pipeline_bubble
 
-    zero, tp = LAYOUTS[layout]
-    dp = 2 // tp
+    lay = layout_of(layout)
+    tp, pp, n = lay["tp"], lay["pp"], lay["nproc"]
+    dp = n // (tp * pp)
     seqs = args.batch_tokens // args.seq_len
-    kw = dict(n_gpus=2, tokens=1e9, tp=tp, pp=1, zero_stage=zero, batch_tokens=args.batch_tokens,
-              seq_len=args.seq_len, micro_batch=seqs // dp, recompute="none", optimizer_precision="fp32")
+    m = PP_MICROBATCHES if pp > 1 else 1
+    kw = dict(n_gpus=n, tokens=1e9, tp=tp, pp=pp, ep=lay["ep"], zero_stage=lay["zero"],
+              batch_tokens=args.batch_tokens, seq_len=args.seq_len, micro_batch=seqs // dp // m, recompute="none",
+              optimizer_precision="fp32")
     p = plan.train(cfg, "H100", **kw)
-    return {"collectives": p.collectives,
-            "planned_payload": p.collectives.payload_by_kind(), "planned_wire": p.collectives.wire,
-            "planned_comm_s_h100": p.comm_seconds,
-            "planned_rank_bytes": {k: getattr(p.ranks, k) for k in ("weights", "gradients", "optimizer")}}
+    out = {"collectives": p.collectives,
+           "planned_payload": p.collectives.payload_by_kind(), "planned_wire": p.collectives.wire,
+           "planned_comm_s_h100": p.comm_seconds,
+           "planned_rank_bytes": {k: getattr(p.ranks, k) for k in ("weights", "gradients", "optimizer")}}
+    if pp > 1:
+        out["planned_bubble"] = pipeline_bubble(pp, m, lay["schedule"], lay["v"])
+    return out
 
 
 def summarize(ranks: list[dict], fpt: float) -> dict:
@@ -219,7 +261,8 @@ def summarize(ranks: list[dict], fpt: float) -> dict:
     tok_s = ranks[0]["batch_tokens"] / step_s
     return {"layout": ranks[0]["layout"], "step_s": step_s, "tok_s": tok_s, "mfu": tok_s * fpt / peak,
             "gemm_peak_gflops": peak / 1e9, "counted_step_s": counted, "comm_s": comm_s,
-            "comm_share": comm_s / counted, "measured_payload": ranks[0]["payload"], "calls": ranks[0]["calls"]}
+            "comm_share": comm_s / counted, "measured_payload": ranks[0]["payload"], "calls": ranks[0]["calls"],
+            "pp_idle": [r.get("pp_idle") for r in ranks] if ranks[0].get("pp_idle") is not None else None}
 
 
 def main() -> None:
@@ -258,11 +301,12 @@ def main() -> None:
               "dtype": "fp32", "backend": "gloo", "train_flops_per_token": fpt, "load_avg_1min": os.getloadavg()[0],
               "gloo_probe": fits, "baseline": {"run": "1 process x 2 threads", **base}, "runs": {}}
     for name in layouts:
-        run = summarize(launch(args, name, 2, 1), fpt)
+        n = layout_of(name)["nproc"]
+        run = summarize(launch(args, name, n, 1), fpt)
         plan = planned(args, cfg, name)
         explained = explained_seconds(plan.pop("collectives"), fits)
         wire = sum(b * WIRE_FACTOR[k](2) for k, b in run["measured_payload"].items())
-        run.update(plan, run="2 processes x 1 thread", tok_s_vs_baseline=run["tok_s"] / base["tok_s"],
+        run.update(plan, run=f"{n} processes x 1 thread", tok_s_vs_baseline=run["tok_s"] / base["tok_s"],
                    payload_measured_over_planned={k: run["measured_payload"].get(k, 0) / v
                                                   for k, v in plan["planned_payload"].items()},
                    gloo_wire_gb_s=wire / run["comm_s"] / 1e9 if run["comm_s"] else None,

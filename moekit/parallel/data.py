@@ -100,11 +100,14 @@ def apply_replicate(model: nn.Module, dp_mesh: DeviceMesh,
     expert_group, expert_ids = (experts[0].get_group(), experts[1]) if experts else (None, set())
 
     def average(group):
+        alone = dist.get_world_size(group) == 1  # e.g. experts held by one data rank (--ep = dp): nothing to sum
+
         def hook(p: torch.Tensor) -> None:
             if sync["on"] and p.grad is not None:
                 g = p.grad.to_local() if _is_dtensor(p.grad) else p.grad
                 g.div_(size)
-                dist.all_reduce(g, group=group)
+                if not alone:
+                    dist.all_reduce(g, group=group)
 
         return hook
 

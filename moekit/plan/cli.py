@@ -192,7 +192,7 @@ def _rank_lines(p) -> list[str]:
     c = p.collectives
     if c is not None:
         names = {"all_reduce": "all-reduce", "all_gather": "all-gather", "reduce_scatter": "reduce-scatter",
-                 "broadcast": "broadcast", "all_to_all": "all-to-all"}
+                 "broadcast": "broadcast", "all_to_all": "all-to-all", "p2p": "send/recv"}
         calls: dict[str, int | None] = {}
         for x in c.collectives:  # None: DDP's buckets, whose number depends on its bucket cap
             calls[x.kind] = None if x.calls is None or calls.get(x.kind, 0) is None else calls.get(x.kind, 0) + x.calls

@@ -48,7 +48,19 @@ reduce-scatter of the same payload)
   its last saved tensor (torch.utils.checkpoint stops early): its attention collectives and the MLP/MoE's input
   all-gather again, not the MLP/MoE's output reduction; and the load-balancing all-reduce again.
 
-Pipeline (send/recv between stages) and expert parallelism (all-to-all) are not moekit layouts yet: not predicted.
+pipeline (pp > 1): rank `stage` of the pipeline holds `stage_params` (plan/layout.py's placement) and runs only its
+layers, so every count above is the stage's: its parameters, 4L' + [first] + [last] sequence-parallel gathers and
+scatters for its L' layers (the embedding's scatter and its backward on the first stage, lm_head's gather and its
+backward on the last), the vocabulary-parallel cross-entropy on the last stage only. Between stages, each
+micro-batch's output goes to the next stage and its gradient comes back: `p2p`, one (micro_batch x seq / tp) x D
+activation each way per neighbour (send/recv, not a collective: its WIRE_FACTOR is 1). moekit/parallel/dry_run.py
+measures the rest of these on GPT-4's 15 stages (fake process group) and derives this one from the stage's output.
+
+expert parallel (ep > 1), over the expert group of each MoE layer, per micro-batch: an all-to-all of the E
+per-expert counts (int64), then the kept rows (t x K x D: dropless, every tensor rank holds the whole sequence
+inside the MoE) out and back in the forward, and their gradients the same way in the backward: 4 all-to-alls of
+t_all x K x D activations (moekit/parallel/expert.py). Expert gradients are reduced over the expert-data-parallel
+ranks (dp / ep) instead of dp.
 """
 
 from __future__ import annotations
@@ -58,15 +70,17 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from moekit.config import ModelConfig
-from moekit.plan.shards import Precision, fsdp_padded_numel, get_precision, params, tp_shape
+from moekit.plan.layout import layers_per_stage
+from moekit.plan.shards import Precision, fsdp_padded_numel, get_precision, is_expert, local_shape, stage_params
 
-KINDS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all")
+KINDS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all", "p2p")
 WIRE_FACTOR = {  # bytes one rank sends (and receives) per payload byte, ring algorithms, n ranks
     "all_reduce": lambda n: 2 * (n - 1) / n,
     "all_gather": lambda n: (n - 1) / n,
     "reduce_scatter": lambda n: (n - 1) / n,
     "broadcast": lambda n: 1.0 if n > 1 else 0.0,
     "all_to_all": lambda n: (n - 1) / n,
+    "p2p": lambda n: 1.0,  # a pipeline send (or receive) crosses the link once
 }
 LOSS_TERMS, LOSS_BYTES = 4, 8  # the trainer's loss, ce, aux, z: float64 sums (moekit.train.loop.train_step)
 STAT_BYTES = 4  # router statistics and logits are float32 (moekit/model/moe.py Router)
@@ -132,30 +146,52 @@ class StepComm:
 
 def step_collectives(cfg: ModelConfig, *, dp: int = 1, tp: int = 1, zero: int = 0, precision: str = "fp32",
                      micro_batches: int = 1, tokens_per_micro: int = 1, sequence_parallel: bool = True,
-                     recompute: str = "none", grad_clip: bool = True) -> StepComm:
+                     recompute: str = "none", grad_clip: bool = True, pp: int = 1, stage: int = 0,
+                     ep: int = 1, losses: bool = True) -> StepComm:
     """The collectives of one optimizer step of `micro_batches` micro-batches of `tokens_per_micro` tokens per
-    data-parallel rank (module docstring). `precision` as in moekit.plan.shards; `recompute` none|full|selective."""
+    data-parallel rank (module docstring) on pipeline stage `stage` of `pp`. `precision` as in moekit.plan.shards;
+    `recompute` none|full|selective; `losses`: the trainer's all-reduce of the step's loss terms."""
     prec = get_precision(precision)
     m, t = micro_batches, tokens_per_micro
-    ps = params(cfg)
-    n_moe = cfg.n_moe_layers
+    ps = stage_params(cfg, pp, stage)
+    layers = stage_layers(cfg, pp, stage)
+    n_moe = sum(cfg.is_moe_layer(i) for i in layers)
+    first, last = stage == 0, stage == pp - 1
     again = recompute != "none"  # the forward's collectives run again in the backward (module docstring)
     out = StepComm()
 
     if dp > 1:
-        local = [math.prod(tp_shape(p, tp)) for p in ps]
+        local = [math.prod(local_shape(p, tp=tp, ep=ep)) for p in ps]
         if zero <= 1:
-            calls = len(ps) if tp > 1 else None
-            what = "gradients, per parameter (DDP x TP)" if tp > 1 else "gradients (DDP buckets)"
-            out.add("all_reduce", "dp", dp, what, calls, prec.gradients * sum(local))
+            calls = len(ps) if tp > 1 or ep > 1 else None
+            what = "gradients, per parameter (DDP x TP)" if tp > 1 or ep > 1 else "gradients (DDP buckets)"
+            experts = [n for p, n in zip(ps, local, strict=True) if ep > 1 and is_expert(p)]
+            out.add("all_reduce", "dp", dp, what, calls and calls - len(experts),
+                    prec.gradients * (sum(local) - sum(experts)))
+            out.add("all_reduce", "edp", dp // ep, "expert gradients, per parameter", len(experts),
+                    prec.gradients * sum(experts))
             if zero == 1:
                 out.add("broadcast", "dp", dp, "updated weights from their owners (ZeRO-1)", len(ps),
                         prec.weights * sum(local))
         else:
             groups: dict[str, int] = defaultdict(int)
+            units: dict[str, int] = defaultdict(int)  # --ep: each MoE layer's experts, a unit over dp / ep ranks
+            edp = dp // ep
             for p in ps:
-                groups[p.group] += dp * fsdp_padded_numel(p, tp, dp)
+                if ep > 1 and is_expert(p):
+                    shape = local_shape(p, tp=tp, ep=ep)
+                    units[p.group] += edp * -(-shape[0] // edp) * math.prod(shape[1:])
+                else:
+                    groups[p.group] += dp * fsdp_padded_numel(p, tp, dp)
             blocks = sum(v for g, v in groups.items() if g != "root")
+            if units:
+                n, total = len(units), sum(units.values())
+                out.add("all_gather", "edp", edp, "expert weights before each forward (FSDP2)", m * n, m * prec.weights
+                        * total)
+                if zero == 3:
+                    out.add("all_gather", "edp", edp, "expert weights again before each backward (ZeRO-3)", m * n,
+                            m * prec.weights * total)
+                out.add("reduce_scatter", "edp", edp, "expert gradients (FSDP2)", n, prec.gradients * total)
             out.add("all_gather", "dp", dp, "weights before each forward (FSDP2)", m * len(groups),
                     m * prec.weights * sum(groups.values()))
             if zero == 3:
@@ -165,7 +201,8 @@ def step_collectives(cfg: ModelConfig, *, dp: int = 1, tp: int = 1, zero: int = 
         counts = m * n_moe * (2 if again else 1)
         out.add("all_reduce", "dp", dp, "router counts (global-batch load balancing)", counts,
                 counts * (cfg.n_expert + 1) * STAT_BYTES)
-        out.add("all_reduce", "dp", dp, "the step's losses", 1, LOSS_TERMS * LOSS_BYTES)
+        if losses:
+            out.add("all_reduce", "dp", dp, "the step's losses", 1, LOSS_TERMS * LOSS_BYTES)
     if grad_clip:
         # The stacked per-tensor norms reduced over each mesh dimension the gradients are sharded on, one after
         # the other (DTensor warns that a flattened mesh would take one): FSDP2's data-parallel one, the tensor one.
@@ -173,37 +210,64 @@ def step_collectives(cfg: ModelConfig, *, dp: int = 1, tp: int = 1, zero: int = 
             if sharded:
                 out.add("all_reduce", group, size, "gradient norm (clipping)", 1, STAT_BYTES * len(ps))
     if tp > 1:
-        _tensor_parallel(out, cfg, tp, m, t, prec, sequence_parallel, again)
+        _tensor_parallel(out, cfg, ps, len(layers), n_moe, first, last, tp, m, t, prec, sequence_parallel, again)
+    if ep > 1 and n_moe:
+        rows = t * cfg.top_k * cfg.d_model * prec.activations  # every tensor rank routes the whole sequence
+        out.add("all_to_all", "ep", ep, "per-expert counts (int64)", m * n_moe, m * n_moe * cfg.n_expert * 8)
+        out.add("all_to_all", "ep", ep, "rows to their experts and back, forward and backward", 4 * m * n_moe,
+                4 * m * n_moe * rows)
+    if pp > 1 and cfg.tie_embeddings and (first or last):
+        # Megatron's embedding group: the first stage's embedding and the last stage's copy sum their gradients
+        # once per step (moekit/parallel/pipeline.py `sync_tied_grads`), each tensor rank its vocabulary shard.
+        # Under FSDP2 each rank's gradient is its shard of the embedding.
+        emb = ps[0] if first else ps[-1]
+        numel = fsdp_padded_numel(emb, tp, dp) if zero >= 2 and dp > 1 else math.prod(local_shape(emb, tp=tp))
+        out.add("all_reduce", "embedding", 2, "tied embedding gradients (first and last stage)", 1,
+                prec.gradients * numel)
+    if pp > 1:
+        x = t // (tp if tp > 1 and sequence_parallel else 1) * cfg.d_model * prec.activations
+        neighbours = (0 if first else 1) + (0 if last else 1)
+        out.add("p2p", "pp", 2, "activations to the next stage, gradients back (send/recv)", 2 * m * neighbours,
+                2 * m * neighbours * x)
     return out
 
 
-def _tensor_parallel(out: StepComm, cfg: ModelConfig, tp: int, m: int, t: int, prec: Precision, sp: bool,
-                     again: bool) -> None:
-    D, L, n_moe = cfg.d_model, cfg.n_layer, cfg.n_moe_layers
+def stage_layers(cfg: ModelConfig, pp: int, stage: int) -> range:
+    """The layers of pipeline stage `stage` of `pp` (plan/layout.py's placement)."""
+    counts = layers_per_stage(cfg.n_layer, pp)
+    first = sum(counts[:stage])
+    return range(first, first + counts[stage])
+
+
+def _tensor_parallel(out: StepComm, cfg: ModelConfig, ps: list, L: int, n_moe: int, first: bool, last: bool,
+                     tp: int, m: int, t: int, prec: Precision, sp: bool, again: bool) -> None:
+    D = cfg.d_model
     x = t * D * prec.activations  # one micro-batch's activations of one rank
     mqa = cfg.n_kv_head == 1  # its K/V projections replicated (moekit.parallel.tensor)
     if sp:
         # forward: reduce-scatter after the embedding and after each attention and MLP, all-gather before each
         # attention and MLP and before lm_head (2L + 1 each); the backward mirrors each; recomputation repeats
-        # each block's two all-gathers and its attention's reduce-scatter.
-        gathers = 2 * (2 * L + 1) + (2 * L if again else 0)
-        scatters = 2 * (2 * L + 1) + (L if again else 0)
+        # each block's two all-gathers and its attention's reduce-scatter. A pipeline stage has the embedding's
+        # only if it is the first, lm_head's only if it is the last.
+        gathers = 4 * L + first + last + (2 * L if again else 0)
+        scatters = 4 * L + first + last + (L if again else 0)
         out.add("all_gather", "tp", tp, "activations (sequence parallel)", m * gathers, m * gathers * x)
         out.add("reduce_scatter", "tp", tp, "activations (sequence parallel)", m * scatters, m * scatters * x)
-        norms = [p for p in params(cfg) if p.name.split(".")[-2].endswith("norm")]
+        norms = [p for p in ps if p.name.split(".")[-2].endswith("norm")]
         out.add("all_reduce", "tp", tp, "norm weight gradients (sequence parallel)", m * len(norms),
                 m * prec.gradients * sum(p.numel for p in norms))
     else:
         # forward: after the embedding, attention and MLP; backward: before attention, the MLP and lm_head.
-        calls = (1 + 2 * L) + (2 * L + 1) + (L if again else 0)
+        calls = (first + 2 * L) + (2 * L + last) + (L if again else 0)
         out.add("all_reduce", "tp", tp, "activations (tensor parallel)", m * calls, m * calls * x)
     if mqa:
-        kv = [p for p in params(cfg) if ".attn.wk." in p.name or ".attn.wv." in p.name]
+        kv = [p for p in ps if ".attn.wk." in p.name or ".attn.wv." in p.name]
         out.add("all_reduce", "tp", tp, "MQA wk/wv weight gradients", m * len(kv),
                 m * prec.gradients * sum(p.numel for p in kv))
         out.add("all_reduce", "tp", tp, "MQA wk/wv input gradients", m * 2 * L, m * 2 * L * x)
     out.add("all_reduce", "tp", tp, "router logit gradients", m * n_moe, m * n_moe * t * cfg.n_expert * STAT_BYTES)
-    out.add("all_reduce", "tp", tp, "vocabulary-parallel cross-entropy", 3 * m, 3 * m * t * STAT_BYTES)
+    if last:
+        out.add("all_reduce", "tp", tp, "vocabulary-parallel cross-entropy", 3 * m, 3 * m * t * STAT_BYTES)
 
 
-__all__ = ["KINDS", "WIRE_FACTOR", "Collective", "StepComm", "step_collectives"]
+__all__ = ["KINDS", "WIRE_FACTOR", "Collective", "StepComm", "stage_layers", "step_collectives"]

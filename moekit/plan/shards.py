@@ -31,8 +31,11 @@ train.py's memory model divides each state evenly by its ZeRO degree (the articl
 Precision (`PRECISIONS`): "mixed" is the article's mixed-precision Adam, bf16 weights and gradients and 12 bytes of
 fp32 master weights, m and v per parameter (ZeRO paper section 3.1, K = 12); "fp32" is how moekit trains: fp32
 weights (bf16 only inside autocast matmuls), fp32 gradients, AdamW's exp_avg and exp_avg_sq in fp32 and a
-float32 `step` scalar per parameter tensor (torch.optim.AdamW). Pipeline stages follow plan/layout.py's placement;
-expert parallelism is not modelled here (moekit runs --ep 1 until the next issue).
+float32 `step` scalar per parameter tensor (torch.optim.AdamW). Pipeline stages follow plan/layout.py's placement.
+Expert parallelism (--ep, moekit/parallel/expert.py) splits each stacked expert tensor on E (dimension 0) over the
+ep ranks, after tensor parallelism's F split; FSDP2 then shards the experts over the dp / ep expert-data-parallel
+ranks (a unit of their own), and DDP reduces their gradients there. moekit/parallel/dry_run.py checks all of it at
+GPT-4's full size on the fake process group.
 """
 
 from __future__ import annotations
@@ -168,9 +171,19 @@ def tp_shape(p: Param, tp: int, tp_rank: int = 0) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def local_shape(p: Param, *, tp: int = 1, tp_rank: int = 0, fsdp: int = 1, dp_rank: int = 0) -> tuple[int, ...]:
-    """This rank's shard: tensor parallelism first, then FSDP2's dimension-0 split of that (torchtitan's order)."""
+def is_expert(p: Param) -> bool:
+    """A stacked expert tensor (E, out, in): what expert parallelism splits on E."""
+    return ".mlp.experts." in p.name
+
+
+def local_shape(p: Param, *, tp: int = 1, tp_rank: int = 0, fsdp: int = 1, dp_rank: int = 0, ep: int = 1,
+                ep_rank: int = 0) -> tuple[int, ...]:
+    """This rank's shard: tensor parallelism first, expert parallelism's E split of the experts, then FSDP2's
+    dimension-0 split of that (torchtitan's order; under --ep the experts' FSDP2 group is dp / ep ranks: `fsdp`
+    is then the expert-data-parallel degree for them, the caller's choice)."""
     shape = list(tp_shape(p, tp, tp_rank))
+    if ep > 1 and is_expert(p):
+        shape[0] = chunk(shape[0], ep, ep_rank)
     if fsdp > 1:
         shape[0] = chunk(shape[0], fsdp, dp_rank)
     return tuple(shape)
@@ -215,38 +228,44 @@ class RankBytes:
 
 
 def rank_bytes(cfg: ModelConfig, *, dp: int = 1, tp: int = 1, zero: int = 0, precision: str = "fp32",
-               pp: int = 1, stage: int = 0, dp_rank: int | None = None, tp_rank: int = 0) -> RankBytes:
+               pp: int = 1, stage: int = 0, dp_rank: int | None = None, tp_rank: int = 0, ep: int = 1) -> RankBytes:
     """The bytes data-parallel rank `dp_rank` (None: ZeRO-1's fullest, else rank 0) and tensor rank `tp_rank` of
-    pipeline stage `stage` hold, under --zero `zero` and `precision` (module docstring)."""
+    pipeline stage `stage` hold, under --zero `zero`, --ep `ep` and `precision` (module docstring)."""
     prec = get_precision(precision)
     ps = stage_params(cfg, pp, stage)
     fsdp = dp if zero >= 2 and dp > 1 else 1
     partition = zero1_partition(ps, dp, tp, tp_rank) if zero == 1 and dp > 1 else None
 
+    def shape(p: Param, r: int) -> tuple[int, ...]:
+        # Data rank r = edp_index x ep + ep_index (moekit/parallel/mesh.py build_expert_mesh).
+        expert = ep > 1 and is_expert(p)
+        return local_shape(p, tp=tp, tp_rank=tp_rank, fsdp=fsdp // ep if expert and fsdp > 1 else fsdp,
+                           dp_rank=r // ep if expert else r, ep=ep, ep_rank=r % ep)
+
     def state(owned: list[Param], r: int) -> float:
-        numel = sum(math.prod(local_shape(p, tp=tp, tp_rank=tp_rank, fsdp=fsdp, dp_rank=r)) for p in owned)
+        numel = sum(math.prod(shape(p, r)) for p in owned)
         return prec.optimizer * numel + prec.step * len(owned)
 
     per_rank = [state(partition[r] if partition else ps, r) for r in range(dp)]
     if dp_rank is None:
         dp_rank = max(range(dp), key=per_rank.__getitem__) if partition else 0
-    local = sum(math.prod(local_shape(p, tp=tp, tp_rank=tp_rank, fsdp=fsdp, dp_rank=dp_rank)) for p in ps)
-    whole = sum(math.prod(tp_shape(p, tp, tp_rank)) for p in ps)
+    local = sum(math.prod(shape(p, dp_rank)) for p in ps)
+    whole = sum(math.prod(local_shape(p, tp=tp, tp_rank=tp_rank, ep=ep)) for p in ps)
     gathered = 0.0
     if fsdp > 1:
         blocks: dict[str, int] = {}
         for p in ps:
-            blocks[p.group] = blocks.get(p.group, 0) + math.prod(tp_shape(p, tp, tp_rank))
+            blocks[p.group] = blocks.get(p.group, 0) + math.prod(local_shape(p, tp=tp, tp_rank=tp_rank, ep=ep))
         root = blocks.pop("root", 0)
         largest = sorted(blocks.values(), reverse=True)
         # --zero 2: every block stays gathered from its forward to its backward; --zero 3: the current block and the
         # prefetched next. The root (embedding, final norm, lm_head) stays gathered through the step either way.
         gathered = prec.weights * (root + (sum(largest) if zero == 2 else sum(largest[:2])))
-    ddp = zero in (0, 1) and dp > 1 and tp == 1
+    ddp = zero in (0, 1) and dp > 1 and tp == 1 and ep == 1  # (--ep: per-parameter hooks, data.py)
     return RankBytes(weights=prec.weights * local, gradients=prec.gradients * local, optimizer=per_rank[dp_rank],
                      gathered=gathered, buckets=prec.gradients * whole if ddp else 0.0,
                      optimizer_per_dp_rank=per_rank, rank=(dp_rank, tp_rank))
 
 
 __all__ = ["PRECISIONS", "Param", "Precision", "RankBytes", "chunk", "fsdp_padded_numel", "get_precision",
-           "local_shape", "params", "rank_bytes", "stage_params", "tp_shape", "zero1_partition"]
+           "is_expert", "local_shape", "params", "rank_bytes", "stage_params", "tp_shape", "zero1_partition"]

@@ -267,18 +267,17 @@ def train(model: ModelConfig | str = "gpt4", gpu: GPU | str = "A100-80GB", n_gpu
         notes.append(f"does not fit: stage {memory.stage} needs {memory.total / 1e9:.1f} GB per GPU, "
                      f"{hw.name} has {hw.memory_gb:g} GB (over by "
                      f"{(memory.total - memory.capacity) / 1e9:.1f} GB)")
-    ranks = collectives = comm_seconds = None
-    if ep == 1:
-        ranks = rank_bytes(cfg, dp=dp, tp=tp, zero=zero_stage, precision=optimizer_precision, pp=pp,
-                           stage=memory.stage)
-        if zero_stage == 1 and tp > 1:
-            notes.append("moekit refuses --zero 1 with --tp (ZeroRedundancyOptimizer cannot shard DTensor "
-                         "weights): its per-rank figures are what the partition would give")
-    if ep == 1 and pp == 1:
-        collectives = step_collectives(cfg, dp=dp, tp=tp, zero=zero_stage, precision=optimizer_precision,
-                                       micro_batches=m, tokens_per_micro=tokens_per_micro,
-                                       sequence_parallel=sequence_parallel, recompute=recompute)
-        comm_seconds = _link_seconds(collectives, hw, tp=tp)
+    # The fullest stage's rank, pipeline stages and --ep included (moekit/plan/shards.py, comm.py).
+    ranks = rank_bytes(cfg, dp=dp, tp=tp, zero=zero_stage, precision=optimizer_precision, pp=pp,
+                       stage=memory.stage, ep=ep)
+    if zero_stage == 1 and tp > 1:
+        notes.append("moekit refuses --zero 1 with --tp (ZeroRedundancyOptimizer cannot shard DTensor "
+                     "weights): its per-rank figures are what the partition would give")
+    collectives = step_collectives(cfg, dp=dp, tp=tp, zero=zero_stage, precision=optimizer_precision,
+                                   micro_batches=m, tokens_per_micro=tokens_per_micro,
+                                   sequence_parallel=sequence_parallel, recompute=recompute, pp=pp,
+                                   stage=memory.stage, ep=ep)
+    comm_seconds = _link_seconds(collectives, hw, tp=tp)
     return TrainPlan(
         model=cfg.name, gpu=hw.name, n_gpus=n_gpus, tokens=tokens, tp=tp, pp=pp, dp=dp, ep=ep,
         zero_stage=zero_stage, seq_len=seq_len, micro_batch=micro_batch, batch_tokens=batch_tokens,
@@ -302,6 +301,8 @@ def _link_seconds(comm: StepComm, hw: GPU, *, tp: int) -> float | None:
     dp_size = max((c.group_size for c in comm.collectives if c.group == "dp"), default=1)
     links = {"tp": hw.nvlink_gb_s if tp <= node else hw.internode_gb_s,
              "dp": hw.nvlink_gb_s if tp * dp_size <= node else hw.internode_gb_s}
+    # stages, their embedding group (first and last stage) and expert-data-parallel groups span nodes
+    links.update(pp=hw.internode_gb_s, embedding=hw.internode_gb_s, ep=links["dp"], edp=hw.internode_gb_s)
     if any(not links[g] for g in wire):
         return None
     return sum(bytes_ / (links[g] * 1e9) for g, bytes_ in wire.items())

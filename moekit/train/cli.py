@@ -207,6 +207,12 @@ def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--collective-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="a collective that waits longer fails the job instead of hanging it; it also bounds the "
                         "start-up wait while rank 0 prepares the data (default 600)")
+    g.add_argument("--dry-run", action="store_true", help="build the layout at full size on torch's fake process "
+                   "group in this process and print what each distinct rank holds and sends, beside the planner's "
+                   "figures; trains nothing, writes nothing (--tp x --pp x --dp is the world; moekit/parallel/"
+                   "dry_run.py)")
+    g.add_argument("--gpu", default="A100-80GB", help="with --dry-run: the GPU whose memory each rank must fit "
+                   "(the planner's hardware table; default A100-80GB)")
 
 
 def _layout_flags(args: argparse.Namespace, world: int, cfg: ModelConfig):
@@ -300,6 +306,10 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc is not None and args.nproc < 1:
         raise ValueError(f"--nproc {args.nproc}: the number of processes must be >= 1 (1 = this process)")
     given = _given(args)
+    if args.dry_run:
+        from moekit.parallel.dry_run_report import dry_run_command
+
+        return dry_run_command(args, given, get_preset(args.preset or "tiny"))
     if args.resume:
         return resume(args, given, log)
     if args.data:

@@ -14,13 +14,6 @@ Results go to rank{r}.json; the test files assert on them.
 
 from __future__ import annotations
 
-import json
-import os
-import time
-import traceback
-from datetime import timedelta
-from pathlib import Path
-
 import torch
 from torch import nn
 
@@ -148,20 +141,10 @@ def check_case(case: dict, rank: int, world: int) -> dict:
 
 
 def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    import torch.distributed as dist
+    from spawn import rank_main
 
-    t0 = time.perf_counter()
-    result: dict = {"cases": {}, "error": None}
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
-    try:
+    def body(result: dict) -> None:
         for name, case in cases(world).items():
             result["cases"][name] = check_case(case, rank, world)
-    except Exception:
-        result["error"] = traceback.format_exc()
-    finally:
-        result["seconds"] = time.perf_counter() - t0
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-        dist.destroy_process_group()
+
+    rank_main(rank, world, init_file, out_dir, body)

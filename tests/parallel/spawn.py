@@ -31,3 +31,30 @@ def spawn_ranks(run, world: int, out: Path, timeout_s: float = 300) -> list[dict
     for r, res in enumerate(results):
         assert res["error"] is None, f"rank {r} failed:\n{res['error']}"
     return results
+
+
+def rank_main(rank: int, world: int, init_file: str, out_dir: str, body) -> None:
+    """What a spawned rank does around its checks: one thread, join the gloo group (a peer that dies makes a
+    collective fail within a minute instead of hanging), run `body(result)` filling the dict, and always write
+    `rank{r}.json` (with the traceback on failure) and leave the group."""
+    import os
+    import traceback
+    from datetime import timedelta
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    result: dict = {"cases": {}, "error": None}
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        body(result)
+    except Exception:
+        result["error"] = traceback.format_exc()
+    finally:
+        result["seconds"] = time.perf_counter() - t0
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+        dist.destroy_process_group()
