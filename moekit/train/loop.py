@@ -551,4 +551,5 @@ class Trainer:
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * util:.1f}%" if util else "-")
         log(format_log_line(s.step, loss, rec["lr"], tok_s, util, imbalance,
                             None if self.layout.dims.world_size == 1 else self.layout.describe(),
-                            comm_share=record["comm_share"], ep_received=exchange["received"] if exchange else None))
+                            comm_share=record["comm_share"], ep_received=exchange["received"] if exchange else None,
+                            bubble=max(idle) if idle else None))

@@ -148,11 +148,14 @@ def human_rate(x: float) -> str:
 
 def format_log_line(step: int, loss: float, lr: float, tokens_per_s: float, mfu_frac: float | None,
                     imbalance: float | None = None, layout: str | None = None,
-                    comm_share: float | None = None, ep_received: list[float] | None = None) -> str:
+                    comm_share: float | None = None, ep_received: list[float] | None = None,
+                    bubble: float | None = None) -> str:
     """`step 120 | loss 3.210 | lr 3.0e-04 | 152.0k tok/s | mfu 41.2% | moe imbalance 1.08` (DESIGN.md),
     then `| dp2 x tp2 ZeRO-1 | comm 23%` for a distributed run: the share of a step spent in collectives
     (measured on the interval's last step, moekit/train/loop.py `_comm_counter`), and with --ep `ep rows 1.2k-1.4k`:
-    the fewest and most rows (token-expert assignments) an expert rank received per step, the exchange's balance.
+    the fewest and most rows (token-expert assignments) an expert rank received per step, the exchange's balance;
+    with --pp `bubble 18%`: the largest idle share of a step among the pipeline stages (each one's in metrics.jsonl
+    `pp_idle`; moekit/plan/train.py `pipeline_bubble` predicts it).
 
     `loss` is the mean over the interval's steps (cross-entropy + router losses); `moe imbalance` is the
     worst MoE layer's max/mean tokens per expert over the interval (the straggler that sets the pace).
@@ -168,6 +171,8 @@ def format_log_line(step: int, loss: float, lr: float, tokens_per_s: float, mfu_
         parts.append(f"comm {100 * comm_share:.0f}%")
     if ep_received:
         parts.append(f"ep rows {human_rate(min(ep_received))}-{human_rate(max(ep_received))}")
+    if bubble is not None:
+        parts.append(f"bubble {100 * bubble:.0f}%")
     return " | ".join(parts)
 
 

@@ -9,6 +9,7 @@ mid-way and resumed with --steps N continues exactly the run of N steps.
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -96,10 +97,12 @@ def test_pp2_trains_one_process_run_bitwise(one_process, pp2):
 
 
 def test_each_stage_reports_its_idle_share(pp2):
-    out, _ = pp2
+    out, r = pp2
     for rec in losses(out).values():
         idle = rec["pp_idle"]
         assert len(idle) == 2 and all(0 < f < 1 for f in idle), idle
+    shown = [int(m) for m in re.findall(r"\| bubble (\d+)%", r.stdout + r.stderr)]  # the worst stage, per log line
+    assert len(shown) == STEPS and shown == [round(100 * max(rec["pp_idle"])) for rec in losses(out).values()]
 
 
 def test_a_pipeline_checkpoint_resumes_on_one_process(work, one_process, pp2):
