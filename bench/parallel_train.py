@@ -242,7 +242,7 @@ def planned(args, cfg, layout: str) -> dict:
     m = PP_MICROBATCHES if pp > 1 else 1
     kw = dict(n_gpus=n, tokens=1e9, tp=tp, pp=pp, ep=lay["ep"], zero_stage=lay["zero"],
               batch_tokens=args.batch_tokens, seq_len=args.seq_len, micro_batch=seqs // dp // m, recompute="none",
-              optimizer_precision="fp32")
+              optimizer_precision="fp32", schedule=lay["schedule"], stages_per_rank=lay["v"])
     p = plan.train(cfg, "H100", **kw)
     out = {"collectives": p.collectives,
            "planned_payload": p.collectives.payload_by_kind(), "planned_wire": p.collectives.wire,

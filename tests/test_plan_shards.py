@@ -113,3 +113,28 @@ def test_moekit_plan_train_prints_and_serializes_ranks_and_collectives(capsys):
     d = json.loads(capsys.readouterr().out)
     assert d["ranks"]["weights"] == 4 * count_params(get_preset("tiny")).total / 2
     assert d["collectives"]["payload_by_kind"]["reduce_scatter"] == 2 * d["ranks"]["weights"]
+
+
+@pytest.mark.parametrize("schedule, v, owned, boundaries, tied", [
+    ("1f1b", 1, {0: [0], 1: [1]}, {0: 1, 1: 1}, True),
+    ("interleaved-1f1b", 2, {0: [0, 2], 1: [1, 3]}, {0: 3, 1: 3}, True),  # boundaries 0|1, 1|2, 2|3 touch both
+    ("zero-bubble", 2, {0: [0, 3], 1: [1, 2]}, {0: 2, 1: 2}, False),  # ZB-V: rank 0 holds both ends, no copy
+])
+def test_pipeline_ranks_hold_their_stages_and_send_across_each_boundary(schedule, v, owned, boundaries, tied):
+    """plan/layout.py `rank_stages` is the placement moekit/parallel/pipeline.py runs; the planner's send/recv and
+    tied-embedding traffic follow from it (bench/parallel_train.py measures both equal on 2 gloo ranks)."""
+    from moekit.plan.layout import rank_stages
+
+    cfg = tiny_cfg(n_layer=4, tie_embeddings=True)  # 4 stages of one layer
+    m, t = 4, 16
+    x = t * cfg.d_model * 4
+    for r in (0, 1):
+        assert rank_stages(2, r, v, schedule) == owned[r]
+        comm = step_collectives(cfg, pp=2, stage=r, stages_per_rank=v, schedule=schedule, micro_batches=m,
+                                tokens_per_micro=t, grad_clip=False)
+        assert comm.payload_by_kind()["p2p"] == 2 * m * boundaries[r] * x
+        assert any(c.group == "embedding" for c in comm.collectives) == tied
+    # The rank holding both ends keeps one embedding: its weights are the whole model's minus the other rank's.
+    both = rank_bytes(cfg, pp=2, stage=0, stages_per_rank=2, schedule="zero-bubble")
+    other = rank_bytes(cfg, pp=2, stage=1, stages_per_rank=2, schedule="zero-bubble")
+    assert both.weights + other.weights == rank_bytes(cfg).weights

@@ -13,6 +13,8 @@ torchtitan's order (parallelize_llama): tensor parallel -> activation checkpoint
 - DDP (`torch.nn.parallel.DistributedDataParallel`): gradients all-reduced (averaged) over "dp_replicate".
 - ZeRO-1: DDP for the gradients + `torch.distributed.optim.ZeroRedundancyOptimizer`, which gives each rank whole
   parameters to update (sorted-greedy by size, so ~1/world of the AdamW state each) and broadcasts the result.
+  With --tp (and --pp): `apply_replicate`'s gradient averaging + `ShardedZero1`, ZeroRedundancyOptimizer over
+  each tensor rank's local shards, partitioned over the data ranks holding the same shards.
 - FSDP2 (`torch.distributed.fsdp.fully_shard`, public from torch 2.6): every block, then the root (embeddings,
   final norm, lm_head: one group, since a tied lm_head shares its weight with the embedding). Parameters become
   Shard(0) DTensors; each block's forward all-gathers its weights into plain tensors, so the MoE's hand-written
@@ -72,16 +74,16 @@ def apply_data_parallel(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh |
     if dims.zero >= 2:
         return apply_fsdp(model, mesh["dp_shard"], reshard_after_forward=dims.zero == 3, experts=experts)
     if dims.tp > 1 or experts is not None:
-        if dims.zero == 1:
-            raise ValueError("--zero 1 with --tp: ZeroRedundancyOptimizer cannot shard tensor-parallel (DTensor) "
-                             "weights; use --zero 0 (DDP), 2 or 3 (FSDP2) with --tp")
+        # --zero 1 with --tp: the same gradient averaging; shard_optimizer then shards the AdamW state of each
+        # tensor rank's shards over its data ranks (ShardedZero1). --ep with --zero 1 is refused by ParallelDims.
         return apply_replicate(model, mesh["dp_replicate"], experts=experts)
     return apply_ddp(model, mesh["dp_replicate"])
 
 
 def apply_replicate(model: nn.Module, dp_mesh: DeviceMesh,
                     experts: tuple[DeviceMesh, set[int]] | None = None) -> nn.Module:
-    """DDP for a tensor- or expert-parallel model: every gradient averaged over the data-parallel ranks as it is
+    """DDP for a tensor- or expert-parallel model (--zero 0, and --zero 1 with `ShardedZero1` as its optimizer):
+    every gradient averaged over the data-parallel ranks as it is
     complete; `experts` = (the expert-data-parallel mesh, ids of the expert parameters): those are summed over that
     mesh instead, and divided by the whole data-parallel degree (moekit/parallel/expert.py says why).
 
@@ -208,12 +210,13 @@ def shard_optimizer(opt: torch.optim.Optimizer, dims: ParallelDims, mesh: Device
         raise ValueError("shard_optimizer needs an optimizer that has not stepped yet (its state would be lost)")
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
-    cls = type(opt)
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
-    defaults = {k: v for k, v in opt.defaults.items() if k in accepted}
-    groups = [{k: v for k, v in g.items() if k == "params" or k in accepted} for g in opt.param_groups]
-    return ZeroRedundancyOptimizer(groups, optimizer_class=cls, process_group=mesh["dp_replicate"].get_group(),
-                                   **defaults)
+    from moekit.parallel.zero1 import ShardedZero1, zero_arguments
+
+    group = mesh["dp_replicate"].get_group()  # this rank's data ranks: those of its tensor (and pipeline) coordinate
+    if any(_is_dtensor(p) for g in opt.param_groups for p in g["params"]):
+        return ShardedZero1(opt, group)
+    defaults, groups = zero_arguments(opt)
+    return ZeroRedundancyOptimizer(groups, optimizer_class=type(opt), process_group=group, **defaults)
 
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:

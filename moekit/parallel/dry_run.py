@@ -16,23 +16,20 @@ step under `CollectiveCounter` (moekit/parallel/collectives.py). What it reads i
 
 - weights, gradients: `held_bytes` of the parallelized stage (the local shard of every DTensor);
 - optimizer: `optimizer_state_bytes` after the step: AdamW's exp_avg and exp_avg_sq (fp32) and its `step`, for the
-  parameters the rank owns (ZeRO-1: `ZeroRedundancyOptimizer`'s partition, the real one, over the data ranks);
+  parameters the rank owns (ZeRO-1: `ZeroRedundancyOptimizer`'s partition, the real one, over the data ranks; with
+  --tp the trainer's `ShardedZero1` over each tensor rank's local shards, moekit/parallel/zero1.py);
 - activations: the bytes autograd saves for the backward in the forward of one micro-batch (saved-tensor hooks,
   weights excluded), times the micro-batches a 1F1B stage s holds at once, min(m, pp - s) (Narayanan et al. 2021);
 - collectives: every collective of the micro-batch and of the step, with its payload and group;
 - pipeline sends and receives: not collectives (the counter does not see them) and not run here (the schedule
   needs its peers): derived from the stage's measured output, one activation each way per micro-batch.
 
-Three things are substituted, and the report says so:
+Two things are substituted, and the report says so:
 - MoE routing: the expert kernel needs its per-expert row counts on the host (`Experts.forward` calls `tolist()`),
   and fake tensors have no values. A forward pre-hook gives it a balanced split of the same rows; the rows, and so
   every shape, byte and collective, do not depend on the routing while no token is dropped (dropless, moe.py).
   Expert parallelism's all-to-all needs host split sizes too: under --ep the step is not run, and its
   collectives are the planner's (moekit/plan/comm.py), marked derived.
-- ZeRO-1 with tensor parallelism: moekit's trainer refuses it (ZeroRedundancyOptimizer cannot take DTensor
-  weights, moekit/parallel/data.py). Here `parallelize` runs as for --zero 0 (DDP x TP: the per-parameter gradient
-  all-reduce ZeRO-1 also does), and ZeroRedundancyOptimizer partitions plain tensors of each parameter's local
-  shard: what ZeRO-1 over the tensor-parallel shards would be, the planner's model of it.
 - Precision: fp32 throughout (no autocast), moekit's fp32 master weights and AdamW (the planner's
   --optimizer-precision fp32); the FP16 weights beside the article's ~30 GB per GPU are the same elements x 2 bytes.
 
@@ -42,7 +39,6 @@ Nothing is written to disk. Timing (2 shared cores): GPT-4 at 8 x 15 x 208 visit
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections import defaultdict
@@ -161,18 +157,6 @@ def _storage_key(t: torch.Tensor) -> int:
     return _local(t).untyped_storage()._cdata
 
 
-def _zero1_optimizer(model: nn.Module, dims: ParallelDims, mesh, tc):
-    """ZeroRedundancyOptimizer over plain tensors of each parameter's local shard (module docstring), in moekit's
-    parameter groups; returns (the optimizer, stand-in -> parameter)."""
-    from moekit.parallel.data import shard_optimizer
-    from moekit.train.loop import build_optimizer
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    stand_ins = nn.ParameterList([nn.Parameter(_local(p).detach()) for p in params])
-    opt = shard_optimizer(build_optimizer(stand_ins, tc), dims, mesh)
-    return opt, list(zip(stand_ins, params, strict=True))
-
-
 def measure_rank(cfg: ModelConfig, dims: ParallelDims, pp_rank: int, dp_rank: int, tp_rank: int, *, seq_len: int,
                  micro_batch: int, microbatches: int, recompute: str, role: str, run_step: bool = True
                  ) -> tuple[RankReport, list[float] | None]:
@@ -182,7 +166,7 @@ def measure_rank(cfg: ModelConfig, dims: ParallelDims, pp_rank: int, dp_rank: in
 
     from moekit.model.transformer import Transformer
     from moekit.parallel.collectives import CollectiveCounter, held_bytes
-    from moekit.parallel.data import optimizer_state_bytes
+    from moekit.parallel.data import optimizer_state_bytes, shard_optimizer
     from moekit.parallel.parallelize import Layout, parallelize
     from moekit.parallel.pipeline import split_model, stage_layers
     from moekit.parallel.tensor import loss_context
@@ -193,10 +177,7 @@ def measure_rank(cfg: ModelConfig, dims: ParallelDims, pp_rank: int, dp_rank: in
     rank = global_rank(dims, pp_rank, dp_rank, tp_rank)
     _join(dims.world_size, rank)
     try:
-        # ZeRO-1 x TP: parallelize as DDP x TP (module docstring); every other layout exactly as given.
-        zero1_tp = dims.zero == 1 and dims.tp > 1
-        run_dims = dataclasses.replace(dims, zero=0) if zero1_tp else dims
-        layout = Layout.from_env(run_dims, DistEnv(rank, dims.world_size, 0, torch.device("cpu")))
+        layout = Layout.from_env(dims, DistEnv(rank, dims.world_size, 0, torch.device("cpu")))
         tc = TrainConfig(steps=1, recompute=recompute)
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         with mode:
@@ -207,12 +188,7 @@ def measure_rank(cfg: ModelConfig, dims: ParallelDims, pp_rank: int, dp_rank: in
         raw, _ = split_model(model, [pp_rank], dims.pp)
         model = parallelize(raw, layout, recompute=recompute)
         shapes = [(n, tuple(_local(p).shape), shapes_whole[n]) for n, p in raw.named_parameters()]
-        if zero1_tp:
-            opt, pairs = _zero1_optimizer(raw, dims, layout.mesh, tc)
-        else:
-            from moekit.parallel.data import shard_optimizer
-
-            opt, pairs = shard_optimizer(build_optimizer(raw, tc), dims, layout.mesh), None
+        opt = shard_optimizer(build_optimizer(raw, tc), dims, layout.mesh)  # the trainer's, ZeRO-1 x TP included
         partition = None
         if dims.zero == 1 and dims.dp > 1:
             partition = [float(sum(p.numel() for g in part for p in g["params"]))
@@ -254,16 +230,10 @@ def measure_rank(cfg: ModelConfig, dims: ParallelDims, pp_rank: int, dp_rank: in
                     before = len(counter.calls)
                     if _sync_tied_embedding(raw, dims, pp_rank, dp_rank, tp_rank):
                         tied = range(before, len(counter.calls))
-                    if pairs is not None:  # the stand-ins take the local gradients their parameters got
-                        for s, p in pairs:
-                            s.grad = _local(p.grad)
                     opt.step()
             else:  # gradients as the backward would leave them, for the optimizer state
                 for p in raw.parameters():
                     p.grad = torch.zeros_like(p)
-                if pairs is not None:
-                    for s, p in pairs:
-                        s.grad = _local(p.grad)
                 with counter:
                     opt.step()
             held = held_bytes(model)
@@ -330,10 +300,6 @@ def dry_run(cfg: ModelConfig, dims: ParallelDims, *, seq_len: int | None = None,
     t0 = time.perf_counter()
     out = DryRun(cfg, dims, seq_len, micro_batch, m, recompute)
     run_step = dims.ep == 1
-    if dims.zero == 1 and dims.tp > 1:
-        out.notes.append("moekit's trainer refuses --zero 1 with --tp (ZeroRedundancyOptimizer cannot take DTensor "
-                         "weights): parallelized as --zero 0 (DDP x TP), the ZeRO-1 partition over each rank's "
-                         "tensor-parallel shards")
     if not run_step:
         out.notes.append("--ep: the step is not run (the all-to-all needs host split sizes fake tensors lack); "
                          "collectives are the planner's (derived)")

@@ -11,6 +11,7 @@ data-parallel ranks, `--tp T` tensor ranks, `--zero Z` how the data-parallel ran
 
     --zero 0  DDP: every rank holds everything; gradients all-reduced        (dims.dp_replicate = D)
     --zero 1  ZeRO-1: optimizer state sharded over the D ranks               (dims.dp_replicate = D)
+              (with --tp: each tensor rank's shards over its D data ranks, moekit/parallel/zero1.py ShardedZero1)
     --zero 2  FSDP2 (ZeRO-2): + gradients sharded, and weights between steps (dims.dp_shard = D)
     --zero 3  FSDP2 (ZeRO-3): + weights resharded after each block's forward  (dims.dp_shard = D)
 

@@ -51,7 +51,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moekit.parallel.mesh import check_pp
-from moekit.plan.layout import layers_per_stage
+from moekit.plan.layout import layers_per_stage, rank_stages
 
 if TYPE_CHECKING:
     from moekit.config import ModelConfig
@@ -110,11 +110,8 @@ class PipelineConfig:
         check_pp(pp, cfg, v)
 
     def stage_indices(self, pp_rank: int, pp: int) -> list[int]:
-        """The stages pipeline rank `pp_rank` holds: loop order (s % pp), or V-shaped for zero-bubble."""
-        v = self.stages_per_rank
-        if self.schedule == "zero-bubble":
-            return [pp_rank, 2 * pp - 1 - pp_rank]
-        return [pp_rank + k * pp for k in range(v)]
+        """The stages pipeline rank `pp_rank` holds: the planner's rule (moekit/plan/layout.py `rank_stages`)."""
+        return rank_stages(pp, pp_rank, self.stages_per_rank, self.schedule)
 
 
 def stage_layers(n_layer: int, n_stages: int) -> list[range]:
@@ -334,7 +331,7 @@ class Pipeline:
         kwargs = [{"positions_BT": positions_BT, **({"targets_BT": y} if self.has_last else {})} for y in y_mbs]
         args = [(x,) for x in x_mbs] if self.has_first else [()] * len(x_mbs)
         # torch's stages skip DDP's and FSDP2's gradient sync on all but the last backward themselves; moekit's
-        # hook-based data parallelism for DTensor weights (data.apply_replicate: --tp or --ep with --zero 0) does
+        # hook-based data parallelism for DTensor weights (data.apply_replicate: --tp or --ep with --zero 0 or 1) does
         # not know which is last, so it runs unsynchronized and averages once, after the schedule.
         replicated = [m for m in self.modules if hasattr(m, "reduce_gradients")]
         for m in replicated:

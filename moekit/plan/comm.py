@@ -70,8 +70,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from moekit.config import ModelConfig
-from moekit.plan.layout import layers_per_stage
-from moekit.plan.shards import Precision, fsdp_padded_numel, get_precision, is_expert, local_shape, stage_params
+from moekit.plan.layout import layers_per_stage, rank_stages
+from moekit.plan.shards import Precision, fsdp_padded_numel, get_precision, is_expert, local_shape, rank_params
 
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all", "p2p")
 WIRE_FACTOR = {  # bytes one rank sends (and receives) per payload byte, ring algorithms, n ranks
@@ -147,16 +147,20 @@ class StepComm:
 def step_collectives(cfg: ModelConfig, *, dp: int = 1, tp: int = 1, zero: int = 0, precision: str = "fp32",
                      micro_batches: int = 1, tokens_per_micro: int = 1, sequence_parallel: bool = True,
                      recompute: str = "none", grad_clip: bool = True, pp: int = 1, stage: int = 0,
-                     ep: int = 1, losses: bool = True) -> StepComm:
+                     ep: int = 1, losses: bool = True, stages_per_rank: int = 1,
+                     schedule: str = "1f1b") -> StepComm:
     """The collectives of one optimizer step of `micro_batches` micro-batches of `tokens_per_micro` tokens per
-    data-parallel rank (module docstring) on pipeline stage `stage` of `pp`. `precision` as in moekit.plan.shards;
-    `recompute` none|full|selective; `losses`: the trainer's all-reduce of the step's loss terms."""
+    data-parallel rank (module docstring) on pipeline rank `stage` of `pp` (its stages: plan/layout.py
+    `rank_stages`). `precision` as in moekit.plan.shards; `recompute` none|full|selective; `losses`: the trainer's
+    all-reduce of the step's loss terms."""
     prec = get_precision(precision)
     m, t = micro_batches, tokens_per_micro
-    ps = stage_params(cfg, pp, stage)
-    layers = stage_layers(cfg, pp, stage)
+    n_stages = pp * stages_per_rank
+    owned = rank_stages(pp, stage, stages_per_rank, schedule)
+    ps = rank_params(cfg, pp, stage, stages_per_rank, schedule)
+    layers = [i for s in owned for i in stage_layers(cfg, n_stages, s)]
     n_moe = sum(cfg.is_moe_layer(i) for i in layers)
-    first, last = stage == 0, stage == pp - 1
+    first, last = 0 in owned, n_stages - 1 in owned
     again = recompute != "none"  # the forward's collectives run again in the backward (module docstring)
     out = StepComm()
 
@@ -216,7 +220,7 @@ def step_collectives(cfg: ModelConfig, *, dp: int = 1, tp: int = 1, zero: int = 
         out.add("all_to_all", "ep", ep, "per-expert counts (int64)", m * n_moe, m * n_moe * cfg.n_expert * 8)
         out.add("all_to_all", "ep", ep, "rows to their experts and back, forward and backward", 4 * m * n_moe,
                 4 * m * n_moe * rows)
-    if pp > 1 and cfg.tie_embeddings and (first or last):
+    if pp > 1 and cfg.tie_embeddings and first != last:  # (a rank holding both ends, ZB-V's first, has no copy)
         # Megatron's embedding group: the first stage's embedding and the last stage's copy sum their gradients
         # once per step (moekit/parallel/pipeline.py `sync_tied_grads`), each tensor rank its vocabulary shard.
         # Under FSDP2 each rank's gradient is its shard of the embedding.
@@ -226,7 +230,9 @@ def step_collectives(cfg: ModelConfig, *, dp: int = 1, tp: int = 1, zero: int = 
                 prec.gradients * numel)
     if pp > 1:
         x = t // (tp if tp > 1 and sequence_parallel else 1) * cfg.d_model * prec.activations
-        neighbours = (0 if first else 1) + (0 if last else 1)
+        # Each boundary between one of this rank's stages and a stage on another rank carries every micro-batch's
+        # activations one way and their gradients back (interleaved and ZB-V ranks have up to 2 per stage).
+        neighbours = sum((s > 0 and s - 1 not in owned) + (s < n_stages - 1 and s + 1 not in owned) for s in owned)
         out.add("p2p", "pp", 2, "activations to the next stage, gradients back (send/recv)", 2 * m * neighbours,
                 2 * m * neighbours * x)
     return out

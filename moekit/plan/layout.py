@@ -91,6 +91,20 @@ def layers_per_stage(n_layer: int, pp: int) -> list[int]:
     return counts
 
 
+def rank_stages(pp: int, pp_rank: int, stages_per_rank: int = 1, schedule: str = "1f1b") -> list[int]:
+    """The stages (of pp x stages_per_rank) pipeline rank `pp_rank` holds: the loop order s % pp of Megatron's
+    interleaving and torch's ScheduleInterleaved1F1B, or for the V-shaped zero-bubble schedule stage r on the way
+    down and 2pp - 1 - r on the way back (Qi et al. 2024, ZB-V): one placement rule for moekit/parallel/pipeline.py
+    and the planner."""
+    if schedule == "zero-bubble":
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    return [pp_rank + k * pp for k in range(stages_per_rank)]
+
+
+def rank_of_stage(pp: int, stage: int, stages_per_rank: int = 1, schedule: str = "1f1b") -> int:
+    return next(r for r in range(pp) if stage in rank_stages(pp, r, stages_per_rank, schedule))
+
+
 def stages(cfg: ModelConfig, pp: int = 1) -> list[Stage]:
     """The pipeline stages of `cfg` cut `pp` ways, with the parameters each holds."""
     c = count_params(cfg)
@@ -121,4 +135,5 @@ def stages(cfg: ModelConfig, pp: int = 1) -> list[Stage]:
     return out
 
 
-__all__ = ["Stage", "as_config", "check_parallel", "kv_heads_per_gpu", "layers_per_stage", "stages"]
+__all__ = ["Stage", "as_config", "check_parallel", "kv_heads_per_gpu", "layers_per_stage", "rank_of_stage",
+           "rank_stages", "stages"]

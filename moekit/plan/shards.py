@@ -44,7 +44,7 @@ import math
 from dataclasses import dataclass, field
 
 from moekit.config import ModelConfig
-from moekit.plan.layout import layers_per_stage
+from moekit.plan.layout import layers_per_stage, rank_stages
 
 
 @dataclass(frozen=True)
@@ -155,6 +155,19 @@ def stage_params(cfg: ModelConfig, pp: int = 1, stage: int = 0) -> list[Param]:
     return out
 
 
+def rank_params(cfg: ModelConfig, pp: int = 1, pp_rank: int = 0, stages_per_rank: int = 1,
+                schedule: str = "1f1b") -> list[Param]:
+    """The parameters pipeline rank `pp_rank` holds: those of each of its stages (plan/layout.py `rank_stages`;
+    one stage each unless interleaved). A rank holding both the first and the last stage (ZB-V's rank 0) keeps a
+    tied embedding once."""
+    n = pp * stages_per_rank
+    owned = rank_stages(pp, pp_rank, stages_per_rank, schedule)
+    out = [p for s in sorted(owned) for p in stage_params(cfg, n, s)]
+    if n > 1 and 0 in owned and n - 1 in owned and cfg.tie_embeddings:
+        out = [p for p in out if p.name != "lm_head.weight"]
+    return out
+
+
 # ---- shards ----------------------------------------------------------------------------------------------------
 def chunk(size: int, n: int, rank: int) -> int:
     """Rank `rank`'s share of `size` rows split `n` ways as torch.chunk (and DTensor's Shard) splits them."""
@@ -228,11 +241,13 @@ class RankBytes:
 
 
 def rank_bytes(cfg: ModelConfig, *, dp: int = 1, tp: int = 1, zero: int = 0, precision: str = "fp32",
-               pp: int = 1, stage: int = 0, dp_rank: int | None = None, tp_rank: int = 0, ep: int = 1) -> RankBytes:
+               pp: int = 1, stage: int = 0, dp_rank: int | None = None, tp_rank: int = 0, ep: int = 1,
+               stages_per_rank: int = 1, schedule: str = "1f1b") -> RankBytes:
     """The bytes data-parallel rank `dp_rank` (None: ZeRO-1's fullest, else rank 0) and tensor rank `tp_rank` of
-    pipeline stage `stage` hold, under --zero `zero`, --ep `ep` and `precision` (module docstring)."""
+    pipeline rank `stage` hold (its stages: `rank_params`), under --zero `zero`, --ep `ep` and `precision` (module
+    docstring)."""
     prec = get_precision(precision)
-    ps = stage_params(cfg, pp, stage)
+    ps = rank_params(cfg, pp, stage, stages_per_rank, schedule)
     fsdp = dp if zero >= 2 and dp > 1 else 1
     partition = zero1_partition(ps, dp, tp, tp_rank) if zero == 1 and dp > 1 else None
 

@@ -138,7 +138,8 @@ def pipeline_bubble(pp: int, m: int, schedule: str = "1f1b", v: int = 1, w_share
         return (pp - 1) / (v * m + pp - 1)
     if schedule == "zero-bubble":
         f, b, w = (1 - w_share) / 2, (1 - w_share) / 2, w_share  # a micro-batch's work is 1 = f + b + w
-        idle = max(0.0, (pp - 1) * (f + b - 2 * w) / v)
+        idle = (pp - 1) * (f + b - 2 * w) / v
+        idle = idle if idle > 1e-12 else 0.0  # 0 at t_f = t_b = t_w, not its float rounding
         return idle / (m + idle)
     raise ValueError(f"unknown pipeline schedule {schedule!r}")
 
@@ -189,11 +190,12 @@ def train(model: ModelConfig | str = "gpt4", gpu: GPU | str = "A100-80GB", n_gpu
           seq_len: int | None = None, micro_batch: int = 1, recompute: str = "full",
           sequence_parallel: bool = True, dtype: str = "bf16", price_per_hour: float | None = None,
           include_attention: bool = False, hardware_files: tuple = (),
-          optimizer_precision: str = "mixed") -> TrainPlan:
+          optimizer_precision: str = "mixed", schedule: str = "1f1b", stages_per_rank: int = 1) -> TrainPlan:
     """Plan a training run. Give `mfu` (time follows) or `days` (MFU follows); neither = 34% MFU.
 
     Defaults are the article's GPT-4 run (SPEC section 3): 13T tokens, 8-way tensor x 15-way pipeline,
-    ZeRO stage 1, 60M-token batches of 8k sequences, $1 per A100-hour.
+    ZeRO stage 1, 60M-token batches of 8k sequences, $1 per A100-hour. `schedule` and `stages_per_rank` are the
+    pipeline's (moekit train --schedule, --stages-per-rank): its bubble, and which stages each rank holds.
     """
     cfg = as_config(model)
     hw = get_gpu(gpu, hardware_files)
@@ -254,7 +256,7 @@ def train(model: ModelConfig | str = "gpt4", gpu: GPU | str = "A100-80GB", n_gpu
         notes.append(f"a {batch_tokens:,.0f}-token batch gives each of {dp} replicas less than one "
                      f"micro-batch of {micro_batch} x {seq_len} tokens")
     m = max(m, 1)
-    bubble = pipeline_bubble(pp, m)
+    bubble = pipeline_bubble(pp, m, schedule, stages_per_rank)
 
     tokens_per_micro = micro_batch * seq_len
     layout = stages(cfg, pp)
@@ -268,15 +270,16 @@ def train(model: ModelConfig | str = "gpt4", gpu: GPU | str = "A100-80GB", n_gpu
                      f"{hw.name} has {hw.memory_gb:g} GB (over by "
                      f"{(memory.total - memory.capacity) / 1e9:.1f} GB)")
     # The fullest stage's rank, pipeline stages and --ep included (moekit/plan/shards.py, comm.py).
+    pipeline = dict(stages_per_rank=stages_per_rank, schedule=schedule)  # which stages each pipeline rank holds
     ranks = rank_bytes(cfg, dp=dp, tp=tp, zero=zero_stage, precision=optimizer_precision, pp=pp,
-                       stage=memory.stage, ep=ep)
+                       stage=memory.stage, ep=ep, **pipeline)
     if zero_stage == 1 and tp > 1:
-        notes.append("moekit refuses --zero 1 with --tp (ZeroRedundancyOptimizer cannot shard DTensor "
-                     "weights): its per-rank figures are what the partition would give")
+        notes.append("--zero 1 with --tp: each tensor rank's shards are partitioned over its data ranks (moekit's "
+                     "ShardedZero1: ZeroRedundancyOptimizer over the local shards); the fullest rank is shown")
     collectives = step_collectives(cfg, dp=dp, tp=tp, zero=zero_stage, precision=optimizer_precision,
                                    micro_batches=m, tokens_per_micro=tokens_per_micro,
                                    sequence_parallel=sequence_parallel, recompute=recompute, pp=pp,
-                                   stage=memory.stage, ep=ep)
+                                   stage=memory.stage, ep=ep, **pipeline)
     comm_seconds = _link_seconds(collectives, hw, tp=tp)
     return TrainPlan(
         model=cfg.name, gpu=hw.name, n_gpus=n_gpus, tokens=tokens, tp=tp, pp=pp, dp=dp, ep=ep,

@@ -5,7 +5,8 @@
 
 A one-process run writes checkpoint.py's safetensors files. A distributed run writes the same folder with
 the tensors as a DCP set (`torch.distributed.checkpoint.save`): each rank writes the shards it holds (FSDP2
-and tensor-parallel DTensors, ZeRO-1's optimizer partition; replicated tensors once) into `__R_0.distcp`,
+and tensor-parallel DTensors, ZeRO-1's optimizer partition (with --tp, DTensor views of each owned shard's state:
+`_state_view`); replicated tensors once) into `__R_0.distcp`,
 rank 0 the `.metadata`; then rank 0 checksums every file into state.json and renames the folder into
 place, so a killed save leaves the previous checkpoint loadable and a damaged shard is named at load.
 
@@ -93,9 +94,16 @@ def gather_tensors(trainer: Trainer, with_optimizer: bool = True) -> dict[str, d
             files[OPTIM_FILE] = optimizer_tensors(raw, opt)
         return files
     if _sharded(trainer):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
-        msd, osd = get_state_dict(trainer.model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        if not with_optimizer:  # the export at the end of a run: the weights only
+            msd, osd = get_model_state_dict(trainer.model, options=options), {"state": {}}
+        elif _is_sharded_zero1(opt):
+            raise CheckpointError("gathering ZeRO-1's tensor-parallel optimizer state into one file is not supported; "
+                                  "the DCP checkpoint holds it (resume on one process to get one)")
+        else:
+            msd, osd = get_state_dict(trainer.model, opt, options=options)
         if not main:
             return None
         if raw.cfg.tie_embeddings:
@@ -173,7 +181,35 @@ def save_trainer(trainer: Trainer) -> Path:
 
 # ---- the DCP form: one-process names over whatever this layout holds ----------------------------------------------
 def _param_names(trainer: Trainer) -> dict[int, str]:
-    return {id(p): _one_process_name(trainer, n) for n, p in trainer.raw.named_parameters()}
+    """id of a parameter, or of the optimizer's stand-in for it (ShardedZero1), -> its one-process name."""
+    names = {id(p): _one_process_name(trainer, n) for n, p in trainer.raw.named_parameters()}
+    if _is_sharded_zero1(trainer.opt):
+        names.update({id(s): names[id(trainer.opt.param_of(s))] for g in trainer.opt.param_groups for s in g["params"]})
+    return names
+
+
+def _is_sharded_zero1(opt: torch.optim.Optimizer) -> bool:
+    """ZeRO-1 over tensor-parallel shards (moekit/parallel/zero1.py ShardedZero1): its state is keyed by plain
+    stand-ins of the DTensor parameters' local shards."""
+    return hasattr(opt, "param_of")
+
+
+def _state_view(opt: torch.optim.Optimizer, param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """What DCP saves and loads for one state tensor of `param` (as the local optimizer keys it).
+
+    ShardedZero1's exp_avg / exp_avg_sq of a tensor-parallel parameter are plain tensors of its local shard, which
+    differ per tensor rank: under one name each would claim the whole tensor. A DTensor view of them in the
+    parameter's own mesh and placements (sharing their storage: DCP loads in place) gives DCP each shard's offset
+    in the one-process tensor, so a checkpoint reshards into any layout. Only a parameter's owner data rank has its
+    state; DCP merges the chunks the owners of each tensor coordinate write. `step` (a scalar) stays plain."""
+    if not _is_sharded_zero1(opt):
+        return value
+    p = opt.param_of(param)
+    if not hasattr(p, "device_mesh") or value.shape != p.to_local().shape or value.dim() == 0:
+        return value
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(value, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
 
 
 def _one_process_name(trainer: Trainer, name: str) -> str:
@@ -220,7 +256,7 @@ def dcp_state(trainer: Trainer, with_optimizer: bool) -> dict[str, torch.Tensor]
         names, local = _param_names(trainer), _local_optimizer(trainer.opt)
         for p, st in local.state.items():
             for key, value in st.items():
-                out[f"optim.{names[id(p)]}.{key}"] = value
+                out[f"optim.{names[id(p)]}.{key}"] = _state_view(trainer.opt, p, value)
     return out
 
 
@@ -296,13 +332,36 @@ def load_tensors_into(trainer: Trainer, model_t: dict[str, torch.Tensor], optim_
         model_t.setdefault("lm_head.weight", model_t["tok_emb.weight"])
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(trainer.model, model_t, options=options)
-    if optim_t is not None:
+    if optim_t is not None and _is_sharded_zero1(opt):
+        _load_shards_of_whole_state(trainer, _unflat(optim_t), source)
+    elif optim_t is not None:
         template = get_optimizer_state_dict(trainer.model, opt, options=options)  # param groups, keyed by name
         state = _unflat(optim_t)
         if raw.cfg.tie_embeddings and "tok_emb.weight" in state:
             state.setdefault("lm_head.weight", state["tok_emb.weight"])
         set_optimizer_state_dict(trainer.model, opt, {"state": state, "param_groups": template["param_groups"]},
                                  options=options)
+
+
+def _load_shards_of_whole_state(trainer: Trainer, state: dict[str, dict[str, torch.Tensor]], source: str) -> None:
+    """ShardedZero1 from whole (one-process) AdamW state: each owned stand-in takes its parameter's local shard of
+    every state tensor (DTensor's own shard offsets), in place into the state `_init_optimizer_state` creates."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _init_optimizer_state(trainer)
+    opt, names = trainer.opt, _param_names(trainer)
+    if trainer.raw.cfg.tie_embeddings and "tok_emb.weight" in state:
+        state.setdefault("lm_head.weight", state["tok_emb.weight"])
+    for s, st in _local_optimizer(opt).state.items():
+        name, p = names[id(s)], opt.param_of(s)
+        if name not in state:
+            raise CheckpointError(f"{source}: no optimizer state for {name!r}")
+        for key, t in st.items():
+            whole = state[name][key]
+            if hasattr(p, "device_mesh") and t.dim() > 0:
+                shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+                whole = whole[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))]
+            t.copy_(whole.reshape(t.shape))
 
 
 def load_trainer(trainer: Trainer, run_dir: str | Path, with_optimizer: bool = True, log=print) -> tuple[Path, dict]:

@@ -52,12 +52,14 @@ LAYOUTS = {
     # 4 ranks, a 2 x 2 mesh: data parallel over tensor-parallel pairs
     "ddp_x_tp2": (0, 2, True, False),
     "fsdp3_x_tp2": (3, 2, True, False),
+    "zero1_x_tp2": (1, 2, True, False),  # ZeRO-1 over each tensor rank's shards (moekit.parallel.data ShardedZero1)
 }
 # gpt4-mini with 2 of its 8 layers: every tensor keeps its shape (74M parameters instead of 282M), so that DDP's
 # 1.5 GB per rank fits beside other jobs; its full size is checked on the meta device (test_plan_bytes.py).
 MODELS = {"tiny": (get_preset("tiny"), 3, ("ddp", "ddp_hook", "zero1", "fsdp2", "fsdp3", "tp2", "tp2_nosp")),
           "gpt4-mini": (get_preset("gpt4-mini").replace(n_layer=2), 1, ("ddp", "zero1", "fsdp2", "fsdp3", "tp2"))}
-MODELS_4 = {"tiny": (get_preset("tiny"), 3, ("ddp_x_tp2", "fsdp3_x_tp2"))}  # tests/parallel/test_plan_bytes_4.py
+# tests/parallel/test_plan_bytes_4.py
+MODELS_4 = {"tiny": (get_preset("tiny"), 3, ("ddp_x_tp2", "fsdp3_x_tp2", "zero1_x_tp2"))}
 
 
 def models(world: int) -> dict:

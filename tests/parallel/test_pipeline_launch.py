@@ -204,6 +204,7 @@ def test_a_too_old_torch_is_refused_in_one_line(work, tmp_path, capsys, monkeypa
     ("pp2_dp2", [], "| pp2 x dp2 DDP |"),
     ("pp2_tp2", ["--tp", "2"], "| pp2 x tp2 |"),  # sequence parallel + loss parallel on each stage
     ("pp2_ep2", ["--ep", "2"], "| pp2 x dp2 (ep2) DDP |"),  # experts averaged once per step (apply_replicate)
+    ("pp2_dp2_zero1", ["--zero", "1"], "| pp2 x dp2 ZeRO-1 |"),  # each stage's AdamW state over its data ranks
 ])
 def test_pipeline_compositions_on_4_processes_follow_one_process(work, one_process, name, flags, layout):
     """Pipeline x data, tensor or expert parallel (4 processes): within 1e-5 of one process (their reductions sum

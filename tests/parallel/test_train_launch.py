@@ -6,6 +6,7 @@ as few as it can and shares them through module-scoped fixtures.
 """
 
 import json
+import math
 import os
 import re
 import signal
@@ -119,7 +120,8 @@ def test_dp2_zero1_and_tp2_log_the_losses_and_routing_of_one_process(work, one_p
 
 def test_a_zero1_checkpoint_resumes_on_tensor_parallel_and_on_one_process(work, one_process, dp2_zero1):
     """Saved by dp2 x ZeRO-1 at step 4 (a DCP set); continued to step 6 by tp2, by one process (no process
-    group), and by dp2 x tp2 on 4 processes with FSDP2 and with DDP: each follows the one-process run's steps 5, 6."""
+    group), and by dp2 x tp2 on 4 processes with FSDP2, DDP and ZeRO-1 (whole saved AdamW state read into each
+    tensor rank's local shards): each follows the one-process run's steps 5, 6."""
     import shutil
 
     root, data, env = work
@@ -127,7 +129,8 @@ def test_a_zero1_checkpoint_resumes_on_tensor_parallel_and_on_one_process(work, 
     dp, _ = dp2_zero1
     for name, layout in (("as_tp2", ["--nproc", "2", "--tp", "2"]), ("as_one", []),
                          ("as_fsdp_x_tp", ["--nproc", "4", "--tp", "2", "--zero", "3"]),
-                         ("as_ddp_x_tp", ["--nproc", "4", "--tp", "2", "--zero", "0"])):
+                         ("as_ddp_x_tp", ["--nproc", "4", "--tp", "2", "--zero", "0"]),
+                         ("as_zero1_x_tp", ["--nproc", "4", "--tp", "2", "--zero", "1"])):
         run = root / name
         shutil.copytree(dp, run)
         r = moekit(env, "train", "--resume", str(run), "--steps", "6", "--no-progress", *layout)
@@ -135,6 +138,80 @@ def test_a_zero1_checkpoint_resumes_on_tensor_parallel_and_on_one_process(work, 
         got = losses(run)
         for step in (5, 6):
             assert close(got[step]["loss"], ref[step]["loss"]), (name, step)
+
+
+@pytest.fixture(scope="module")
+def zero1_x_tp(work):
+    """GPT-4's layout in small: ZeRO-1 x TP on a 2 x 2 mesh (moekit/parallel/data.py ShardedZero1), 4 steps
+    (checkpoints at 2 and 4)."""
+    root, data, env = work
+    out = root / "zero1_x_tp"
+    r = moekit(env, *train_args(data, out, 4, "--nproc", "4", "--tp", "2", "--zero", "1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r
+
+
+def test_zero1_x_tp2_logs_the_losses_and_routing_of_one_process(one_process, zero1_x_tp):
+    ref = losses(one_process)
+    out, r = zero1_x_tp
+    assert re.search(r"\| dp2 x tp2 ZeRO-1 \| comm \d+%", r.stdout + r.stderr)
+    got = losses(out)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step, rec in got.items():
+        assert close(rec["loss"], ref[step]["loss"]), (step, rec["loss"], ref[step]["loss"])
+        assert close(rec["grad_norm"], ref[step]["grad_norm"]), (step, rec["grad_norm"], ref[step]["grad_norm"])
+        assert rec["routing"]["tokens_per_expert"] == ref[step]["routing"]["tokens_per_expert"], step
+
+
+def test_a_zero1_x_tp2_checkpoint_resumes_bitwise_and_reshards(work, one_process, zero1_x_tp):
+    """Its DCP set holds the whole one-process tensors (every tensor-parallel shard of the AdamW state, written by
+    its owner data rank, as a DTensor chunk): the weights read on one process equal the run's exported ones bitwise;
+    resumed in the same layout it repeats steps 3, 4 bitwise; resumed by one process, by tp2 (DDP) and by FSDP2 it
+    follows the one-process run's steps 5, 6; and a one-process (safetensors) checkpoint resumes in this layout."""
+    import shutil
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint import FileSystemReader
+
+    root, data, env = work
+    ref = losses(one_process)
+    out, _ = zero1_x_tp
+    ckpt = out / "checkpoints" / "step_00000004"
+    exported = load_file(out / "model.safetensors")  # the weights after step 4, gathered whole
+    meta = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    weights = {k: torch.empty(tuple(meta[f"model.{k}"].size)) for k in exported}
+    dcp.load({f"model.{k}": t for k, t in weights.items()}, storage_reader=FileSystemReader(str(ckpt)), no_dist=True)
+    assert all(torch.equal(weights[k], w) for k, w in exported.items()), "weights differ"
+    # Every parameter's AdamW moments, whole: the chunks its owners wrote cover each tensor.
+    moments = {k: v for k, v in meta.items() if k.startswith("optim.") and k.endswith((".exp_avg", ".exp_avg_sq"))}
+    assert {k.removeprefix("optim.").rsplit(".", 1)[0] for k in moments} == set(exported)
+    for k, v in moments.items():
+        assert sum(math.prod(c.sizes) for c in v.chunks) == math.prod(v.size), k
+
+    run = root / "zero1_x_tp_bitwise"
+    shutil.copytree(out, run)
+    shutil.rmtree(run / "checkpoints" / "step_00000004")  # as if killed after the step-2 checkpoint
+    r = moekit(env, "train", "--resume", str(run), "--steps", "4", "--no-progress", "--nproc", "4", "--tp", "2",
+               "--zero", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for s in (3, 4):
+        assert (losses(run)[s]["loss"], losses(run)[s]["grad_norm"]) == (losses(out)[s]["loss"],
+                                                                          losses(out)[s]["grad_norm"]), s
+    for name, src, layout in (("z1tp_as_one", out, []), ("z1tp_as_tp2", out, ["--nproc", "2", "--tp", "2"]),
+                              ("z1tp_as_fsdp2", out, ["--nproc", "2", "--zero", "3"]),
+                              ("one_as_z1tp", one_process, ["--nproc", "4", "--tp", "2", "--zero", "1"])):
+        run = root / name
+        shutil.copytree(src, run)
+        for later in run.glob("checkpoints/step_0000000[56]"):
+            shutil.rmtree(later)
+        r = moekit(env, "train", "--resume", str(run), "--steps", "6", "--no-progress", *layout)
+        assert r.returncode == 0, (name, r.stderr[-3000:])
+        got = losses(run)  # the resumed steps' records come last
+        for step in (5, 6):
+            assert close(got[step]["loss"], ref[step]["loss"]), (name, step, got[step]["loss"], ref[step]["loss"])
+            assert close(got[step]["grad_norm"], ref[step]["grad_norm"]), (name, step)
 
 
 def test_a_distributed_checkpoint_is_a_dcp_set_every_rank_wrote(dp2_zero1):
