@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train_launch import make_work, moekit
 
 from moekit.cli import main
 
@@ -34,23 +35,11 @@ PP2 = ["--nproc", "2", "--pp", "2", "--microbatches", "4"]
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pp_launch")
-    data = root / "data"
-    data.mkdir()
-    for i in range(3):
-        (data / f"a{i}.py").write_text("".join(f"def g{j}(x):\n    return x + {j}\n\n" for j in range(60)))
-        (data / f"b{i}.md").write_text("".join(f"The expert {j} reads token {i + j}.\n" for j in range(80)))
-    env = dict(os.environ, MOEKIT_CACHE=str(root / "cache"), OMP_NUM_THREADS="1")
-    return root, data, env
+    return make_work(tmp_path_factory.mktemp("pp_launch"))
 
 
 def train_args(data: Path, out: Path, steps: int, *extra: str) -> list[str]:
     return ["train", *MODEL, *FAST, "--steps", str(steps), "--data", f"mine={data}:3", "--out", str(out), *extra]
-
-
-def moekit(env: dict, *argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "moekit", *argv], env=env, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def records(run: Path) -> list[dict]:

@@ -12,9 +12,6 @@ Why fp64 as well as fp32 is said in tp_worker.py's docstring.
 
 from __future__ import annotations
 
-import json
-import time
-
 import pytest
 import torch
 
@@ -26,6 +23,7 @@ pytestmark = pytest.mark.skipif(not tensor_parallel_available() or not torch.dis
                                 reason="tensor parallelism needs torch >= 2.5 with gloo")
 
 import tp_worker  # noqa: E402  (beside this file; pytest puts tests/parallel on sys.path)
+from spawn import spawn_ranks  # noqa: E402
 
 WORLD, LAUNCH_TIMEOUT_S = 2, 300
 CONFIGS = tp_worker.configs()
@@ -34,26 +32,7 @@ MODES = list(tp_worker.MODES)
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    import torch.multiprocessing as mp
-
-    out = tmp_path_factory.mktemp("tp")
-    with pytest.MonkeyPatch.context() as mpatch:
-        mpatch.setenv("OMP_NUM_THREADS", "1")  # inherited by the spawned ranks before they import torch
-        ctx = mp.start_processes(tp_worker.run, args=(WORLD, str(out / "init"), str(out)), nprocs=WORLD,
-                                 join=False, start_method="spawn")
-        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-        try:
-            while not ctx.join(timeout=5):
-                if time.monotonic() > deadline:
-                    pytest.fail(f"the {WORLD} tensor-parallel ranks did not finish within {LAUNCH_TIMEOUT_S} s")
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
-    for r, res in enumerate(results):
-        assert res["error"] is None, f"rank {r} failed:\n{res['error']}"
-    return results
+    return spawn_ranks(tp_worker.run, WORLD, tmp_path_factory.mktemp("tp"), LAUNCH_TIMEOUT_S)
 
 
 def _runs(ranks, key: str):

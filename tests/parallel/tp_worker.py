@@ -15,13 +15,6 @@ process run than fp32 rounding moves that run itself.
 
 from __future__ import annotations
 
-import json
-import os
-import time
-import traceback
-from datetime import timedelta
-from pathlib import Path
-
 import torch
 
 STEPS, BATCH, SEQ, LR, CLIP = 5, 2, 16, 1e-2, 1.0
@@ -127,40 +120,32 @@ def errors(model) -> dict:
 
 
 def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    import torch.distributed as dist
+    from spawn import rank_main
+
+    rank_main(rank, world, init_file, out_dir, lambda result: check_layouts(result, rank, world))
+
+
+def check_layouts(result: dict, rank: int, world: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     from moekit.parallel.tensor import apply_tensor_parallel
 
-    t0 = time.perf_counter()
-    result: dict = {"runs": {}, "shards": {}, "errors": {}, "error": None}
-    # A peer that fails mid-collective makes this rank's collective fail within a minute instead of hanging.
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
-    try:
-        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
-        for name, cfg in configs().items():
-            data = batches(cfg)
-            refs = {dt: train(build(cfg, dtype), data, False) for dt, dtype in DTYPES.items()}
-            result["runs"][f"{name}/fp32/control"] = compare(refs["fp64"], refs["fp32"])  # fp32's own distance
-            for dt, dtype in DTYPES.items():
-                for mode, (sp, lp) in MODES.items():
-                    model = apply_tensor_parallel(build(cfg, dtype), mesh, sequence_parallel=sp, loss_parallel=lp)
-                    if dt == "fp32" and mode == "tp_sp":
-                        init = {n: p.detach() for n, p in build(cfg).named_parameters()}
-                        result["shards"][name] = shards(model, init, rank, world)
-                        result["errors"][name] = errors(model)
-                    result["runs"][f"{name}/{dt}/{mode}"] = compare(refs[dt], train(model, data, lp))
-            if cfg.is_moe:  # the other expert kernel (Experts.gather) and capacity dropping, on the full sequence
-                cap = cfg.replace(capacity_factor=1.0)
-                ref = train(build(cap, torch.float64, "gather"), data, False)
-                model = apply_tensor_parallel(build(cap, torch.float64, "gather"), mesh, True, True)
-                result["runs"][f"{name}/fp64/tp_sp_lp_gather_capacity"] = compare(ref, train(model, data, True))
-    except Exception:
-        result["error"] = traceback.format_exc()
-    finally:
-        result["seconds"] = time.perf_counter() - t0
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-        dist.destroy_process_group()
+    result.update(runs={}, shards={}, errors={})
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+    for name, cfg in configs().items():
+        data = batches(cfg)
+        refs = {dt: train(build(cfg, dtype), data, False) for dt, dtype in DTYPES.items()}
+        result["runs"][f"{name}/fp32/control"] = compare(refs["fp64"], refs["fp32"])  # fp32's own distance
+        for dt, dtype in DTYPES.items():
+            for mode, (sp, lp) in MODES.items():
+                model = apply_tensor_parallel(build(cfg, dtype), mesh, sequence_parallel=sp, loss_parallel=lp)
+                if dt == "fp32" and mode == "tp_sp":
+                    init = {n: p.detach() for n, p in build(cfg).named_parameters()}
+                    result["shards"][name] = shards(model, init, rank, world)
+                    result["errors"][name] = errors(model)
+                result["runs"][f"{name}/{dt}/{mode}"] = compare(refs[dt], train(model, data, lp))
+        if cfg.is_moe:  # the other expert kernel (Experts.gather) and capacity dropping, on the full sequence
+            cap = cfg.replace(capacity_factor=1.0)
+            ref = train(build(cap, torch.float64, "gather"), data, False)
+            model = apply_tensor_parallel(build(cap, torch.float64, "gather"), mesh, True, True)
+            result["runs"][f"{name}/fp64/tp_sp_lp_gather_capacity"] = compare(ref, train(model, data, True))
