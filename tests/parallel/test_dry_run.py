@@ -60,6 +60,12 @@ def test_gpt4_article_layout_at_full_scale():
     assert max(r.optimizer for r in run.ranks) == 8 * stack + 4 and min(r.optimizer for r in run.ranks) == 0
     text = format_dry_run(run)
     assert "fullest rank's FP16 weights: 30.84 GB" in text and "~30 GB" in text
+    # `moekit plan train` for the same flags reports this very rank (its fullest stage and ZeRO-1 rank)
+    from moekit import plan
+
+    p = plan.train(cfg, n_gpus=24_960, tp=8, pp=15, zero_stage=1, optimizer_precision="fp32", recompute="none")
+    fullest = max((r for r in run.ranks if r.pp_rank == p.memory.stage), key=lambda r: r.optimizer)
+    assert (p.ranks.weights, p.ranks.optimizer) == (fullest.weights, fullest.optimizer)
 
 
 @pytest.mark.parametrize("extra, message", [
