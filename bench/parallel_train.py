@@ -157,7 +157,7 @@ def worker(args) -> None:
                                            cfg=cfg)
             extra = {}
             if lay["pp"] > 1:
-                from moekit.parallel.pipeline import PipelineConfig
+                from moekit.parallel.stages import PipelineConfig
 
                 grad_accum = PP_MICROBATCHES
                 extra["pipeline"] = PipelineConfig(lay["schedule"], grad_accum, lay["v"])

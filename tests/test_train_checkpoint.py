@@ -21,7 +21,7 @@ from moekit.train.checkpoint import (
     step_dir,
 )
 from moekit.train.config import TrainConfig
-from moekit.train.loop import build_optimizer
+from moekit.train.optim import build_optimizer
 
 # The tiny config at 16 wide (2 heads of 8, one KV head), 64 tokens, a GELU MoE in both layers, tied embeddings.
 CFG = tiny_cfg(vocab_size=64, d_model=16, n_head=2, n_kv_head=1, d_ff=32, moe_every=1, mlp="gelu", max_seq_len=16,

@@ -20,16 +20,7 @@ from moekit.presets import get_preset
 from moekit.train.cli import extend_context
 from moekit.train.config import TrainConfig
 from moekit.train.data import Mixture, PackedSource
-from moekit.train.loop import (
-    Trainer,
-    batch_tokens_at,
-    evaluate,
-    lr_at,
-    micro_sizes,
-    param_groups,
-    sequences_at,
-    steps_that_fit,
-)
+from moekit.train.loop import Trainer, evaluate
 from moekit.train.metrics import (
     RoutingStats,
     bits_per_byte,
@@ -39,6 +30,7 @@ from moekit.train.metrics import (
     read_metrics,
     train_flops_per_token,
 )
+from moekit.train.optim import batch_tokens_at, lr_at, micro_sizes, param_groups, sequences_at, steps_that_fit
 from moekit.train.sample import generate, sample_next
 
 # The tiny config at 16 wide (2 heads of 8, one KV head), 50 tokens, a GELU MoE in both layers, 32-token context.

@@ -201,7 +201,7 @@ def shard_optimizer(opt: torch.optim.Optimizer, dims: ParallelDims, mesh: Device
     every other mode (under FSDP2 the optimizer built on the sharded parameters is sharded already).
 
     Build `opt` on the data-parallel model's parameters before its first step (its state is still empty):
-    moekit.train.loop.build_optimizer(unwrap(model), tc). Taking a built optimizer, rather than a TrainConfig,
+    moekit.train.optim.build_optimizer(unwrap(model), tc). Taking a built optimizer, rather than a TrainConfig,
     keeps the one definition of moekit's AdamW (param groups, fused kernel) in train/, and parallel/ below it.
     """
     if mesh is None or dims.zero != 1 or dims.dp_replicate == 1:

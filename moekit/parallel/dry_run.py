@@ -168,10 +168,10 @@ def measure_rank(cfg: ModelConfig, dims: ParallelDims, pp_rank: int, dp_rank: in
     from moekit.parallel.collectives import CollectiveCounter, held_bytes
     from moekit.parallel.data import optimizer_state_bytes, shard_optimizer
     from moekit.parallel.parallelize import Layout, parallelize
-    from moekit.parallel.pipeline import split_model, stage_layers
+    from moekit.parallel.stages import split_model, stage_layers
     from moekit.parallel.tensor import loss_context
     from moekit.train.config import TrainConfig
-    from moekit.train.loop import build_optimizer
+    from moekit.train.optim import build_optimizer
 
     t0 = time.perf_counter()
     rank = global_rank(dims, pp_rank, dp_rank, tp_rank)

@@ -32,7 +32,7 @@ from moekit.parallel.mesh import DistEnv, ParallelDims, build_expert_mesh, build
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-    from moekit.parallel.pipeline import PipelineConfig
+    from moekit.parallel.stages import PipelineConfig
 
 RECOMPUTE = ("none", "selective", "full")
 

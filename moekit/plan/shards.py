@@ -86,7 +86,7 @@ class Param:
 
     @property
     def decay(self) -> bool:
-        """In moekit's weight-decay group (tensors of 2+ dimensions, moekit.train.loop.param_groups)."""
+        """In moekit's weight-decay group (tensors of 2+ dimensions, moekit.train.optim.param_groups)."""
         return len(self.shape) >= 2
 
 

@@ -231,7 +231,7 @@ def _layout_flags(args: argparse.Namespace, world: int, cfg: ModelConfig):
 
 
 def _pipeline_flags(args: argparse.Namespace):
-    from moekit.parallel.pipeline import PipelineConfig
+    from moekit.parallel.stages import PipelineConfig
 
     return PipelineConfig(args.schedule, args.microbatches or 1, args.stages_per_rank)
 

@@ -13,7 +13,7 @@ from moekit.config import ModelConfig
 from moekit.model.transformer import Transformer
 from moekit.parallel.data import clip_grad_norm, gradient_sync
 from moekit.train.config import TrainConfig
-from moekit.train.loop import lr_at
+from moekit.train.optim import lr_at
 
 CFG = ModelConfig(vocab_size=64, n_layer=2, d_model=32, n_head=4, n_kv_head=1, d_ff=48, n_expert=4, top_k=2,
                   max_seq_len=32, mlp="swiglu")

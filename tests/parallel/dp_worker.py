@@ -29,7 +29,7 @@ from moekit.parallel.data import (  # noqa: E402
     unwrap,
 )
 from moekit.parallel.mesh import ParallelDims, build_mesh, data_rank, destroy_distributed, init_distributed  # noqa: E402
-from moekit.train.loop import build_optimizer  # noqa: E402
+from moekit.train.optim import build_optimizer  # noqa: E402
 
 # name -> (--zero, router losses on, micro-batches per rank)
 MODES = {

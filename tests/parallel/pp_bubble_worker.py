@@ -130,7 +130,8 @@ def run_case(schedule: str, v: int, m: int, env) -> dict:
     from moekit.model.transformer import Transformer
     from moekit.parallel.mesh import ParallelDims
     from moekit.parallel.parallelize import Layout, parallelize
-    from moekit.parallel.pipeline import PipelineConfig, build_pipeline
+    from moekit.parallel.pipeline import build_pipeline
+    from moekit.parallel.stages import PipelineConfig
 
     cfg = model_config()
     model = Transformer(cfg)

@@ -22,8 +22,9 @@ import pp_steps  # noqa: E402
 
 from moekit.parallel.mesh import ParallelDims, destroy_distributed, init_distributed  # noqa: E402
 from moekit.parallel.parallelize import Layout, parallelize  # noqa: E402
-from moekit.parallel.pipeline import PipelineConfig, build_pipeline  # noqa: E402
-from moekit.train.loop import build_optimizer, lr_at  # noqa: E402
+from moekit.parallel.pipeline import build_pipeline  # noqa: E402
+from moekit.parallel.stages import PipelineConfig  # noqa: E402
+from moekit.train.optim import build_optimizer, lr_at  # noqa: E402
 
 # name -> (schedule, stages per rank, tied embeddings)
 MODES = {

@@ -38,7 +38,7 @@ from moekit.parallel.data import (
     shard_optimizer,
 )
 from moekit.parallel.mesh import ParallelDims
-from moekit.train.loop import build_optimizer
+from moekit.train.optim import build_optimizer
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent

@@ -31,8 +31,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moekit.parallel.pipeline import PipelineConfig, split_model, stage_layers
-from moekit.train.loop import build_optimizer
+from moekit.parallel.stages import PipelineConfig, split_model, stage_layers
+from moekit.train.optim import build_optimizer
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent

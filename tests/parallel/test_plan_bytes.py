@@ -114,7 +114,7 @@ def fake_rank(cfg, world: int, rank: int, **flags):
     from moekit.parallel.mesh import DistEnv, ParallelDims, build_mesh
     from moekit.parallel.parallelize import Layout, parallelize
     from moekit.train.config import TrainConfig
-    from moekit.train.loop import build_optimizer
+    from moekit.train.optim import build_optimizer
 
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
     try:

@@ -340,8 +340,13 @@ def test_bad_layout_flags_get_one_line_and_exit_2_before_anything_starts(work, t
                                                                          message):
     root, data, env = work
     monkeypatch.setenv("MOEKIT_CACHE", env["MOEKIT_CACHE"])
-    out = tmp_path / "never"
-    code = main(train_args(data, out, 2, *flags))
+    assert_refused(train_args(data, tmp_path / "never", 2, *flags), message, capsys)
+
+
+def assert_refused(argv: list[str], message: str, capsys) -> None:
+    """`moekit <argv>` exits 2 with one line containing `message`, before anything starts: no run folder."""
+    out = Path(argv[argv.index("--out") + 1])
+    code = main(argv)
     err = capsys.readouterr().err
     assert code == 2 and message in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
