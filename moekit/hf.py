@@ -328,6 +328,75 @@ def _check_headers(path: Path, files: dict[str, list[str]], plan: dict[str, list
                                      "unquantized float16/bfloat16/float32 weights only")
 
 
+class HFReader:
+    """The tensors of a Hugging Face Llama/Mistral/Mixtral folder, read one moekit tensor at a time.
+
+        reader = HFReader(path)                    # config and every shard's header checked; no data read
+        reader.cfg, reader.names                   # the ModelConfig, the moekit state-dict names
+        w1 = reader.get("blocks.3.mlp.experts.w1") # (E, F, D), stacked from the Hub's per-expert tensors
+
+    `load_hf` reads every name; a serving worker (moekit/parallel/serve_worker.py) reads only its shard's, so
+    no process ever holds more than its part of the model and one tensor.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = path = Path(path)
+        self.config = d = _read_config(path)
+        self.cfg = cfg = config_from_hf(d, name=path.resolve().name)
+        files = _weight_files(path)
+        names = {n for ns in files.values() for n in ns}
+        fused = {i for i in range(cfg.n_layer) if f"model.layers.{i}.mlp.experts.gate_up_proj" in names}
+        plan = _plan(cfg, fused)
+        self.what = what = (f"config.json ({d['model_type']}, {cfg.n_layer} layers, d_model {cfg.d_model}"
+                            + (f", {cfg.n_expert} experts" if cfg.is_moe else "") + ")")
+        _check_names(path, files, plan, what, cfg.tie_embeddings)
+        _check_headers(path, files, plan, what)  # before reading any data: a bad checkpoint fails in a second
+        self._sources: dict[str, list[tuple[str, str, _Piece]]] = {}  # moekit name -> (file, HF name, piece)
+        for file, file_names in files.items():
+            for name in file_names:
+                for piece in plan.get(name, []):
+                    self._sources.setdefault(piece.target, []).append((file, name, piece))
+        self._stacked = _expert_shapes(cfg)
+        self._files: dict[str, Any] = {}
+        # A tied output layer is stored once, as the embedding; a last pipeline stage still asks for it by name.
+        self._alias = {"lm_head.weight": "tok_emb.weight"} if cfg.tie_embeddings else {}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._sources)
+
+    def dtype(self) -> torch.dtype:
+        """The checkpoint's dtype as config.json states it (float32 when it does not)."""
+        d = self.config
+        dtype = getattr(torch, str(d.get("dtype") or d.get("torch_dtype") or "float32"), None)
+        return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+    def _read(self, file: str, name: str) -> torch.Tensor:
+        if file not in self._files:
+            self._files[file] = _open(self.path / file).__enter__()
+        return self._files[file].get_tensor(name)
+
+    def get(self, target: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The moekit tensor `target` (in `dtype`, default the checkpoint's own)."""
+        sources = self._sources[self._alias.get(target, target)]
+        if target not in self._stacked:
+            (file, name, piece), = sources
+            t = _hf_view(piece, self._read(file, name))
+            return (t if dtype is None else t.to(dtype)).contiguous()
+        out = None
+        for file, name, piece in sources:  # stacked experts: filled expert by expert (or from a fused tensor)
+            t = _hf_view(piece, self._read(file, name))
+            if out is None:
+                out = torch.empty(self._stacked[target], dtype=dtype or t.dtype)
+            (out if piece.expert is None else out[piece.expert]).copy_(t)
+        return out
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.__exit__(None, None, None)
+        self._files.clear()
+
+
 def load_hf(path: str | Path, dtype: torch.dtype | None = torch.float32,
             device: torch.device | str = "cpu") -> Transformer:
     """A moekit Transformer (eval mode) holding the weights of a Hugging Face Llama/Mistral/Mixtral folder.
@@ -335,41 +404,16 @@ def load_hf(path: str | Path, dtype: torch.dtype | None = torch.float32,
     `dtype=None` keeps the checkpoint's dtype (config.json's `dtype` / `torch_dtype`). The returned
     model has `model.hf_source` (an HFSource: folder, raw config.json, tokenizer.json path or None).
     """
-    path = Path(path)
-    d = _read_config(path)
-    cfg = config_from_hf(d, name=path.resolve().name)
-    if dtype is None:
-        dtype = getattr(torch, str(d.get("dtype") or d.get("torch_dtype") or "float32"), None)
-        dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
-    files = _weight_files(path)
-    names = {n for ns in files.values() for n in ns}
-    fused = {i for i in range(cfg.n_layer) if f"model.layers.{i}.mlp.experts.gate_up_proj" in names}
-    plan = _plan(cfg, fused)
-    what = (f"config.json ({d['model_type']}, {cfg.n_layer} layers, d_model {cfg.d_model}"
-            + (f", {cfg.n_expert} experts" if cfg.is_moe else "") + ")")
-    _check_names(path, files, plan, what, cfg.tie_embeddings)
-    _check_headers(path, files, plan, what)  # before reading any data: a bad checkpoint fails in a second
-
-    expected = _expert_shapes(cfg)
-    state: dict[str, torch.Tensor] = {}
-    for file, file_names in files.items():  # shard by shard: one shard's tensor in flight at a time
-        with _open(path / file) as f:
-            for name in file_names:
-                if name not in plan:
-                    continue
-                t_hf = f.get_tensor(name)
-                for piece in plan[name]:  # a fused gate_up_proj fills two moekit tensors
-                    t = _hf_view(piece, t_hf)
-                    if piece.expert is None and piece.half is None:
-                        state[piece.target] = t.to(device=device, dtype=dtype).contiguous()
-                        continue
-                    if piece.target not in state:  # stacked expert weights: filled slice by slice
-                        state[piece.target] = torch.empty(expected[piece.target], dtype=dtype, device=device)
-                    dest = state[piece.target] if piece.expert is None else state[piece.target][piece.expert]
-                    dest.copy_(t)
-    model = Transformer.from_tensors(cfg, state, dtype=dtype, device=device, source=f"{path} ({what})")
-    tokenizer = path / "tokenizer.json"
-    model.hf_source = HFSource(path, d, tokenizer if tokenizer.is_file() else None)
+    reader = HFReader(path)
+    dtype = reader.dtype() if dtype is None else dtype
+    try:  # tensor by tensor: one HF tensor in flight at a time, beside the moekit state being built
+        state = {name: reader.get(name, dtype).to(device) for name in reader.names}
+    finally:
+        reader.close()
+    model = Transformer.from_tensors(reader.cfg, state, dtype=dtype, device=device,
+                                     source=f"{reader.path} ({reader.what})")
+    tokenizer = reader.path / "tokenizer.json"
+    model.hf_source = HFSource(reader.path, reader.config, tokenizer if tokenizer.is_file() else None)
     return model.eval()
 
 

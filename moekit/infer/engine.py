@@ -25,7 +25,9 @@ Bad input (an over-long prompt, bad sampling parameters, a draft with another vo
 
 from __future__ import annotations
 
+import math
 import random
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -85,15 +87,23 @@ class Counters:
 
 
 class Engine:
-    def __init__(self, model: Transformer, tokenizer=None, *, kv_cache_gb: float | None = None,
+    def __init__(self, model: Transformer | None, tokenizer=None, *, kv_cache_gb: float | None = None,
                  num_blocks: int | None = None, block_size: int = 16, max_num_batched_tokens: int = 2048,
                  max_num_seqs: int = 256, max_model_len: int | None = None, enable_prefix_caching: bool = True,
                  draft: Transformer | None = None, ngram: bool = False, num_spec_tokens: int = 4,
-                 eos_token_ids: Sequence[int] | None = None, enforce_eager: bool = False):
-        self.model = model.eval()
-        self.cfg = cfg = model.cfg
-        w = model.tok_emb.weight
-        self.device, dtype = w.device, w.dtype
+                 eos_token_ids: Sequence[int] | None = None, enforce_eager: bool = False, executor=None):
+        # executor: a moekit.infer.executor.WorkerGroup holding the model sharded over tp x pp workers (model is
+        # then None); this process keeps the scheduler, the KV bookkeeping, the sampler and any draft model.
+        self.executor = executor
+        if executor is not None:
+            self.model, self.cfg = None, executor.cfg
+            self.device, dtype = torch.device("cpu"), executor.dtype
+        else:
+            self.model = model.eval()
+            self.cfg = model.cfg
+            w = model.tok_emb.weight
+            self.device, dtype = w.device, w.dtype
+        cfg = self.cfg
         self.codec: TextCodec | None = as_codec(tokenizer)
         self.eos_token_ids = tuple(eos_token_ids if eos_token_ids is not None else
                                    (self.codec.eos_token_ids if self.codec else ()))
@@ -103,8 +113,14 @@ class Engine:
             # allocation (a tiny model in a 1 GiB budget would otherwise zero 1 GiB for nothing).
             full = -(-min(cfg.max_seq_len, max_model_len or cfg.max_seq_len) // block_size)
             num_blocks = min(num_blocks, max_num_seqs * full)
+            if executor is not None:  # each worker fits its budget to its own stage: the fullest stage decides
+                num_blocks = min(executor.capacity_blocks, max_num_seqs * full)
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
-        self.cache = PagedKVCache(cfg, num_blocks, block_size, dtype, self.device)
+        self.cache = None
+        if executor is None:
+            self.cache = PagedKVCache(cfg, num_blocks, block_size, dtype, self.device)
+        else:
+            executor.start_cache(num_blocks, block_size)
         # One request must always fit the whole pool, or it could wait forever.
         limits = [cfg.max_seq_len, num_blocks * block_size] + ([max_model_len] if max_model_len else [])
         if draft is not None:
@@ -113,11 +129,14 @@ class Engine:
         if self.max_model_len < 2:
             raise ValueError(f"the KV cache holds {num_blocks * block_size} tokens, too few to serve anything: "
                              "raise --kv-cache-gb")
-        self.runner = ModelRunner(model, self.cache)
+        self.runner = ModelRunner(model, self.cache) if executor is None else None
+        # Steps submitted and not yet sampled: up to one per pipeline stage, so that every stage is busy.
+        self.max_in_flight = executor.max_in_flight if executor is not None else 1
+        self.in_flight: deque[tuple[SchedulerOutput, list[RunItem], object]] = deque()
         # On a GPU, decode steps replay CUDA graphs of the runner's model call unless enforce_eager (vLLM's
         # flag of the same name).
         self.graphs = None
-        if self.device.type == "cuda" and not enforce_eager:
+        if self.device.type == "cuda" and not enforce_eager and executor is None:
             self.graphs = DecodeGraphs(self.runner, self.max_model_len, max_num_seqs)
         self.scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens, max_num_seqs, self.max_model_len), self.kv)
         if num_spec_tokens < 1:
@@ -210,11 +229,17 @@ class Engine:
         return bool(self.requests)
 
     # ---- one step ------------------------------------------------------------------------------------
-    def _run(self, items: list[RunItem]) -> RunOutput:
-        """The forward pass of one step: a replayed CUDA graph when the step has a captured shape."""
+    def _submit_run(self, items: list[RunItem]):
+        """Start one step's forward pass; a handle for `_wait_run`. In one process it runs now (a replayed CUDA
+        graph when the step has a captured shape); with workers it is sent and runs while the next is scheduled."""
+        if self.executor is not None:
+            return self.executor.submit(items)
         if self.graphs is not None and self.graphs.can_run(items):
             return self.graphs.run(items)
         return self.runner.forward(items)
+
+    def _wait_run(self, handle) -> RunOutput:
+        return self.executor.wait(handle) if self.executor is not None else handle
 
     def capture_graphs(self) -> int:
         """Capture the CUDA graphs of every decode (and, when speculating, verification) shape now, as vLLM
@@ -224,15 +249,19 @@ class Engine:
         queries = (1, 1 + self.num_spec_tokens) if self.proposer is not None else (1,)
         return self.graphs.capture_all(queries)
 
-    def step(self) -> list[RequestOutput]:
-        """Schedule, run one forward pass, sample, update; the deltas of the requests that moved."""
-        sched = self.scheduler.schedule()
+    def _schedule(self) -> tuple[SchedulerOutput, list[RunItem]]:
+        """The next micro-batch. With a pipeline, requests whose last step is still in flight are passed over (their
+        next token is not sampled yet), and each micro-batch takes its share of the requests, so that pp of them
+        keep the stages busy (vLLM v0's virtual engines split the requests the same way)."""
+        busy = {s.request.request_id for sched, _, _ in self.in_flight for s in sched.scheduled}
+        limit = None
+        if self.max_in_flight > 1:
+            limit = max(1, math.ceil((len(self.requests)) / self.max_in_flight))
+        sched = self.scheduler.schedule(skip=busy, max_seqs=limit) if busy or limit else self.scheduler.schedule()
         for req in sched.preempted:  # recomputed from scratch later: its drafts are dropped
             self.draft_probs.pop(req.request_id, None)
             if self.proposer is not None:
                 self.proposer.free(req)
-        if not sched.scheduled:
-            return []
         items = []
         for s in sched.scheduled:
             req = s.request
@@ -240,16 +269,45 @@ class Engine:
             tokens = req.all_token_ids[c:c + s.num_tokens - len(s.spec_token_ids)] + s.spec_token_ids
             items.append(RunItem(tokens, c, self.kv.block_ids(req.request_id),
                                  len(s.spec_token_ids) + 1 if s.reaches_end else 0, req.request_id))
-        out = self._run(items)
+        return sched, items
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run one forward pass, sample, update; the deltas of the requests that moved. With a pipeline
+        (max_in_flight > 1) it first fills the pipeline with micro-batches, then completes the oldest."""
+        while len(self.in_flight) < self.max_in_flight:
+            sched, items = self._schedule()
+            if not sched.scheduled:
+                break
+            self.in_flight.append((sched, items, self._submit_run(items)))
+        if not self.in_flight:
+            return []
+        sched, items, handle = self.in_flight.popleft()
+        out = self._wait_run(handle)
+        return self._complete(sched, items, out)
+
+    def _complete(self, sched: SchedulerOutput, items: list[RunItem], out: RunOutput) -> list[RequestOutput]:
         cnt = self.counters
         cnt.steps += 1
         cnt.computed_tokens += sched.num_tokens
         if out.tokens_per_expert_LE is not None:
             cnt.tokens_per_expert = out.tokens_per_expert_LE + (
                 cnt.tokens_per_expert if cnt.tokens_per_expert is not None else 0)
+        logits_RV = out.logits_RV
+        if any(s.request.finished for s in sched.scheduled):  # aborted while its step was in flight: drop it
+            rows, r, keep = [], 0, []
+            for s, it in zip(sched.scheduled, items, strict=True):
+                if not s.request.finished:
+                    keep.append((s, it))
+                    rows += range(r, r + it.num_logits)
+                r += it.num_logits
+            sched = SchedulerOutput([s for s, _ in keep], sched.preempted)
+            items = [it for _, it in keep]
+            logits_RV = logits_RV[torch.tensor(rows, dtype=torch.long)]
+            if not items:
+                return []
 
-        sampled, first_row = self._sample(sched, items, out.logits_RV)
-        outputs = [self._output(u, out.logits_RV, first_row[u.request.request_id])
+        sampled, first_row = self._sample(sched, items, logits_RV)
+        outputs = [self._output(u, logits_RV, first_row[u.request.request_id])
                    for u in self.scheduler.update(sched, sampled)]
         if self.proposer is not None:
             self._propose()
@@ -334,7 +392,10 @@ class Engine:
 
     def _propose(self) -> None:
         reqs, ks = [], []
+        busy = {s.request.request_id for sched, _, _ in self.in_flight for s in sched.scheduled}
         for req in self.scheduler.running:
+            if req.request_id in busy:
+                continue  # its step is in flight: the token it will add is not known yet
             if req.num_computed_tokens != req.num_tokens - 1:
                 continue  # still prefilling
             if req.spec_token_ids:
@@ -416,7 +477,8 @@ class Engine:
             "kv_blocks_free": kv.num_free_blocks,
             "kv_blocks_cached": len(kv.pool.cached),
             "kv_block_size": kv.block_size,
-            "kv_bytes_per_token": self.cache.bytes_per_token,
+            "kv_bytes_per_token": self.cache.bytes_per_token if self.cache else
+            self.executor.kv_bytes_per_token,
             "max_model_len": self.max_model_len,
             "prefix_cache_queries": kv.queries,
             "prefix_cache_hits": kv.hits,

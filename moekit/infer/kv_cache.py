@@ -249,20 +249,30 @@ def num_blocks_for(cfg: ModelConfig, kv_cache_gb: float, block_size: int, dtype:
 class PagedKVCache:
     """Per layer, K and V as flat slot arrays (S, G, Dh): slot = block_id * P + offset.
 
-    K/V are stored per KV head, so multi-query attention (G = 1) stores one head, not n_head.
+    K/V are stored per KV head, so multi-query attention (G = 1) stores one head, not n_head. A worker of a
+    sharded model (moekit/parallel/serve_worker.py) holds only its pipeline stage's `layers` (the others are
+    None, so attention still indexes by the global layer number) and its tensor rank's `n_kv_head` (MQA's one
+    head is replicated on every tensor rank, as the planner counts it).
     """
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", *, layers: range | None = None, n_kv_head: int | None = None):
         self.block_size, self.num_blocks = block_size, num_blocks
         # One slot past every block: padded rows of a CUDA-graph batch write their K/V there and
         # attend to it alone, so padding never touches a request's blocks (cuda_graphs.py).
         self.scratch_slot = num_blocks * block_size
-        shape = (num_blocks * block_size + 1, cfg.n_kv_head, cfg.head_dim)
-        self.k_SGDh = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
-        self.v_SGDh = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
-        self.bytes_per_token = int(kv_bytes_per_token(cfg, torch.finfo(dtype).bits // 8))
+        G = cfg.n_kv_head if n_kv_head is None else n_kv_head
+        owned = set(range(cfg.n_layer) if layers is None else layers)
+        shape = (num_blocks * block_size + 1, G, cfg.head_dim)
+
+        def alloc(i):
+            return torch.zeros(shape, dtype=dtype, device=device) if i in owned else None
+
+        self.k_SGDh = [alloc(i) for i in range(cfg.n_layer)]
+        self.v_SGDh = [alloc(i) for i in range(cfg.n_layer)]
+        nbytes = torch.finfo(dtype).bits // 8
+        self.bytes_per_token = int(kv_bytes_per_token(cfg, nbytes, G) * len(owned) // cfg.n_layer)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k_SGDh + self.v_SGDh)
+        return sum(t.numel() * t.element_size() for t in self.k_SGDh + self.v_SGDh if t is not None)

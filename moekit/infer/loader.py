@@ -15,12 +15,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from moekit.infer.tokenizer import TextCodec, as_codec
-from moekit.model.transformer import Transformer
+from moekit.model.transformer import Transformer, upgrade_state_dict
 from moekit.resolve import load_config
 from moekit.util import read_config_json
 
@@ -34,7 +34,8 @@ def _tokenizer(path: Path) -> Tokenizer:
         raise ValueError(f"{path} is not a Hugging Face tokenizer.json ({str(e).splitlines()[0]})") from None
 
 
-def _run_weights(run: Path) -> tuple[dict[str, torch.Tensor], Path]:
+def _run_file(run: Path) -> Path:
+    """The newest checkpoint of `run` whose safetensors header reads (an unreadable one falls back to the previous)."""
     folder = run / "checkpoints"
     ckpts = sorted((p for p in folder.glob("step_*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]),
                    reverse=True) if folder.is_dir() else []
@@ -43,12 +44,66 @@ def _run_weights(run: Path) -> tuple[dict[str, torch.Tensor], Path]:
         if not f.is_file():
             continue
         try:
-            return load_file(f), f
+            with safe_open(str(f), framework="pt") as h:
+                h.keys()
+            return f
         except (SafetensorError, OSError) as e:
             errors.append(f"{f}: {e}")
     why = f" ({errors[0]})" if errors else ""
     raise FileNotFoundError(f"{run} has no readable model.safetensors in checkpoints/step_*/ or at its top{why}; "
                             "train it with `moekit train`")
+
+
+def _run_weights(run: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    f = _run_file(run)
+    try:
+        return load_file(f), f
+    except (SafetensorError, OSError) as e:
+        raise FileNotFoundError(f"{f} is not a readable safetensors file ({e}); train the run again") from None
+
+
+class RunReader:
+    """The tensors of a moekit run's newest checkpoint, read one at a time (HFReader's interface, moekit/hf.py):
+    `cfg`, `names` (the model's state-dict names), `get(name, dtype)`, `close()`. Names of older moekit layouts are
+    renamed as `Transformer.load_tensors` renames them; a tied lm_head reads the embedding."""
+
+    def __init__(self, run: str | Path):
+        self.path = run = Path(run)
+        self.cfg = load_config(run / "config.json")
+        self.file = _run_file(run)
+        self._f = safe_open(str(self.file), framework="pt").__enter__()
+        stored = list(self._f.keys())
+        self._stored = {}
+        for name in stored:  # our name -> (stored name, whether the stored layout is the transpose)
+            new = upgrade_state_dict({name: torch.empty(0)})
+            (ours,) = new
+            self._stored[ours] = (name, ours != name)
+        if self.cfg.tie_embeddings and "lm_head.weight" not in self._stored and "tok_emb.weight" in self._stored:
+            self._stored["lm_head.weight"] = self._stored["tok_emb.weight"]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._stored)
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        stored, transposed = self._stored[name]
+        t = self._f.get_tensor(stored)
+        if transposed and t.dim() == 3:
+            t = t.transpose(1, 2)
+        return (t if dtype is None else t.to(dtype)).contiguous()
+
+    def close(self) -> None:
+        self._f.__exit__(None, None, None)
+
+
+def open_weights(path: str | Path):
+    """A tensor-at-a-time reader (RunReader or moekit.hf.HFReader) of a moekit run or a Hugging Face folder."""
+    path = Path(path)
+    if "model_type" in read_config_json(path):
+        from moekit.hf import HFReader
+
+        return HFReader(path)
+    return RunReader(path)
 
 
 def load_run(run: str | Path, dtype: torch.dtype = torch.float32,

@@ -67,7 +67,7 @@ class ModelRunner:
         self.model, self.cache = model, cache
         self.cfg = model.cfg
         self.block_size = cache.block_size
-        self.device = model.tok_emb.weight.device
+        self.device = next(model.parameters()).device  # (a pipeline stage after the first has no embedding)
 
     def _slots(self, item: RunItem, positions: range) -> list[int]:
         P, table = self.block_size, item.block_ids
@@ -112,8 +112,8 @@ class ModelRunner:
         """The attention context of one step over this runner's cache."""
         return PagedContext(self.cache.k_SGDh, self.cache.v_SGDh, slots_T, groups)
 
-    @torch.inference_mode()
-    def forward(self, items: list[RunItem]) -> RunOutput:
+    def prepare(self, items: list[RunItem]) -> tuple[torch.Tensor, torch.Tensor, PagedContext, torch.Tensor]:
+        """The model call's inputs for one step: token ids (1, T), positions (1, T), the paged context, logit rows."""
         if not items:
             raise ValueError("forward needs at least one item")
         dev = self.device
@@ -128,9 +128,19 @@ class ModelRunner:
             slots += self._slots(it, range(it.start, it.start + n))
             logit_rows += range(len(tokens) - it.num_logits, len(tokens))
         ctx = self.context(torch.tensor(slots, device=dev), self._groups(items, offsets))
-        with dispatch_for(self.model, moe_dispatch(dev, len(tokens))):
-            out = self.model(torch.tensor(tokens, device=dev)[None], ctx=ctx,
-                             positions_BT=torch.tensor(positions, device=dev)[None],
-                             logits_rows=torch.tensor(logit_rows, dtype=torch.long, device=dev))
+        return (torch.tensor(tokens, device=dev)[None], torch.tensor(positions, device=dev)[None], ctx,
+                torch.tensor(logit_rows, dtype=torch.long, device=dev))
+
+    @torch.inference_mode()
+    def forward(self, items: list[RunItem], inputs: torch.Tensor | None = None):
+        """One step's forward pass: a RunOutput, or for a pipeline stage before the last (moekit/parallel/
+        serve_worker.py) its hidden states. `inputs` replaces the token ids with the previous stage's hidden
+        states (1, T, D)."""
+        tokens_1T, positions_1T, ctx, logit_rows = self.prepare(items)
+        with dispatch_for(self.model, moe_dispatch(self.device, tokens_1T.shape[1])):
+            out = self.model(tokens_1T if inputs is None else inputs, ctx=ctx, positions_BT=positions_1T,
+                             logits_rows=logit_rows)
+        if isinstance(out, torch.Tensor):
+            return out
         counts = [r.tokens_per_expert_E for r in out.routing]
         return RunOutput(out.logits.float(), torch.stack(counts).cpu() if counts else None)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from moekit.infer.kv_cache import KVCacheManager
@@ -108,16 +109,31 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)  # several preempted in one step: the oldest ends up in front
 
-    def schedule(self) -> SchedulerOutput:
+    def _victim(self, first: int, skip: Collection[str]) -> int:
+        """The index of the newest running request at or after `first` that is not in flight."""
+        for j in range(len(self.running) - 1, first - 1, -1):
+            if self.running[j].request_id not in skip:
+                return j
+        raise AssertionError("the request being scheduled is always a candidate")  # running[first] is not skipped
+
+    def schedule(self, skip: Collection[str] = (), max_seqs: int | None = None) -> SchedulerOutput:
+        """The next step's tokens. A pipelined engine passes `skip`, the requests whose previous step is still in
+        flight (not scheduled again, never preempted: their blocks are being written), and `max_seqs`, the requests
+        one micro-batch takes (its share, so that each of the pipeline's micro-batches has work)."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        room = max_seqs if max_seqs is not None else len(self.running) + self.config.max_num_seqs
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and room > 0:
             req = self.running[i]
+            if req.request_id in skip:
+                i += 1
+                continue
             n_spec = len(req.spec_token_ids)
             n = min(req.num_tokens + n_spec - req.num_computed_tokens, budget)
             while not self.kv.allocate_slots(req, n):
-                victim = self.running.pop()  # the newest: not yet scheduled in this step, or req itself
+                # The newest not in flight: not yet scheduled in this step, or req itself.
+                victim = self.running.pop(self._victim(i, skip))
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is req:
@@ -127,11 +143,13 @@ class Scheduler:
             spec = req.spec_token_ids[:max(0, n - (req.num_tokens - req.num_computed_tokens))]
             out.scheduled.append(Scheduled(req, n, spec))
             budget -= n
+            room -= 1
             i += 1
 
         if out.preempted:  # vLLM: no admission in a step that had to preempt
             return out
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while (self.waiting and budget > 0 and room > 0
+               and len(self.running) < self.config.max_num_seqs):
             req = self.waiting[0]
             hits, n_hit = self.kv.get_computed_blocks(req)
             n = min(req.num_tokens - n_hit, budget)
@@ -143,6 +161,7 @@ class Scheduler:
             bisect.insort(self.running, req, key=lambda r: r.arrival)  # a re-admitted request keeps its age
             out.scheduled.append(Scheduled(req, n, []))
             budget -= n
+            room -= 1
         return out
 
     def update(self, scheduled: SchedulerOutput, sampled: dict[str, list[int]]) -> list[RequestUpdate]:

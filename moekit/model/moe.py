@@ -178,6 +178,9 @@ class Experts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(n_expert, d_ff, d_model))
         self.w3 = nn.Parameter(torch.empty(n_expert, d_ff, d_model)) if swiglu else None
         self.w2 = nn.Parameter(torch.empty(n_expert, d_model, d_ff))
+        # Serving's expert parallelism (moekit/parallel/tensor.py, split_experts) leaves this rank experts
+        # [lo, hi) of the layer: rows routed elsewhere get zeros here, and the MoE's sum over the ranks adds them.
+        self.expert_range: tuple[int, int] | None = None
 
     def local_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """w1, w2, w3 as plain tensors: this rank's shards when tensor parallelism made them DTensors
@@ -193,6 +196,16 @@ class Experts(nn.Module):
         return w1.to(dtype), w2.to(dtype), (w3.to(dtype) if w3 is not None else None)
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        if self.expert_range is not None:  # this rank's experts are one contiguous run of the sorted rows
+            lo, hi = self.expert_range
+            first, n = int(counts_E[:lo].sum()), int(counts_E[lo:hi].sum())
+            y_ND = x_ND.new_zeros(x_ND.shape[0], self.local_weights()[1].shape[1])
+            if n:
+                y_ND[first:first + n] = self._forward(x_ND[first:first + n], counts_E[lo:hi])
+            return y_ND
+        return self._forward(x_ND, counts_E)
+
+    def _forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         w1, w2, w3 = self._weights(x_ND.dtype)
         if grouped_mm_ok(x_ND.device, x_ND.dtype):  # one fused kernel per matmul, no host sync (CUDA, bf16)
             return grouped_mm_expert_mlp(x_ND, counts_E.cumsum(0).to(torch.int32), w1, w2, w3)
@@ -200,6 +213,14 @@ class Experts(nn.Module):
         return grouped_expert_mlp(x_ND, counts_E.tolist(), w1, w2, w3)
 
     def gather(self, x_ND: torch.Tensor, expert_N: torch.Tensor) -> torch.Tensor:
+        if self.expert_range is not None:  # rows of other ranks' experts: computed with a local one, then zeroed
+            lo, hi = self.expert_range
+            mine_N = (expert_N >= lo) & (expert_N < hi)
+            y_ND = self._gather(x_ND, (expert_N - lo).clamp(0, hi - lo - 1))
+            return y_ND * mine_N[:, None].to(y_ND.dtype)
+        return self._gather(x_ND, expert_N)
+
+    def _gather(self, x_ND: torch.Tensor, expert_N: torch.Tensor) -> torch.Tensor:
         w1, w2, w3 = self.local_weights()
 
         def pick(w_EOI):  # gather the routed experts first, then cast: read k experts, not E

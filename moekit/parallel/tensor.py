@@ -33,7 +33,9 @@ layout: a replicated weight whose gradient is a per-rank partial sum (a sequence
 all-reduced by a hook as it accumulates, so `.grad` is never a `Partial` DTensor. Weights are loaded or initialized
 before this is applied (a seed checkpoint: `init_weights`/`load_tensors` write plain tensors).
 
-Training forward only: no KV cache (`ctx`), and no `logits_rows` under sequence parallel (both raise).
+Without sequence parallelism the model also serves: the engine's paged KV cache (`ctx`) and `logits_rows` work
+as in one process, each rank caching its local KV heads (moekit/parallel/serve_worker.py). Under sequence
+parallelism neither does (both raise).
 Under `loss_parallel` the returned logits are a vocabulary-sharded DTensor (`out.logits.full_tensor()` gathers
 them); `out.loss`/`out.ce_loss` are plain tensors either way.
 
@@ -241,15 +243,41 @@ def _styles():
             distribute_module(module, mesh, partition)  # Experts.local_weights then computes on the shards
             return module
 
-    return PrepareInput, ReplicateParallel, MoETensorParallel, RouterParallel, ExpertTensorParallel
+    class ExpertShardParallel(ParallelStyle):
+        """Serving's expert parallelism inside the tensor-parallel group (vLLM's --enable-expert-parallel without
+        data parallelism): whole experts, w1/w2/w3 Shard(0) on E, so rank r holds experts [r E/tp, (r+1) E/tp).
+        Every rank holds every token (attention is tensor-parallel), so no all-to-all is needed: each rank runs
+        its own experts on the rows routed to them (`Experts.expert_range`), and the MoE's one sum over the ranks
+        (MoETensorParallel, as for F-split experts) combines them. Forward only."""
+
+        def _apply(self, module, mesh):
+            n, r = mesh.size(), mesh.get_local_rank()
+
+            def partition(name, mod, mesh):
+                if mod is not module:
+                    return
+                for p_name in ("w1", "w3", "w2"):
+                    p = mod._parameters.get(p_name)
+                    if p is not None:
+                        mod.register_parameter(p_name, nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)])))
+
+            distribute_module(module, mesh, partition)
+            per = module.n_expert // n
+            module.expert_range = (r * per, (r + 1) * per)
+            return module
+
+    return (PrepareInput, ReplicateParallel, MoETensorParallel, RouterParallel, ExpertTensorParallel,
+            ExpertShardParallel)
 
 
 # ---- the plan --------------------------------------------------------------------------------------------------
 def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool,
-                          loss_parallel: bool, shard_experts: bool = True) -> Transformer:
+                          loss_parallel: bool, shard_experts: bool = True, split_experts: bool = False) -> Transformer:
     """Shard `model` (built, holding the same weights on every rank of `tp_mesh`) in place over the 1-D `tp_mesh`.
     shard_experts=False leaves the experts' weights whole: expert parallelism then shards them on E and F at once
-    (moekit/parallel/expert.py); the MoE boundary and the router are tensor-parallel either way.
+    (moekit/parallel/expert.py); the MoE boundary and the router are tensor-parallel either way. split_experts=True
+    gives each tensor rank whole experts instead (serving's expert parallelism, ExpertShardParallel; the number of
+    experts must divide by tp).
 
     First in torchtitan's order: tensor -> expert -> activation checkpointing -> compile -> FSDP (DESIGN.md).
     A mesh of one rank leaves the model as it is (the single-process path). Returns the model.
@@ -268,7 +296,10 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_para
     check_tp(tp, cfg)  # --tp must divide the heads and hidden sizes (ValueError naming the choices)
     if tp == 1:
         return model
-    PrepareInput, ReplicateParallel, MoETensorParallel, RouterParallel, ExpertTensorParallel = _styles()
+    PrepareInput, ReplicateParallel, MoETensorParallel, RouterParallel, ExpertTensorParallel, ExpertShardParallel = (
+        _styles())
+    if split_experts and cfg.n_expert % tp:
+        raise ValueError(f"--ep {tp} must divide the {cfg.n_expert} experts")
     sp = sequence_parallel
     stream = Shard(1) if sp else Replicate()  # the residual stream between blocks: a sequence shard, or everything
     norm_style = SequenceParallel if sp else ReplicateParallel
@@ -302,7 +333,9 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_para
         }
         if isinstance(block.mlp, MoE):
             plan.update({"mlp": MoETensorParallel(stream, loss_parallel), "mlp.router": RouterParallel()})
-            if shard_experts:
+            if split_experts:
+                plan["mlp.experts"] = ExpertShardParallel()
+            elif shard_experts:
                 plan["mlp.experts"] = ExpertTensorParallel()
         else:
             plan.update({"mlp": PrepareInput(stream), "mlp.w1": ColwiseParallel(),
@@ -323,8 +356,8 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_para
 
 def _check_call(sp: bool, tp: int):
     def pre_hook(model, args, kwargs):
-        if kwargs.get("ctx") is not None:
-            raise ValueError("a tensor-parallel model runs training forwards only: no KV cache (ctx) yet")
+        if sp and kwargs.get("ctx") is not None:
+            raise ValueError("sequence parallelism is for training: serving with a KV cache (ctx) runs without it")
         if sp and kwargs.get("logits_rows") is not None:
             raise ValueError("logits_rows is not supported under sequence parallelism (rows are sequence-sharded)")
         idx_BT = args[0] if args else kwargs["idx_BT"]
