@@ -20,7 +20,7 @@ from typing import Self
 import torch
 
 from moekit.infer.engine import Engine
-from moekit.infer.loader import load_model
+from moekit.infer.loader import load_codec, load_model
 from moekit.infer.quant import quantize_int8
 from moekit.util import resolve_device, resolve_dtype
 
@@ -44,6 +44,10 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context, capped by the KV cache
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # no CUDA graphs for decode steps (vLLM's flag)
+    tp: int = 1  # tensor-parallel workers per pipeline stage
+    pp: int = 1  # pipeline stages, one worker process each (x tp)
+    ep: int = 1  # expert parallel across each stage's tensor ranks (1 or tp)
+    threads: int | None = None  # torch threads (per worker when sharded)
     # Derived in __post_init__, so that a bad --device fails before the model loads.
     torch_device: torch.device = field(init=False, repr=False, compare=False)
     torch_dtype: torch.dtype = field(init=False, repr=False, compare=False)
@@ -64,10 +68,19 @@ class EngineConfig:
                 raise ValueError(f"{flag} must be >= 1, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"--max-model-len must be >= 2, got {self.max_model_len}")
+        for flag, v in (("--tp", self.tp), ("--pp", self.pp), ("--ep", self.ep)):
+            if v < 1:
+                raise ValueError(f"{flag} must be >= 1, got {v}")
+        if self.sharded and self.quantize != "none":
+            raise ValueError("--quantize int8 runs in one process: leave out --tp/--pp, or serve unquantized")
         if not self.kv_cache_gb > 0:
             raise ValueError(f"--kv-cache-gb must be > 0, got {self.kv_cache_gb}")
         self.torch_device = resolve_device(self.device)
         self.torch_dtype = resolve_dtype(self.dtype, self.torch_device, self.quantize)
+
+    @property
+    def sharded(self) -> bool:
+        return self.tp * self.pp > 1 or self.ep > 1
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Self:
@@ -101,12 +114,56 @@ def add_engine_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, b
                        help="turn the prefix cache off")
     p.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs: launch every decode kernel from Python")
+    d = p.add_argument_group("sharded serving") if isinstance(p, argparse.ArgumentParser) else p
+    d.add_argument("--tp", type=int, default=1, help="tensor-parallel workers per pipeline stage (default 1)")
+    d.add_argument("--pp", type=int, default=1, help="pipeline stages, tp worker processes each (default 1)")
+    d.add_argument("--ep", type=int, default=1, help="expert parallel across each stage's tensor ranks: 1 or --tp")
 
 
-def build_engine(cfg: EngineConfig, *, tokenizer_for: str | None = None) -> Engine:
+def _start_workers(cfg: EngineConfig, progress, launch: str):
+    """The tokenizer and a WorkerGroup holding the model over tp x pp workers (the layout checked first: a bad one is
+    a one-line ValueError before any process starts)."""
+    from moekit.infer.executor import WorkerGroup
+
+    spec, codec = worker_spec(cfg)
+    return codec, WorkerGroup(spec, threads=cfg.threads or 1, progress=progress, launch=launch)
+
+
+def worker_spec(cfg: EngineConfig):
+    """(the workers' WorkerSpec, the model's TextCodec or None), the layout checked against the model's config."""
+    from moekit.parallel.serve_worker import WorkerSpec, check_layout
+
+    model_cfg, codec = load_codec(cfg.model)
+    check_layout(model_cfg, cfg.tp, cfg.pp, cfg.ep)
+    device = "cuda" if cfg.torch_device.type == "cuda" else str(cfg.torch_device)
+    return WorkerSpec(cfg.model, cfg.tp, cfg.pp, cfg.ep, str(cfg.torch_dtype).removeprefix("torch."), device,
+                      cfg.kv_cache_gb, cfg.block_size), codec
+
+
+def build_engine(cfg: EngineConfig, *, tokenizer_for: str | None = None, progress=print,
+                 launch: str = "spawn") -> Engine:
     """The Engine `cfg` describes. `tokenizer_for` names a command that needs text prompts (e.g. "generate"):
-    then a model without tokenizer.json is an error, raised before the draft loads or int8 quantizes."""
-    model, codec = load_model(cfg.model, cfg.torch_dtype, cfg.torch_device)
+    then a model without tokenizer.json is an error, raised before the draft loads or int8 quantizes. With --tp/--pp
+    the model runs in worker processes (`progress` gets their start-up lines; launch="torchrun" when this process is
+    rank 0 of a torchrun launch) and this process keeps the scheduler, the sampler and any draft model."""
+    group = None
+    if cfg.sharded:
+        if cfg.torch_device.type == "cuda" and cfg.torch_device.index is not None and cfg.tp * cfg.pp > 1:
+            raise ValueError(f"--device {cfg.torch_device} names one GPU; sharded workers take one each: "
+                             "give --device cuda")
+        codec, group = _start_workers(cfg, progress, launch)
+        model = None
+    else:
+        model, codec = load_model(cfg.model, cfg.torch_dtype, cfg.torch_device)
+    try:
+        return _engine(cfg, model, codec, group, tokenizer_for)
+    except BaseException:
+        if group is not None:
+            group.close()
+        raise
+
+
+def _engine(cfg: EngineConfig, model, codec, group, tokenizer_for: str | None) -> Engine:
     if codec is None and tokenizer_for:
         raise FileNotFoundError(f"{cfg.model} has no tokenizer.json, which {tokenizer_for} needs to read the prompt")
     draft = None
@@ -123,7 +180,7 @@ def build_engine(cfg: EngineConfig, *, tokenizer_for: str | None = None) -> Engi
                   max_num_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs,
                   max_model_len=cfg.max_model_len, enable_prefix_caching=cfg.enable_prefix_caching,
                   draft=draft, ngram=cfg.ngram, num_spec_tokens=cfg.num_spec_tokens,
-                  enforce_eager=cfg.enforce_eager)
+                  enforce_eager=cfg.enforce_eager, executor=group)
 
 
-__all__ = ["EngineConfig", "add_engine_arguments", "build_engine"]
+__all__ = ["EngineConfig", "add_engine_arguments", "build_engine", "worker_spec"]

@@ -41,7 +41,14 @@ def run(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
 
     t0 = time.perf_counter()
-    engine = build_engine(cfg, tokenizer_for="generate")
+    engine = build_engine(cfg, tokenizer_for="generate", progress=lambda line: print(line, file=sys.stderr))
+    try:
+        return _generate(engine, cfg, prompt, params, t0)
+    finally:
+        engine.close()
+
+
+def _generate(engine, cfg: EngineConfig, prompt: str, params, t0: float) -> int:
     rid = engine.add_request(prompt, params)
     t1 = time.perf_counter()
     n_tokens, t_first, reason = 0, None, None

@@ -494,6 +494,22 @@ class Engine:
             "tokens_per_expert": c.tokens_per_expert.tolist() if c.tokens_per_expert is not None else [],
         }
 
+    def check_workers(self) -> None:
+        """Raise moekit.infer.executor.WorkerFailed if a worker of a sharded model died (a no-op in one process)."""
+        if self.executor is not None:
+            self.executor.check()
+
+    def worker_metrics(self) -> list[dict]:
+        """Each worker's figures (weights, KV blocks, tokens per expert, time in collectives); [] in one process."""
+        return self.executor.metrics() if self.executor is not None else []
+
+    def close(self) -> None:
+        """Stop the workers of a sharded model (killed when one has failed: the others may wait on it)."""
+        if self.executor is not None:
+            if self.executor.failure is not None:
+                self.executor.kill()
+            self.executor.close()
+
     def check_idle(self) -> None:
         """Raise unless no request is alive and the KV pools are whole (for tests)."""
         if self.requests:

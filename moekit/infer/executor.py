@@ -77,6 +77,10 @@ class WorkerGroup:
         try:
             if launch == "spawn":
                 self._spawn(threads)
+            elif launch == "torchrun":
+                self._join_torchrun()
+            else:
+                raise ValueError(f"launch must be spawn or torchrun, got {launch!r}")
             self._accept(start_timeout_s)
         except BaseException:
             self.close()
@@ -102,6 +106,24 @@ class WorkerGroup:
             cmd = [sys.executable, "-m", "moekit.parallel.serve_worker", *self.spec.to_argv(), "--rank", str(rank),
                    "--driver", f"{host}:{port}", "--init-method", init]
             self.procs[rank] = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+
+    def _join_torchrun(self) -> None:
+        """Rank 0 of a torchrun launch: tell the other ranks where the driver listens, run worker 0 in a thread."""
+        import torch.distributed as dist
+
+        from moekit.parallel.serve_worker import run_in_thread
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world != self.spec.world_size:
+            raise ValueError(f"torchrun started {world} processes but --tp {self.spec.tp} x --pp {self.spec.pp} "
+                             f"needs {self.spec.world_size}: give --nproc-per-node {self.spec.world_size}")
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if self.spec.device.startswith("cuda") else "gloo")
+        host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+        self._listener.close()  # listen where the other ranks can reach: MASTER_ADDR (their rank 0)
+        self._listener = Listener((host if host != "localhost" else "127.0.0.1", 0), authkey=self._authkey)
+        dist.broadcast_object_list([(self._listener.address, self._authkey.hex())], src=0)
+        self._threads.append(run_in_thread(self.spec, 0, self._listener.address, self._authkey))
 
     def _accept(self, timeout_s: float) -> None:
         """Take every worker's connection, relay their progress, return when all are ready."""
@@ -237,9 +259,9 @@ class WorkerGroup:
         self.num_blocks, self.block_size = num_blocks, block_size
         self._send_all(("cache", num_blocks, block_size))
 
-    def submit(self, items: list[RunItem], count: bool | None = None) -> int:
-        """Send one step's plan to every worker; a handle for `wait`. count: run it inside a CollectiveCounter
-        (default: every COUNT_EVERY-th step)."""
+    def submit(self, items: list[RunItem], count: bool | None = None) -> Future:
+        """Send one step's plan to every worker; the Future of its output, for `wait`. count: run it inside a
+        CollectiveCounter (default: every COUNT_EVERY-th step)."""
         from moekit.parallel.serve_worker import COUNT_EVERY
 
         step_id = self._next_id
@@ -248,13 +270,9 @@ class WorkerGroup:
         with self._lock:
             self._futures[step_id] = fut
         self._send_all(("step", step_id, items, step_id % COUNT_EVERY == 0 if count is None else count))
-        return step_id
+        return fut
 
-    def wait(self, step_id: int) -> RunOutput:
-        with self._lock:
-            fut = self._futures.get(step_id)
-        if fut is None:
-            raise WorkerFailed(self.failure or f"step {step_id} is unknown")
+    def wait(self, fut: Future) -> RunOutput:
         while True:
             try:
                 return fut.result(timeout=1.0)
@@ -305,4 +323,26 @@ class WorkerGroup:
             proc.wait()
 
 
-__all__ = ["WorkerFailed", "WorkerGroup"]
+def torchrun_rank() -> int | None:
+    """This process's rank when torchrun started several (WORLD_SIZE > 1), else None."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+
+
+def join_as_worker(spec: WorkerSpec) -> None:
+    """A torchrun rank other than 0: learn where the driver (rank 0) listens, then be a worker until it stops."""
+    import torch.distributed as dist
+
+    from moekit.parallel.serve_worker import run_worker
+
+    rank = torchrun_rank()
+    if int(os.environ["WORLD_SIZE"]) != spec.world_size:
+        raise ValueError(f"torchrun started {os.environ['WORLD_SIZE']} processes but --tp {spec.tp} x --pp "
+                         f"{spec.pp} needs {spec.world_size}: give --nproc-per-node {spec.world_size}")
+    dist.init_process_group("nccl" if spec.device.startswith("cuda") else "gloo")
+    got = [None]
+    dist.broadcast_object_list(got, src=0)
+    address, key = got[0]
+    run_worker(spec, rank, tuple(address), bytes.fromhex(key))
+
+
+__all__ = ["WorkerFailed", "WorkerGroup", "join_as_worker", "torchrun_rank"]

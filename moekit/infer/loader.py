@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
+from moekit.config import ModelConfig
 from moekit.infer.tokenizer import TextCodec, as_codec
 from moekit.model.transformer import Transformer, upgrade_state_dict
 from moekit.resolve import load_config
@@ -106,13 +107,7 @@ def open_weights(path: str | Path):
     return RunReader(path)
 
 
-def load_run(run: str | Path, dtype: torch.dtype = torch.float32,
-             device: torch.device | str = "cpu") -> tuple[Transformer, TextCodec]:
-    run = Path(run)
-    cfg = load_config(run / "config.json")
-    tensors, source = _run_weights(run)
-    model = Transformer.from_tensors(cfg, tensors, dtype=dtype, device=device,
-                                     source=f"{source} (read with {run / 'config.json'})")
+def _run_codec(run: Path, cfg) -> TextCodec:
     tok_file = run / "tokenizer.json"
     if not tok_file.is_file():
         raise FileNotFoundError(f"{run} has no tokenizer.json")
@@ -122,7 +117,31 @@ def load_run(run: str | Path, dtype: torch.dtype = torch.float32,
         raise ValueError(f"{tok_file} has no {EOT} token; is it a moekit run's tokenizer?")
     if tok.get_vocab_size() > cfg.vocab_size:
         raise ValueError(f"{tok_file} has {tok.get_vocab_size()} tokens but the model only {cfg.vocab_size}")
-    return model.eval(), TextCodec(tok, prefix_ids=(eot,), eos_token_ids=(eot,), add_special_tokens=False)
+    return TextCodec(tok, prefix_ids=(eot,), eos_token_ids=(eot,), add_special_tokens=False)
+
+
+def _hf_codec(path: Path, config: dict) -> TextCodec | None:
+    tok_file = path / "tokenizer.json"
+    if not tok_file.is_file():
+        return None
+    tok = _tokenizer(tok_file)
+    eos = config.get("eos_token_id")
+    eos_ids = tuple(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
+    bos = config.get("bos_token_id")
+    codec = as_codec(tok)  # a config without eos_token_id: the tokenizer's own end-of-text token
+    codec.bos_token_id = bos if isinstance(bos, int) else None
+    codec.eos_token_ids = eos_ids or codec.eos_token_ids
+    return codec
+
+
+def load_run(run: str | Path, dtype: torch.dtype = torch.float32,
+             device: torch.device | str = "cpu") -> tuple[Transformer, TextCodec]:
+    run = Path(run)
+    cfg = load_config(run / "config.json")
+    tensors, source = _run_weights(run)
+    model = Transformer.from_tensors(cfg, tensors, dtype=dtype, device=device,
+                                     source=f"{source} (read with {run / 'config.json'})")
+    return model.eval(), _run_codec(run, cfg)
 
 
 def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32,
@@ -130,17 +149,19 @@ def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32,
     from moekit.hf import load_hf
 
     model = load_hf(path, dtype=dtype, device=device)
-    src = model.hf_source
-    if src.tokenizer is None:
-        return model, None
-    tok = _tokenizer(src.tokenizer)
-    eos = src.config.get("eos_token_id")
-    eos_ids = tuple(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
-    bos = src.config.get("bos_token_id")
-    codec = as_codec(tok)  # a config without eos_token_id: the tokenizer's own end-of-text token
-    codec.bos_token_id = bos if isinstance(bos, int) else None
-    codec.eos_token_ids = eos_ids or codec.eos_token_ids
-    return model, codec
+    return model, _hf_codec(Path(path), model.hf_source.config)
+
+
+def load_codec(path: str | Path) -> tuple[ModelConfig, TextCodec | None]:
+    """(configuration, TextCodec or None) of a moekit run or a Hugging Face folder, without reading any weight:
+    what the driver of sharded workers needs (moekit/infer/executor.py)."""
+    reader = open_weights(path)
+    try:
+        if isinstance(reader, RunReader):
+            return reader.cfg, _run_codec(reader.path, reader.cfg)
+        return reader.cfg, _hf_codec(reader.path, reader.config)
+    finally:
+        reader.close()
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32,

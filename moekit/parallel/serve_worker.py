@@ -83,6 +83,23 @@ class WorkerSpec:
                 "--block-size", str(self.block_size)]
 
 
+def check_layout(cfg, tp: int, pp: int, ep: int) -> None:
+    """Raise ValueError, one line naming the valid choices, when tp x pp (x ep) workers cannot serve `cfg`."""
+    from moekit.parallel.mesh import check_ep, check_tp
+
+    for flag, v in (("--tp", tp), ("--pp", pp), ("--ep", ep)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {v!r}")
+    check_tp(tp, cfg)
+    if pp > cfg.n_layer:
+        raise ValueError(f"--pp {pp} is more stages than the {cfg.n_layer} layers: choose --pp from 1 to {cfg.n_layer}")
+    check_ep(ep, cfg)
+    if ep > 1 and ep != tp:
+        raise ValueError(f"--ep {ep}: serving splits the experts across the tensor-parallel ranks of each stage "
+                         f"(vLLM's --enable-expert-parallel), so --ep must be 1 or equal --tp ({tp}): give "
+                         f"--tp {ep} --ep {ep}, or --ep 1")
+
+
 def _send(conn: Connection, msg) -> None:
     """Plain pickle, so tensors travel as bytes: `Connection.send` would use torch's ForkingPickler reductions,
     which pass shared-memory file descriptors through a side channel (and fail across processes not forked)."""
@@ -103,12 +120,20 @@ def _local_slice(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return full[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))]
 
 
+def worker_device(spec: WorkerSpec, rank: int) -> torch.device:
+    """A CUDA worker takes GPU rank % count ("cuda" given); an explicit "cuda:N" or "cpu" is kept."""
+    if spec.device == "cuda":
+        return torch.device("cuda", rank % torch.cuda.device_count())
+    return torch.device(spec.device)
+
+
 def build_stage(spec: WorkerSpec, rank: int, tp_mesh, progress=lambda text: None) -> tuple[Transformer, dict]:
     """This rank's shard of the model, loaded tensor by tensor; (model, what it holds)."""
     from moekit.parallel.tensor import apply_tensor_parallel
 
+    anon_before = _rss_bytes("RssAnon")
     reader = open_weights(spec.model)
-    cfg, dtype, device = reader.cfg, getattr(torch, spec.dtype), torch.device(spec.device)
+    cfg, dtype, device = reader.cfg, getattr(torch, spec.dtype), worker_device(spec, rank)
     pp_rank, tp_rank = spec.coords(rank)
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -118,6 +143,8 @@ def build_stage(spec: WorkerSpec, rank: int, tp_mesh, progress=lambda text: None
                               split_experts=spec.ep > 1)
     model.to_empty(device=device)
     model.to(dtype)
+    if cfg.tie_embeddings and model.tok_emb is not None and model.lm_head is not None:
+        model.lm_head.weight = model.tok_emb.weight  # to_empty gave the shared weight two tensors: one again
     params = dict(model.named_parameters())
     t0 = time.perf_counter()
     try:
@@ -139,7 +166,8 @@ def build_stage(spec: WorkerSpec, rank: int, tp_mesh, progress=lambda text: None
     info = {"rank": rank, "pp_rank": pp_rank, "tp_rank": tp_rank, "pid": os.getpid(),
             "layers": [layers.start, layers.stop], "weight_bytes": sum(local_bytes(p) for p in params.values()),
             "n_params_local": sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in params.values()),
-            "load_seconds": time.perf_counter() - t0}
+            "load_seconds": time.perf_counter() - t0,
+            "anon_bytes_loaded": _rss_bytes("RssAnon") - anon_before}  # what loading the shard made resident
     return model, info
 
 
@@ -239,7 +267,7 @@ class Worker:
                 self.step(step_id, items, count)
             elif kind == "cache":
                 _, num_blocks, block_size = msg
-                cache = PagedKVCache(self.cfg, num_blocks, block_size, self.dtype, self.spec.device,
+                cache = PagedKVCache(self.cfg, num_blocks, block_size, self.dtype, worker_device(self.spec, self.rank),
                                      layers=self.layers, n_kv_head=self.n_kv_head)
                 self.runner = ModelRunner(self.model, cache)
             elif kind == "metrics":
@@ -250,12 +278,17 @@ class Worker:
                 return
 
 
-def _rss_bytes() -> int:
+def _rss_bytes(field: str = "VmRSS") -> int:
+    """This process's resident memory (VmRSS), or its anonymous part (RssAnon: what it allocated, without the
+    checkpoint's memory-mapped file pages), from /proc (0 where there is none)."""
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
     except OSError:
-        return 0
+        pass
+    return 0
 
 
 def init_worker_group(spec: WorkerSpec, rank: int, init_method: str | None = None):
@@ -326,4 +359,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["COUNT_EVERY", "WorkerSpec", "_recv", "_send", "build_stage", "run_in_thread", "run_worker"]
+__all__ = ["COUNT_EVERY", "WorkerSpec", "check_layout", "_recv", "_send", "build_stage", "run_in_thread", "run_worker"]

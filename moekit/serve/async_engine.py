@@ -34,12 +34,14 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from moekit.infer.engine import Engine, RequestOutput
+from moekit.infer.executor import WorkerFailed
 from moekit.infer.sampler import SamplingParams
 from moekit.serve.errors import APIError
 from moekit.serve.metrics import ServerMetrics
 
 log = logging.getLogger("moekit.serve")
 RETRY_AFTER_S = 1  # what 429 and 503 tell clients to wait
+WORKER_METRICS_S = 2.0  # how often the engine thread asks sharded workers for their figures (one round trip)
 
 
 @dataclass
@@ -135,6 +137,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._tracked: dict[str, _Tracked] = {}  # engine-thread side
         self._unscheduled: dict[str, _Tracked] = {}  # tracked requests not yet in a forward pass
+        self._workers: list[dict] = []  # the sharded workers' last figures (engine-thread side)
 
     # ---- event-loop side ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -231,12 +234,20 @@ class AsyncEngine:
             return
         try:
             self._serve(engine)
+        except WorkerFailed as e:  # a worker of a sharded model died: its name and how, no traceback of ours
+            engine.close()
+            self._die(str(e), log_traceback=False)
         except Exception as e:  # noqa: BLE001 - a bug or an out-of-memory in a step: fail loudly, exit
+            engine.close()
             self._die(f"{type(e).__name__}: {e}", log_traceback=True)
+        else:
+            engine.close()
 
     def _serve(self, engine: Engine) -> None:
         stats = _StatsLog(self.log_interval)
+        workers_t = 0.0
         while True:
+            engine.check_workers()  # a worker that died while the server was idle is seen within a second
             out: list = []
             for cmd in self._commands(block=not engine.has_unfinished()):
                 if cmd is _STOP:
@@ -252,7 +263,13 @@ class AsyncEngine:
                 t0 = time.perf_counter()
                 outputs = engine.step()
                 self._outputs(engine, outputs, t0, time.perf_counter(), out)
-            self.snapshot = engine.metrics()
+            snapshot = engine.metrics()
+            if engine.executor is not None:  # the workers' own figures, refreshed every WORKER_METRICS_S
+                if time.perf_counter() - workers_t > WORKER_METRICS_S:
+                    self._workers = engine.worker_metrics()
+                    workers_t = time.perf_counter()
+                snapshot["workers"] = self._workers
+            self.snapshot = snapshot
             self._post(out)
             stats.maybe_log(self.snapshot)
 

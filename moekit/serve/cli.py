@@ -78,7 +78,9 @@ def engine_loader(cfg: ServeConfig) -> Callable[[], Engine]:
     checked when `cfg` was made, so that a bad --device is a one-line error at start."""
 
     def load() -> Engine:
-        engine = build_engine(cfg)
+        from moekit.infer.executor import torchrun_rank
+
+        engine = build_engine(cfg, progress=log.info, launch="torchrun" if torchrun_rank() == 0 else "spawn")
         m = engine.metrics()
         log.info("model %s loaded: %s | context %d tokens | KV cache %d blocks of %d tokens | %s", cfg.model,
                  cfg.describe(), engine.max_model_len, m["kv_blocks_total"], m["kv_block_size"],
@@ -115,6 +117,17 @@ def run(args: argparse.Namespace) -> int:
     _check_model_dir(cfg.model, "--model")
     if cfg.draft:
         _check_model_dir(cfg.draft, "--draft")
+    from moekit.infer.executor import join_as_worker, torchrun_rank
+
+    if torchrun_rank():  # `torchrun --nproc-per-node N -m moekit serve ...`: ranks > 0 are workers of rank 0's server
+        from moekit.infer.build import worker_spec
+
+        join_as_worker(worker_spec(cfg)[0])
+        return 0
+    if cfg.sharded:
+        from moekit.infer.build import worker_spec
+
+        worker_spec(cfg)  # a layout that cannot serve this model: one line, exit 2, before any worker starts
     template = load_chat_template(cfg.model, cfg.chat_template)
     if cfg.threads:
         import torch

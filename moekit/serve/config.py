@@ -24,7 +24,6 @@ class ServeConfig(EngineConfig):
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
-    threads: int | None = None  # torch intra-op threads; None: torch's default
     # API
     chat_template: str | None = None  # a file or an inline Jinja template; None: the model's, else the default
     max_tokens_default: int = 256  # max_tokens when a request gives none (capped by the context left)

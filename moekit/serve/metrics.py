@@ -101,3 +101,36 @@ class _EngineCollector(Collector):
             for e, v in enumerate(row):
                 experts.add_metric([str(layer), str(e)], v)
         yield experts
+        if m.get("workers"):
+            yield from _worker_metrics(m["workers"])
+
+
+def _worker_metrics(workers: list[dict]):
+    """A sharded model's per-worker figures (moekit/parallel/serve_worker.py `Worker.metrics`), labelled by rank."""
+    labels = ["rank", "stage", "tensor_rank"]
+    gauges = {"worker_weight_bytes": ("weight_bytes", "Weight bytes this worker holds"),
+              "worker_kv_cache_blocks": ("kv_blocks", "KV blocks this worker's part of the cache holds"),
+              "worker_kv_cache_bytes": ("kv_cache_bytes", "Bytes of this worker's part of the KV cache"),
+              "worker_resident_bytes": ("rss_bytes", "Resident memory of the worker process"),
+              "worker_collective_share": ("collective_share", "Share of a sampled step spent in collectives")}
+    counters = {"worker_steps": ("steps", "Steps this worker ran"),
+                "worker_step_seconds": ("step_seconds", "Seconds this worker spent in steps"),
+                "worker_collective_seconds": ("collective_seconds", "Seconds in collectives, sampled steps")}
+    for name, (key, doc) in gauges.items():
+        g = GaugeMetricFamily(f"moekit_{name}", doc, labels=labels)
+        for w in workers:
+            g.add_metric([str(w["rank"]), str(w["pp_rank"]), str(w["tp_rank"])], w[key])
+        yield g
+    for name, (key, doc) in counters.items():
+        c = CounterMetricFamily(f"moekit_{name}", doc, labels=labels)
+        for w in workers:
+            c.add_metric([str(w["rank"]), str(w["pp_rank"]), str(w["tp_rank"])], w[key])
+        yield c
+    experts = CounterMetricFamily("moekit_worker_expert_tokens", "Token assignments each worker's experts computed",
+                                  labels=["rank", "layer", "expert"])
+    for w in workers:
+        lo = w["experts"][0]
+        for layer, row in w["tokens_per_expert"].items():
+            for e, v in enumerate(row):
+                experts.add_metric([str(w["rank"]), layer, str(lo + e)], v)
+    yield experts
