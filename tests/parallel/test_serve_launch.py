@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 import time
 
 import pytest
-from test_serve_utils import API_KEY, ServerProcess, encode, write_run
+from test_serve_utils import API_KEY, ServerProcess, encode, request, write_run
 
 from moekit.infer.engine import Engine
 from moekit.infer.sampler import SamplingParams
@@ -88,3 +89,24 @@ def test_openai_client_metrics_and_a_worker_killed_mid_stream(run_dir, tmp_path)
         assert workers_of(folder) == []
     finally:
         server.stop()
+
+
+def test_torchrun_ranks_serve_as_one_server(run_dir, tmp_path):
+    """`torchrun --nproc-per-node 2 -m moekit serve --tp 2`: rank 0 serves HTTP, rank 1 is its worker."""
+    folder, model = run_dir
+    server = ServerProcess(folder, tmp_path / "torchrun.log", "--tp", "2",
+                           launcher=("-m", "torch.distributed.run", "--nproc-per-node", "2"))
+    try:
+        status, _, body = request(server.port, "POST", "/v1/completions",
+                                  {"model": "tiny", "prompt": [0, 40, 41], "max_tokens": 10, "temperature": 0})
+        assert status == 200, body
+        want = Engine(model, None).generate([[0, 40, 41]], SamplingParams(temperature=0, max_tokens=10))[0]
+        from test_serve_utils import ascii_tokenizer
+
+        assert json.loads(body)["choices"][0]["text"] == ascii_tokenizer().decode(want.token_ids)
+        assert "worker 1 (stage 0, tensor rank 1, pid" in server.output()
+    finally:
+        server.stop()  # (torchrun itself exits 1 on SIGTERM, whatever its ranks do: check the ranks instead)
+    out = server.output()
+    assert "moekit serve: stopped" in out  # rank 0 drained and stopped
+    assert out.count("Traceback") == out.count("SignalException: Process")  # torchrun's own, nothing of ours
