@@ -48,9 +48,9 @@ class ServerProcess:
         """launcher: what runs `-m moekit.cli` instead of this Python (e.g. torchrun's module and its flags)."""
         self.log_path = log_path
         self.log = open(log_path, "wb")
-        cmd = [sys.executable, *launcher, "-m", "moekit.cli", "serve", "--model", str(run_dir), "--served-model-name", "tiny",
-               "--port", "0", "--threads", "1", "--kv-cache-gb", "0.02", "--log-interval", "0", "--no-access-log",
-               *extra]
+        cmd = [sys.executable, *launcher, "-m", "moekit.cli", "serve", "--model", str(run_dir),
+               "--served-model-name", "tiny", "--port", "0", "--threads", "1", "--kv-cache-gb", "0.02",
+               "--log-interval", "0", "--no-access-log", *extra]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ,
                                                                                            "PYTHONUNBUFFERED": "1"})
         self.port = self._wait_ready()

@@ -140,7 +140,7 @@ class WorkerGroup:
             if len(pending) + len(self.infos) + len(unnamed) < n:
                 try:
                     unnamed.append(self._listener.accept())
-                except (TimeoutError, socket.timeout):
+                except TimeoutError:
                     pass
             for conn in list(unnamed) + list(pending.values()):
                 while conn.poll(0.05):

@@ -48,8 +48,8 @@ from moekit.infer.batch import RunItem, RunOutput
 from moekit.infer.kv_cache import PagedKVCache
 from moekit.infer.loader import open_weights
 from moekit.infer.runner import ModelRunner
-from moekit.model.moe import MoE
 from moekit.model.attention import rope_inv_freq
+from moekit.model.moe import MoE
 from moekit.model.transformer import Transformer
 from moekit.parallel.stages import split_model, stage_layers
 

@@ -91,7 +91,7 @@ def test_sharded_outputs_equal_one_process(layout, run, reference, one_process):
         workers = group.metrics()
     finally:
         group.close()
-    for name, (ids, m) in got.items():
+    for name, (ids, _) in got.items():
         assert ids == one_process[name][0], f"{layout} {name}: tokens differ from one process"
     assert got["preempt"][1]["preemptions"] > 0  # the small pool did force recomputation
     assert got["ngram"][1]["spec_accepted"] > 0 and got["draft"][1]["spec_accepted"] > 0
@@ -128,9 +128,8 @@ def test_hf_mixtral_folder_tp2xpp2(tmp_path):
 def test_gpt4_mini_tp2xpp2_memory_and_tokens(tmp_path):
     """gpt4-mini (282M parameters, 1.1 GB in fp32): each of 4 workers makes resident about a quarter of the weights
     (assert within 20%) while loading, and the 16 requests decode one process's tokens."""
-    from moekit.presets import get_preset
-
     from moekit.model.transformer import Transformer
+    from moekit.presets import get_preset
 
     torch.manual_seed(0)
     model = Transformer(get_preset("gpt4-mini")).eval()
