@@ -153,3 +153,42 @@ def test_scheduler_kv_manager_and_requests_hold_no_tensors():
     assert [r.status for r in reqs] == [Status.FINISHED, Status.FINISHED, Status.RUNNING]
     for name, obj in [("scheduler", sched), ("kv", kv)] + [(r.request_id, r) for r in reqs]:
         assert tensors(obj, name, set()) == []
+
+
+def test_pipelined_schedule_passes_over_requests_in_flight_and_never_preempts_them():
+    """A pipelined engine (sharded workers, pp stages) schedules micro-batch k+1 while k is in flight: the requests
+    in k are skipped, each micro-batch takes its share, and when blocks run out the victim is the newest request
+    *not* in flight (its blocks are being written)."""
+    kv, sched = setup(num_blocks=6)
+    reqs = [request(n, 4, arrival=i, max_tokens=50) for i, n in enumerate("abcd")]
+    for r in reqs:
+        sched.add(r)
+    first = sched.schedule(max_seqs=2)  # micro-batch 1: the two oldest, one block each
+    assert [s.request.request_id for s in first.scheduled] == ["a", "b"]
+    busy = {"a", "b"}
+    second = sched.schedule(skip=busy, max_seqs=2)
+    assert [s.request.request_id for s in second.scheduled] == ["c", "d"]
+    sched.update(first, {"a": [7], "b": [7]})  # micro-batch 1 done: a and b need a second block each
+    third = sched.schedule(skip={"c", "d"}, max_seqs=2)
+    assert [s.request.request_id for s in third.scheduled] == ["a", "b"]  # 4 + 2 = 6 blocks: all fit
+    sched.update(second, {"c": [7], "d": [7]})
+    # c and d need a block each, none is free; a and b (newer in the list's eyes: never) are in flight, so the
+    # newest not in flight goes: d, whose block lets c run.
+    fourth = sched.schedule(skip={"a", "b"}, max_seqs=2)
+    assert [r.request_id for r in fourth.preempted] == ["d"]
+    assert [s.request.request_id for s in fourth.scheduled] == ["c"]
+    assert {r.request_id for r in sched.running} == {"a", "b", "c"}
+    assert all(r.status is Status.RUNNING for r in reqs[:2])
+
+
+def test_the_victim_is_the_newest_request_not_in_flight():
+    kv, sched = setup(num_blocks=3)
+    reqs = [request(n, 4, arrival=i, max_tokens=50) for i, n in enumerate("abc")]
+    for r in reqs:
+        sched.add(r)
+    out = sched.schedule()
+    sched.update(out, {"a": [7], "b": [7], "c": [7]})  # all 3 blocks held; each needs a second one now
+    nxt = sched.schedule(skip={"c"}, max_seqs=1)  # c (the newest) is in flight: b is preempted, not c
+    assert [r.request_id for r in nxt.preempted] == ["b"]
+    assert [s.request.request_id for s in nxt.scheduled] == ["a"]
+    assert reqs[2].status is Status.RUNNING and reqs[1].status is Status.PREEMPTED
