@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 import math
 
 from moekit.plan.hardware import DTYPE_BYTES
@@ -111,6 +112,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="busy fraction of the cluster's time (default 1)")
     s.add_argument("--memory-fraction", type=float, default=0.9, help="usable fraction of HBM (default 0.9)")
     s.add_argument("--prefill-chunk", type=integer, default=2048, help="prefill chunk tokens (default 2048)")
+    s.add_argument("--workers", action="store_true",
+                   help="also what each of `moekit serve --tp --pp --ep`'s worker processes holds (weights, KV blocks) "
+                        "and moves per step (--batch tokens, default 16; weights in --weight-dtype)")
+    s.add_argument("--kv-cache-gb", type=number, default=1.0, help="with --workers: each worker's KV budget (1)")
+    s.add_argument("--block-size", type=integer, default=16, help="with --workers: tokens per KV block (16)")
 
     w = sub.add_parser("wall", help="the largest model a system decodes at a tokens/s-per-user target")
     _common(w, model=False)
@@ -282,5 +288,27 @@ def run(args: argparse.Namespace) -> int:
                                 memory_fraction=args.memory_fraction, prefill_chunk=args.prefill_chunk,
                                 hardware_files=files)
             text = format_serve
+            if args.workers:  # moekit's own worker processes, exactly (moekit/plan/serve_workers.py)
+                return _print_workers(args, cfg, result)
     print(json.dumps(result.to_dict(), indent=2) if args.json else text(result))
+    return 0
+
+
+def _print_workers(args: argparse.Namespace, cfg, result) -> int:
+    from moekit.plan.serve_workers import format_workers, step_comm, worker_layout
+
+    nbytes = int(DTYPE_BYTES[args.weight_dtype])
+    if nbytes != DTYPE_BYTES[args.weight_dtype]:
+        raise ValueError(f"--workers describes unquantized workers: --weight-dtype fp32, bf16 or fp16, "
+                         f"not {args.weight_dtype}")
+    layout = worker_layout(cfg, args.tp, args.pp, args.ep, dtype_bytes=nbytes, kv_cache_gb=args.kv_cache_gb,
+                           block_size=args.block_size)
+    tokens = args.batch or 16
+    comm = step_comm(cfg, args.tp, args.pp, args.ep, tokens=tokens, logit_rows=tokens, dtype_bytes=nbytes)
+    if args.json:
+        d = result.to_dict()
+        d["workers"] = {**layout.to_dict(), "decode_step": {"tokens": tokens, "stages": [asdict(c) for c in comm]}}
+        print(json.dumps(d, indent=2))
+    else:
+        print(format_serve(result) + "\n\n" + format_workers(layout, comm, tokens))
     return 0

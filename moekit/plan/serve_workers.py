@@ -1,0 +1,188 @@
+"""What each of moekit's own serving workers holds and moves: `moekit plan serve --workers`.
+
+    layout = worker_layout(cfg, tp=2, pp=2, dtype_bytes=4, kv_cache_gb=1.0)
+    layout.ranks[3].weight_bytes, layout.num_blocks       # exact: tests/parallel/test_plan_serve_workers.py
+    step_comm(cfg, tp=2, pp=2, tokens=16, logit_rows=16)  # payload bytes per stage rank, by kind
+
+`serve.py` models a GPU deployment (its expert parallelism adds attention-data-parallel groups, GPT-4's reported
+layout); this module describes exactly what `moekit serve --tp T --pp P [--ep E]` runs (moekit/parallel/
+serve_worker.py), so that a test can compare it with the real workers byte for byte:
+
+- world = tp x pp; stage p holds `layers_per_stage` consecutive layers (layout.py: the end stages fewer); stage 0
+  the embedding, the last stage the final norm and lm_head (its own copy when tied and pp > 1).
+- tensor parallel as training's `apply_tensor_parallel` without sequence parallelism: wq/wo and the dense MLPs split,
+  wk/wv split unless there is one KV head (MQA: replicated), norms and the router replicated, the embedding and
+  lm_head split on the vocabulary, the experts on F, or with --ep (= tp) whole experts on E. Uneven splits follow
+  torch's `chunk` (DTensor's Shard): ceil(n / tp) rows per rank, the last ranks fewer.
+- KV cache: each worker fits `kv_cache_gb` to its own stage (its layers x its KV heads); the engine uses the
+  fewest blocks any stage holds, capped at max_num_seqs full-length requests; each layer's cache has one extra
+  slot (the CUDA-graph scratch slot, kv_cache.py).
+- per step of N tokens and R logit rows, each rank of a stage: two all-reduces of N x D per layer (attention's wo,
+  the MLP's or MoE's output), one more on the first stage (the vocabulary-split embedding), an all-gather of the
+  logits on the last stage (R x V padded to tp x ceil(V / tp), DTensor's uneven all-gather); between stages each
+  rank sends N x D to the same tensor rank of the next stage. Payloads as CollectiveCounter counts them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from moekit.config import ModelConfig
+from moekit.plan.layout import check_parallel, layers_per_stage
+
+
+def chunk(n: int, parts: int, r: int) -> int:
+    """Rows of `n` that part `r` of `parts` holds under torch.chunk / DTensor Shard."""
+    size = math.ceil(n / parts)
+    return max(0, min(size, n - r * size))
+
+
+def check_workers(cfg: ModelConfig, tp: int, pp: int, ep: int = 1) -> None:
+    check_parallel(cfg, tp, pp, ep)
+    if ep > 1 and ep != tp:
+        raise ValueError(f"--ep {ep}: moekit's workers split the experts across the tensor-parallel ranks of each "
+                         f"stage, so --ep must be 1 or equal --tp ({tp})")
+
+
+@dataclass(frozen=True)
+class WorkerRank:
+    rank: int
+    stage: int
+    tensor_rank: int
+    layers: tuple[int, int]  # [first, last + 1)
+    params: int  # parameters held by this rank
+    weight_bytes: int
+    kv_heads: int  # KV heads this rank caches (MQA: 1 on every rank)
+    kv_bytes_per_block: int
+    kv_capacity_blocks: int  # blocks kv_cache_gb holds for this stage
+
+
+@dataclass
+class WorkerLayout:
+    model: str
+    tp: int
+    pp: int
+    ep: int
+    dtype_bytes: int
+    block_size: int
+    num_blocks: int  # what the engine allocates on every worker
+    ranks: list[WorkerRank] = field(default_factory=list)
+
+    def kv_cache_bytes(self, rank: int) -> int:
+        """Bytes of rank `rank`'s part of the cache: per owned layer K and V of (num_blocks x block + 1) slots."""
+        w = self.ranks[rank]
+        return w.kv_bytes_per_block // self.block_size * (self.num_blocks * self.block_size + 1)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for r, w in zip(d["ranks"], self.ranks, strict=True):
+            r["kv_cache_bytes"] = self.kv_cache_bytes(w.rank)
+        return d
+
+
+def _norm_params(cfg: ModelConfig) -> int:
+    return cfg.d_model * (2 if cfg.norm == "layernorm" and cfg.bias else 1)  # RMSNorm: a weight; LayerNorm: + bias
+
+
+def _rank_params(cfg: ModelConfig, tp: int, ep: int, t: int, layers: range, first: bool, last: bool) -> int:
+    D, V = cfg.d_model, cfg.vocab_size
+    kv_split = cfg.n_kv_head > 1
+    n = 0
+    if first:
+        n += chunk(V, tp, t) * D
+    if last:
+        n += _norm_params(cfg)  # the final norm, replicated
+        if not (cfg.tie_embeddings and first):
+            n += chunk(V, tp, t) * D
+    norm = _norm_params(cfg)
+    q_local = chunk(cfg.q_dim, tp, t)
+    kv_local = chunk(cfg.kv_dim, tp, t) if kv_split else cfg.kv_dim
+    for i in layers:
+        n += 2 * norm
+        n += q_local * D + 2 * kv_local * D + D * q_local
+        if cfg.bias:
+            n += q_local + 2 * kv_local + D
+        mats = 3 if cfg.mlp == "swiglu" else 2
+        if cfg.is_moe_layer(i):
+            n += cfg.n_expert * D  # router
+            if ep > 1:
+                n += chunk(cfg.n_expert, ep, t) * mats * cfg.d_ff * D
+            else:
+                n += cfg.n_expert * mats * chunk(cfg.d_ff, tp, t) * D
+        else:
+            f = chunk(cfg.dense_d_ff, tp, t)
+            n += mats * f * D
+            if cfg.bias:
+                n += (mats - 1) * f + D
+    return n
+
+
+def worker_layout(cfg: ModelConfig, tp: int = 1, pp: int = 1, ep: int = 1, *, dtype_bytes: int = 4,
+                  kv_cache_gb: float = 1.0, block_size: int = 16, max_num_seqs: int = 256,
+                  max_model_len: int | None = None) -> WorkerLayout:
+    """Every rank's weights and KV cache for `moekit serve --tp tp --pp pp --ep ep` (engine defaults)."""
+    check_workers(cfg, tp, pp, ep)
+    ranks, first_layer = [], 0
+    for p, n_layers in enumerate(layers_per_stage(cfg.n_layer, pp)):
+        layers = range(first_layer, first_layer + n_layers)
+        first_layer += n_layers
+        kv_heads = cfg.n_kv_head // tp if cfg.n_kv_head % tp == 0 else 1
+        per_block = 2 * n_layers * kv_heads * cfg.head_dim * dtype_bytes * block_size
+        for t in range(tp):
+            params = _rank_params(cfg, tp, ep, t, layers, p == 0, p == pp - 1)
+            ranks.append(WorkerRank(p * tp + t, p, t, (layers.start, layers.stop), params, params * dtype_bytes,
+                                    kv_heads, per_block, int(kv_cache_gb * 2**30 // per_block)))
+    full = -(-min(cfg.max_seq_len, max_model_len or cfg.max_seq_len) // block_size)
+    num_blocks = min(min(r.kv_capacity_blocks for r in ranks), max_num_seqs * full)
+    return WorkerLayout(cfg.name, tp, pp, ep, dtype_bytes, block_size, num_blocks, ranks)
+
+
+@dataclass(frozen=True)
+class StageComm:
+    stage: int
+    payload: dict[str, int]  # bytes by kind (all_reduce, all_gather, p2p), one rank of the stage
+    calls: dict[str, int]
+
+
+def step_comm(cfg: ModelConfig, tp: int, pp: int, ep: int = 1, *, tokens: int, logit_rows: int,
+              dtype_bytes: int = 4) -> list[StageComm]:
+    """The collectives one rank of each stage issues in a step of `tokens` tokens with `logit_rows` logits."""
+    check_workers(cfg, tp, pp, ep)
+    act = tokens * cfg.d_model * dtype_bytes
+    out = []
+    for p, n_layers in enumerate(layers_per_stage(cfg.n_layer, pp)):
+        payload: dict[str, int] = {}
+        calls: dict[str, int] = {}
+
+        def add(kind: str, nbytes: int, n: int = 1) -> None:
+            payload[kind] = payload.get(kind, 0) + nbytes * n
+            calls[kind] = calls.get(kind, 0) + n
+
+        if tp > 1:
+            add("all_reduce", act, 2 * n_layers + (p == 0))
+            if p == pp - 1:
+                add("all_gather", logit_rows * math.ceil(cfg.vocab_size / tp) * tp * dtype_bytes)
+        if p > 0:
+            add("p2p", act)  # the previous stage's hidden states
+        if p < pp - 1:
+            add("p2p", act)
+        out.append(StageComm(p, payload, calls))
+    return out
+
+
+def format_workers(layout: WorkerLayout, comm: list[StageComm], tokens: int) -> str:
+    lines = [f"moekit workers: {layout.model}, tp {layout.tp} x pp {layout.pp}"
+             + (f", ep {layout.ep}" if layout.ep > 1 else "") + f" = {layout.tp * layout.pp} processes, "
+             f"{layout.num_blocks} KV blocks of {layout.block_size} tokens each",
+             "  rank stage layers   weights MiB   KV MiB   per step of %d tokens (payload bytes)" % tokens]
+    for w in layout.ranks:
+        c = comm[w.stage]
+        moved = ", ".join(f"{k} {v:,} ({c.calls[k]})" for k, v in c.payload.items()) or "none"
+        lines.append(f"  {w.rank:>4} {w.stage:>5} {w.layers[0]:>3}-{w.layers[1] - 1:<3} {w.weight_bytes / 2**20:>12.2f} "
+                     f"{layout.kv_cache_bytes(w.rank) / 2**20:>8.2f}   {moved}")
+    return "\n".join(lines)
+
+
+__all__ = ["StageComm", "WorkerLayout", "WorkerRank", "check_workers", "format_workers", "step_comm",
+           "worker_layout"]
