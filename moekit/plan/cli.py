@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
 import math
+from dataclasses import asdict
 
 from moekit.plan.hardware import DTYPE_BYTES
 

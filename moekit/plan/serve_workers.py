@@ -152,21 +152,17 @@ def step_comm(cfg: ModelConfig, tp: int, pp: int, ep: int = 1, *, tokens: int, l
     act = tokens * cfg.d_model * dtype_bytes
     out = []
     for p, n_layers in enumerate(layers_per_stage(cfg.n_layer, pp)):
+        ops: list[tuple[str, int, int]] = []  # (kind, bytes per call, calls)
+        if tp > 1:
+            ops.append(("all_reduce", act, 2 * n_layers + (p == 0)))
+            if p == pp - 1:
+                ops.append(("all_gather", logit_rows * math.ceil(cfg.vocab_size / tp) * tp * dtype_bytes, 1))
+        ops += [("p2p", act, 1)] * ((p > 0) + (p < pp - 1))  # hidden states in from p - 1, out to p + 1
         payload: dict[str, int] = {}
         calls: dict[str, int] = {}
-
-        def add(kind: str, nbytes: int, n: int = 1) -> None:
+        for kind, nbytes, n in ops:
             payload[kind] = payload.get(kind, 0) + nbytes * n
             calls[kind] = calls.get(kind, 0) + n
-
-        if tp > 1:
-            add("all_reduce", act, 2 * n_layers + (p == 0))
-            if p == pp - 1:
-                add("all_gather", logit_rows * math.ceil(cfg.vocab_size / tp) * tp * dtype_bytes)
-        if p > 0:
-            add("p2p", act)  # the previous stage's hidden states
-        if p < pp - 1:
-            add("p2p", act)
         out.append(StageComm(p, payload, calls))
     return out
 
@@ -175,12 +171,12 @@ def format_workers(layout: WorkerLayout, comm: list[StageComm], tokens: int) -> 
     lines = [f"moekit workers: {layout.model}, tp {layout.tp} x pp {layout.pp}"
              + (f", ep {layout.ep}" if layout.ep > 1 else "") + f" = {layout.tp * layout.pp} processes, "
              f"{layout.num_blocks} KV blocks of {layout.block_size} tokens each",
-             "  rank stage layers   weights MiB   KV MiB   per step of %d tokens (payload bytes)" % tokens]
+             f"  rank stage layers   weights MiB   KV MiB   per step of {tokens} tokens (payload bytes)"]
     for w in layout.ranks:
         c = comm[w.stage]
         moved = ", ".join(f"{k} {v:,} ({c.calls[k]})" for k, v in c.payload.items()) or "none"
-        lines.append(f"  {w.rank:>4} {w.stage:>5} {w.layers[0]:>3}-{w.layers[1] - 1:<3} {w.weight_bytes / 2**20:>12.2f} "
-                     f"{layout.kv_cache_bytes(w.rank) / 2**20:>8.2f}   {moved}")
+        lines.append(f"  {w.rank:>4} {w.stage:>5} {w.layers[0]:>3}-{w.layers[1] - 1:<3} "
+                     f"{w.weight_bytes / 2**20:>12.2f} {layout.kv_cache_bytes(w.rank) / 2**20:>8.2f}   {moved}")
     return "\n".join(lines)
 
 
