@@ -335,7 +335,7 @@ class HFReader:
         reader.cfg, reader.names                   # the ModelConfig, the moekit state-dict names
         w1 = reader.get("blocks.3.mlp.experts.w1") # (E, F, D), stacked from the Hub's per-expert tensors
 
-    `load_hf` reads every name; a serving worker (moekit/parallel/serve_worker.py) reads only its shard's, so
+    `load_hf` reads every name; a serving worker (moekit/infer/worker.py) reads only its shard's, so
     no process ever holds more than its part of the model and one tensor.
     """
 

@@ -228,6 +228,7 @@ def test_the_command_line_is_on_top(graph):
 @pytest.mark.parametrize("sources, forbidden", [
     (("moekit.model",), ("moekit.parallel", "moekit.train", "moekit.infer", "moekit.serve", "moekit.plan",
                          "moekit.sim")),  # parallelism, training and serving are applied from outside
+    (("moekit.parallel",), ("moekit.infer", "moekit.serve")),  # serving applies parallelism from above
     (("moekit.infer",), ("moekit.train",)),  # a run folder's files are the contract between them
     (("moekit.train",), ("moekit.infer",)),
     (("moekit.plan",), ("moekit.infer", "moekit.train", "moekit.serve")),  # pure functions over config + table

@@ -131,7 +131,7 @@ def _start_workers(cfg: EngineConfig, progress, launch: str):
 
 def worker_spec(cfg: EngineConfig):
     """(the workers' WorkerSpec, the model's TextCodec or None), the layout checked against the model's config."""
-    from moekit.parallel.serve_worker import WorkerSpec, check_layout
+    from moekit.infer.worker import WorkerSpec, check_layout
 
     model_cfg, codec = load_codec(cfg.model)
     check_layout(model_cfg, cfg.tp, cfg.pp, cfg.ep)

@@ -8,7 +8,7 @@
 The engine calls `submit(items)` (the step's plain-data plan, sent to every worker: vLLM v1's MultiprocExecutor
 broadcasts its SchedulerOutput the same way) and later `wait(handle)`, which returns the `RunOutput` that the
 last stage's first tensor rank sent back. With a pipeline the engine keeps up to `max_in_flight` = pp steps
-submitted, so that every stage has a micro-batch (moekit/parallel/serve_worker.py has the worker side).
+submitted, so that every stage has a micro-batch (moekit/infer/worker.py has the worker side).
 
 Failure is loud and quick: each worker's socket has a reader thread, and a worker that exits (a crash, an
 out-of-memory kill, SIGKILL) closes it; from then on every `wait`, `submit` and `check` raises `WorkerFailed`
@@ -32,7 +32,7 @@ from multiprocessing.connection import Connection, Listener
 import torch
 
 from moekit.infer.batch import RunItem, RunOutput
-from moekit.parallel.serve_worker import WorkerSpec, _recv, _send
+from moekit.infer.worker import WorkerSpec, _recv, _send
 
 START_TIMEOUT_S = 600.0  # loading a large shard from a slow disk is slow; a dead worker is seen at once anyway
 
@@ -103,7 +103,7 @@ class WorkerGroup:
         host, port = self._listener.address
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MOEKIT_WORKER_KEY": self._authkey.hex()}
         for rank in range(self.spec.world_size):
-            cmd = [sys.executable, "-m", "moekit.parallel.serve_worker", *self.spec.to_argv(), "--rank", str(rank),
+            cmd = [sys.executable, "-m", "moekit.infer.worker", *self.spec.to_argv(), "--rank", str(rank),
                    "--driver", f"{host}:{port}", "--init-method", init]
             self.procs[rank] = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
 
@@ -111,7 +111,7 @@ class WorkerGroup:
         """Rank 0 of a torchrun launch: tell the other ranks where the driver listens, run worker 0 in a thread."""
         import torch.distributed as dist
 
-        from moekit.parallel.serve_worker import run_in_thread
+        from moekit.infer.worker import run_in_thread
 
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world != self.spec.world_size:
@@ -262,7 +262,7 @@ class WorkerGroup:
     def submit(self, items: list[RunItem], count: bool | None = None) -> Future:
         """Send one step's plan to every worker; the Future of its output, for `wait`. count: run it inside a
         CollectiveCounter (default: every COUNT_EVERY-th step)."""
-        from moekit.parallel.serve_worker import COUNT_EVERY
+        from moekit.infer.worker import COUNT_EVERY
 
         step_id = self._next_id
         self._next_id += 1
@@ -332,7 +332,7 @@ def join_as_worker(spec: WorkerSpec) -> None:
     """A torchrun rank other than 0: learn where the driver (rank 0) listens, then be a worker until it stops."""
     import torch.distributed as dist
 
-    from moekit.parallel.serve_worker import run_worker
+    from moekit.infer.worker import run_worker
 
     rank = torchrun_rank()
     if int(os.environ["WORLD_SIZE"]) != spec.world_size:

@@ -250,7 +250,7 @@ class PagedKVCache:
     """Per layer, K and V as flat slot arrays (S, G, Dh): slot = block_id * P + offset.
 
     K/V are stored per KV head, so multi-query attention (G = 1) stores one head, not n_head. A worker of a
-    sharded model (moekit/parallel/serve_worker.py) holds only its pipeline stage's `layers` (the others are
+    sharded model (moekit/infer/worker.py) holds only its pipeline stage's `layers` (the others are
     None, so attention still indexes by the global layer number) and its tensor rank's `n_kv_head` (MQA's one
     head is replicated on every tensor rank, as the planner counts it).
     """

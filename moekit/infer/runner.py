@@ -134,7 +134,7 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, items: list[RunItem], inputs: torch.Tensor | None = None):
         """One step's forward pass: a RunOutput, or for a pipeline stage before the last (moekit/parallel/
-        serve_worker.py) its hidden states. `inputs` replaces the token ids with the previous stage's hidden
+        worker.py) its hidden states. `inputs` replaces the token ids with the previous stage's hidden
         states (1, T, D)."""
         tokens_1T, positions_1T, ctx, logit_rows = self.prepare(items)
         with dispatch_for(self.model, moe_dispatch(self.device, tokens_1T.shape[1])):

@@ -34,7 +34,7 @@ all-reduced by a hook as it accumulates, so `.grad` is never a `Partial` DTensor
 before this is applied (a seed checkpoint: `init_weights`/`load_tensors` write plain tensors).
 
 Without sequence parallelism the model also serves: the engine's paged KV cache (`ctx`) and `logits_rows` work
-as in one process, each rank caching its local KV heads (moekit/parallel/serve_worker.py). Under sequence
+as in one process, each rank caching its local KV heads (moekit/infer/worker.py). Under sequence
 parallelism neither does (both raise).
 Under `loss_parallel` the returned logits are a vocabulary-sharded DTensor (`out.logits.full_tensor()` gathers
 them); `out.loss`/`out.ce_loss` are plain tensors either way.

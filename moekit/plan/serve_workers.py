@@ -6,7 +6,7 @@
 
 `serve.py` models a GPU deployment (its expert parallelism adds attention-data-parallel groups, GPT-4's reported
 layout); this module describes exactly what `moekit serve --tp T --pp P [--ep E]` runs (moekit/parallel/
-serve_worker.py), so that a test can compare it with the real workers byte for byte:
+worker.py), so that a test can compare it with the real workers byte for byte:
 
 - world = tp x pp; stage p holds `layers_per_stage` consecutive layers (layout.py: the end stages fewer); stage 0
   the embedding, the last stage the final norm and lm_head (its own copy when tied and pp > 1).

@@ -106,7 +106,7 @@ class _EngineCollector(Collector):
 
 
 def _worker_metrics(workers: list[dict]):
-    """A sharded model's per-worker figures (moekit/parallel/serve_worker.py `Worker.metrics`), labelled by rank."""
+    """A sharded model's per-worker figures (moekit/infer/worker.py `Worker.metrics`), labelled by rank."""
     labels = ["rank", "stage", "tensor_rank"]
     gauges = {"worker_weight_bytes": ("weight_bytes", "Weight bytes this worker holds"),
               "worker_kv_cache_blocks": ("kv_blocks", "KV blocks this worker's part of the cache holds"),

@@ -1,5 +1,5 @@
 """`moekit plan serve --workers` against the real workers: each rank's weight bytes, KV blocks and KV bytes, and the
-payload of one step's collectives, byte for byte (moekit/plan/serve_workers.py vs moekit/parallel/serve_worker.py)."""
+payload of one step's collectives, byte for byte (moekit/plan/serve_workers.py vs moekit/infer/worker.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from conftest import char_tokenizer, save_run, tiny_model
 from moekit.infer.batch import RunItem
 from moekit.infer.engine import Engine
 from moekit.infer.executor import WorkerGroup
-from moekit.parallel.serve_worker import WorkerSpec
+from moekit.infer.worker import WorkerSpec
 from moekit.plan.serve_workers import chunk, step_comm, worker_layout
 
 

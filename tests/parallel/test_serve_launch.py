@@ -27,7 +27,7 @@ def run_dir(tmp_path_factory):
 
 def workers_of(run_dir) -> list[int]:
     """Pids of serve workers of this run that are alive (the test's own process list, from /proc)."""
-    out = subprocess.run(["pgrep", "-f", f"moekit.parallel.serve_worker --model {run_dir}"], capture_output=True,
+    out = subprocess.run(["pgrep", "-f", f"moekit.infer.worker --model {run_dir}"], capture_output=True,
                          text=True)
     return [int(p) for p in out.stdout.split()]
 

@@ -20,7 +20,7 @@ from moekit.infer.engine import Engine
 from moekit.infer.executor import WorkerGroup
 from moekit.infer.loader import load_model
 from moekit.infer.sampler import SamplingParams
-from moekit.parallel.serve_worker import WorkerSpec
+from moekit.infer.worker import WorkerSpec
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 

@@ -1,6 +1,6 @@
 """A serving worker: one process of a tp x pp sharded model, running the steps the driver's scheduler decides.
 
-    python -m moekit.parallel.serve_worker        (started by moekit/infer/executor.py, or by torchrun's ranks)
+    python -m moekit.infer.worker        (started by moekit/infer/executor.py, or by torchrun's ranks)
 
 vLLM v1's `MultiprocExecutor` form (vllm/v1/executor/multiproc_executor.py): one scheduler, in the driver (the
 server process), decides every step; the step's plan, plain `RunItem`s, goes to every worker; each runs its shard;
@@ -331,7 +331,7 @@ def run_in_thread(spec: WorkerSpec, rank: int, address, authkey: bytes) -> threa
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m moekit.parallel.serve_worker")
+    p = argparse.ArgumentParser(prog="python -m moekit.infer.worker")
     p.add_argument("--model", required=True)
     for flag in ("--tp", "--pp", "--ep"):
         p.add_argument(flag, type=int, default=1)
