@@ -10,7 +10,7 @@ Every run is moekit's own Engine (fp32, random weights from `init_weights(seed=0
 --concurrency prompts of --prompt-len random tokens, each generating --tokens tokens (decode-dominated):
 - 1x2threads: the Engine over the in-memory model in this process, torch.set_num_threads(2);
 - tp2 / pp2: the same weights saved as a run folder (config.json + model.safetensors) and served by a
-  `moekit.infer.executor.WorkerGroup` of 2 workers (`moekit.parallel.serve_worker`, OMP_NUM_THREADS=1 each); this
+  `moekit.infer.executor.WorkerGroup` of 2 workers (`moekit.infer.worker`, OMP_NUM_THREADS=1 each); this
   process keeps the scheduler and the sampler, with 1 thread, so that it competes as little as it can. With pp2 the
   engine keeps 2 steps in flight (two micro-batches of ceil(n / 2) requests), so one request cannot be pipelined.
 All three engines are up at once and the runs are interleaved round by round (--repeats rounds, each configuration
@@ -30,14 +30,18 @@ Per configuration and workload:
   latency) come from a 2-process gloo probe in the same run, the way bench/parallel_train.py probes gloo.
   --hardware local plans with the cached `moekit bench hardware` entry instead (both thread counts alike).
 - comm: each worker's `collective_share` (time inside all-reduces / step time, over the steps the worker runs inside
-  a CollectiveCounter, every 16th: moekit/parallel/serve_worker.py; the counter waits for every collective, so
+  a CollectiveCounter, every 16th: moekit/infer/worker.py; the counter waits for every collective, so
   those steps are a little slower than the others) for this workload's runs only; the calls and payload of one such
   step against the planned 2 all-reduces per layer of the step's activations; worker_in_step_share: each worker's
   time inside `Worker.step` / the runs' wall time (stage 1's step includes waiting for stage 0's activations), and
   worker_idle_share = 1 - the largest: time the busiest worker waited for the driver (scheduling, sampling,
   pickling the step out and the logits back, none of which the planner's one-process step overhead includes). A
   pipeline hop's send and receive are counted but not timed (the counter cannot wait for them without deadlock).
-- limits: what bounds the figure, in words, with the numbers that say so.
+- profile (the baseline): the operators that take its decode steps (torch.profiler, self CPU time, a few steps
+  after the rounds): where one process's step goes, and so what a worker's half of it is made of;
+- limits: what bounds the figure, in words, with the numbers that say so. A sharded step that waits tens of
+  milliseconds with no worker computing while the reply is over 16 KB is named a transport stall (the reply's
+  header and body go out in two writes, and Nagle's algorithm waits for the driver's delayed ACK).
 Gloo on two shared cores is no place to chase speed (DESIGN.md): the figures say what each layout costs here and
 why; `on_h100` is what the planner says the same layout and batch give on H100s (bf16), for scale.
 """
@@ -100,7 +104,8 @@ def probe_rank(args) -> None:
                 times.append(statistics.median(runs))
             (s0, s1), (t0_, t1) = PROBE_BYTES, times
             per_byte = max((t1 - t0_) / (s1 - s0), 1e-15)
-            fits[kind] = {"latency_us": round(max(t0_ - s0 * per_byte, 0.0) * 1e6, 1), "gb_s": round(1e-9 / per_byte, 3),
+            fits[kind] = {"latency_us": round(max(t0_ - s0 * per_byte, 0.0) * 1e6, 1),
+                          "gb_s": round(1e-9 / per_byte, 3),
                           "seconds_at": {str(s): t for s, t in zip(PROBE_BYTES, times, strict=True)}}
         if rank == 0:
             Path(args.probe_out).write_text(json.dumps(fits))
@@ -253,8 +258,39 @@ def run_once(engine, batch: list[list[int]], tokens: int, group=None) -> dict:
     if group is not None:
         after = group.metrics()
         out["workers"] = [{**{k: a[k] - b[k] for k in STAT_KEYS}, "last_counted": a["last_counted"],
-                           "pp_rank": a["pp_rank"], "tp_rank": a["tp_rank"]} for a, b in zip(after, before, strict=True)]
+                           "pp_rank": a["pp_rank"], "tp_rank": a["tp_rank"]}
+                          for a, b in zip(after, before, strict=True)]
     return out
+
+
+def profile_decode(engine, batch: list[list[int]], tokens: int, steps: int = 6) -> dict:
+    """The operators that take one process's decode steps (torch.profiler, self CPU time): what bounds the baseline,
+    and, on one thread and half the matrices, each worker's compute."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from moekit.infer.sampler import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in batch]
+    while any(engine.requests[i].num_output_tokens == 0 for i in ids if i in engine.requests):
+        engine.step()  # the prefill, not profiled
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's start/stop lines and its "no GPU" complaint
+    for _ in range(2):  # the first profile pays the profiler's start-up: keep the second
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                if engine.has_unfinished():
+                    engine.step()
+        wall = time.perf_counter() - t0
+    while engine.has_unfinished():
+        engine.step()
+    for i in ids:
+        engine.result(i)
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in ops) or 1.0
+    return {"steps": steps, "step_ms_profiled": round(wall / steps * 1e3, 3),
+            "top_ops_self_share": {e.key: round(e.self_cpu_time_total / total, 3) for e in ops[:4]},
+            "top_ops_ms_per_step": {e.key: round(e.self_cpu_time_total / 1e3 / steps, 3) for e in ops[:4]}}
 
 
 def summarize(runs: list[dict], n: int, tokens: int) -> dict:
@@ -272,28 +308,53 @@ def summarize(runs: list[dict], n: int, tokens: int) -> dict:
         for w in range(len(runs[0]["workers"])):
             tot = {k: sum(r["workers"][w][k] for r in runs) for k in STAT_KEYS}
             last = runs[-1]["workers"][w]["last_counted"]
+            plain = tot["steps"] - tot["counted_steps"]
             workers.append({
                 "pp_rank": runs[0]["workers"][w]["pp_rank"], "tp_rank": runs[0]["workers"][w]["tp_rank"],
+                "steps": tot["steps"], "counted_steps": tot["counted_steps"],
                 "collective_share": round(tot["collective_seconds"] / tot["counted_seconds"], 4)
                 if tot["counted_seconds"] else None,
-                "counted_steps": tot["counted_steps"], "in_step_share": round(tot["step_seconds"] / wall, 4),
-                "step_ms_mean": round(tot["step_seconds"] / tot["steps"] * 1e3, 3) if tot["steps"] else None,
+                "in_step_share": round(tot["step_seconds"] / wall, 4),
+                "step_ms": round((tot["step_seconds"] - tot["counted_seconds"]) / plain * 1e3, 3) if plain else None,
+                "counted_step_ms": round(tot["counted_seconds"] / tot["counted_steps"] * 1e3, 3)
+                if tot["counted_steps"] else None,
+                "idle_ms_per_step": round((wall - tot["step_seconds"]) / tot["steps"] * 1e3, 3)
+                if tot["steps"] else None,
                 "counted_step": None if last is None else {
-                    "tokens": last["tokens"], "calls": last["calls"], "payload_bytes": last["payload"],
-                    "collective_ms": round(last["seconds"] * 1e3, 3), "step_ms": round(last["step_seconds"] * 1e3, 3)}})
+                    "tokens": last["tokens"], "logit_rows": last["logit_rows"], "calls": last["calls"],
+                    "payload_bytes": last["payload"], "collective_ms": round(last["seconds"] * 1e3, 3),
+                    "step_ms": round(last["step_seconds"] * 1e3, 3)}})
         row["workers"] = workers
     return row
 
 
-def comm_summary(row: dict, cfg, tp: int, pp: int, pred: dict) -> dict:
-    """The measured communication beside the planned: shares, calls and bytes of one counted step."""
+def comm_summary(row: dict, cfg, tp: int, pp: int, pred: dict, probe: dict) -> dict:
+    """The measured communication beside the planned: shares, calls and bytes of one counted step, and a worker's
+    step split into collectives and the rest, against the planner's split."""
     workers = row.pop("workers")
     shares = [w["collective_share"] for w in workers]
     busy = [w["in_step_share"] for w in workers]
-    out = {"collective_share": shares, "collective_share_max": max((s for s in shares if s is not None), default=None),
+    busiest = max(workers, key=lambda w: w["in_step_share"])
+    share = max((s for s in shares if s is not None), default=None)
+    st = pred["slowest_stage_ms"]
+    out = {"collective_share": shares, "collective_share_max": share,
            "predicted_comm_share": round(pred["comm_share"], 4), "worker_in_step_share": busy,
-           "worker_idle_share": round(1 - max(busy), 4), "workers": workers}
+           "worker_idle_share": round(1 - max(busy), 4), "idle_ms_per_step": busiest["idle_ms_per_step"]}
     step = workers[0]["counted_step"]
+    if busiest["counted_step_ms"] is not None and share is not None and step is not None:
+        # What the counted step's calls and bytes cost at the probed gloo rates: the communication of an ordinary
+        # (uncounted) step, which the counter's own hook and waits do not slow.
+        probed = sum(step["calls"].get(kind, 0) * probe[fit]["latency_us"] * 1e-3
+                     + step["payload_bytes"].get(kind, 0) / (probe[fit]["gb_s"] * 1e6)
+                     for kind, fit in (("all_reduce", "all_reduce"), ("p2p", "p2p")))
+        plain = busiest["step_ms"] or busiest["counted_step_ms"]
+        out["probed_comm_share"] = round(probed / plain, 4)
+        out["worker_step_ms"] = {
+            "step": busiest["step_ms"], "counted_step": busiest["counted_step_ms"],
+            "collectives_in_counted_step": round(share * busiest["counted_step_ms"], 3),
+            "comm_at_probed_rates": round(probed, 3), "rest": round(plain - probed, 3),
+            "predicted_comm": round(st["comm"] + st["hop"], 3),
+            "predicted_rest": round(max(st["compute"], st["memory"]) + st["overhead"], 3)}
     if step is not None:
         layers = cfg.n_layer // pp
         act = step["tokens"] * cfg.d_model * ACT_BYTES
@@ -305,6 +366,9 @@ def comm_summary(row: dict, cfg, tp: int, pp: int, pred: dict) -> dict:
             out["hop_per_step"] = {"p2p_payload_bytes": step["payload_bytes"].get("p2p", 0),
                                    "planned_payload_bytes": act, "tokens": step["tokens"],
                                    "note": "each stage counts its own side of the hop; its time is not measured"}
+    rows = max((w["counted_step"]["logit_rows"] for w in workers if w["counted_step"]), default=0)
+    out["reply_bytes"] = rows * cfg.vocab_size * 4  # the fp32 logits the last stage sends the driver per step
+    out["workers"] = workers
     return out
 
 
@@ -318,33 +382,62 @@ def dominant(pred: dict) -> str:
     return f"the planner's slowest stage ({parts} ms per step) is bound by {name}"
 
 
-def limits(name: str, workload: str, row: dict, pred: dict, cfg, probe: dict, n: int) -> str:
+def limits(name: str, row: dict, pred: dict, cfg, probe: dict, n: int, base: dict | None) -> str:
     top = dominant(pred)
-    comm = row.get("comm", {})
-    idle = comm.get("worker_idle_share")
-    ar = probe["all_reduce"]["latency_us"]
     if name == BASE:
         what = ("one sequence in one process: every step reads the non-expert weights and 2 of "
                 f"{cfg.n_expert} experts per layer for one token, nothing to overlap" if n == 1 else
                 f"{n} sequences share each weight read (the experts the batch touches, up to all {cfg.n_expert}), "
                 "so the step grows far less than the tokens")
-        return f"{what}; {top}."
-    share = comm.get("collective_share_max")
-    driver = (f"; the workers wait {idle:.0%} of the wall time for the driver (scheduling, sampling, pickling the "
-              "step out and the logits back: not in the planner) with 3 processes on 2 cores") if idle is not None else ""
+        prof = row["profile"]
+        ops = ", ".join(f"{k} {v:.0%} ({prof['top_ops_ms_per_step'][k]:.1f} ms)"
+                        for k, v in prof["top_ops_self_share"].items())
+        bmm = prof["top_ops_self_share"].get("aten::bmm", 0.0)
+        why = (": the grouped experts' batched matmuls (a few rows per expert) read the expert weights far slower "
+               "than the GEMV bandwidth the planner's memory term assumes" if bmm >= 0.25 else "")
+        return (f"{what}; measured step {row['step_ms_median']:.1f} ms against the planner's "
+                f"{pred['token_ms']:.1f} ms ({row['measured_over_predicted']['tok_s']:.2f}x its speed); the "
+                f"profiled step's top operators (self time): {ops}{why}; {top}.")
+    comm = row["comm"]
+    idle, idle_ms, reply = comm["worker_idle_share"], comm["idle_ms_per_step"] or 0.0, comm["reply_bytes"]
+    if idle_ms >= 20 and reply >= 16384 - 512:  # + pickle's framing
+        driver = (f"; above all, every step waits ~{idle_ms:.0f} ms with no worker computing ({idle:.0%} of the "
+                  f"wall time): the last stage's reply ({reply / 1024:.0f} KB of logits, with pickle's framing) is "
+                  "over the 16 KB up to which multiprocessing's send_bytes writes header and body at once, so it goes "
+                  "out in two writes and Nagle's algorithm holds the second until the driver's delayed ACK (40 ms on "
+                  "Linux): a transport "
+                  "stall, not the model")
+    else:
+        driver = (f"; the workers wait {idle:.0%} of the wall time ({idle_ms:.1f} ms per step) for the driver: "
+                  "scheduling, sampling, pickling the step out and the logits back (not in the planner), with 3 "
+                  "processes on 2 cores")
+    split = comm.get("worker_step_ms")
     if name == "tp2":
         calls = comm.get("all_reduce_per_step", {}).get("calls")
-        what = (f"gloo all-reduce latency ({ar:.0f} us probed) x {calls} calls per step (2 per layer x "
-                f"{cfg.n_layer} layers) against matmuls halved per worker"
-                + (" at batch 1, where the halved matmuls are tiny" if n == 1 else
-                   f"; {n} tokens make the all-reduces no dearer (they stay latency, not bytes) while the matmuls "
-                   "grow, so the share falls"))
-        measured = f"; measured: {share:.0%} of a worker's step in all-reduces" if share is not None else ""
-        return f"{what}{measured}{driver}; {top}."
+        what = (f"gloo all-reduce latency ({probe['all_reduce']['latency_us']:.0f} us probed) x {calls} calls per step "
+                f"(2 per layer x {cfg.n_layer} layers) against matmuls halved per worker"
+                + (", which at batch 1 are tiny" if n == 1 else
+                   f"; {n} tokens make the all-reduces hardly dearer (latency, not bytes) while the matmuls grow"))
+        if split:
+            what += (f"; a worker's step: {split['step']:.1f} ms, of which the step's calls and bytes at the probed "
+                     f"rates take {split['comm_at_probed_rates']:.1f} ms (planned {split['predicted_comm']:.1f}) "
+                     f"and the rest {split['rest']:.1f} ms (planned {split['predicted_rest']:.1f}), "
+                     f"{split['rest'] / base['step_ms_median']:.2f}x one process's whole step on 2 threads with all "
+                     f"the matrices ({base['step_ms_median']:.1f} ms; its profile says where that goes); the rest "
+                     "also holds the DTensor layers' dispatch and waiting for the slower rank; the counted steps take "
+                     f"{split['counted_step']:.1f} ms (the counter's hook and its wait on every collective), so "
+                     f"collective_share ({comm['collective_share_max']:.0%}) overstates")
+        return f"{what}{driver}; {top}."
+    stages = [w["step_ms"] for w in comm["workers"]]
     what = ("a single sequence cannot be pipelined: its next token needs the last stage's output, so the two stages "
             "take turns and each core idles half the time; a token costs both stages plus the hop" if n == 1 else
             f"two micro-batches of {pred['batch']} in flight, one per stage: both stages busy as long as they take "
             "equally long, and the driver samples one while the other runs; each stage reads half the weights")
+    what += (f"; stage steps {' / '.join(f'{x:.1f}' for x in stages if x is not None)} ms (stage 1's includes its "
+             f"wait; planned {pred['slowest_stage_ms']['step']:.2f} ms a stage): stage 0, half the layers on one "
+             f"thread for {pred['batch']} sequence{'s' if pred['batch'] > 1 else ''}, takes "
+             f"{stages[0] / base['step_ms_median']:.2f}x one process's step of all {cfg.n_layer} layers for "
+             f"{n} on 2 threads ({base['step_ms_median']:.1f} ms)")
     return f"{what}{driver}; {top}."
 
 
@@ -380,8 +473,8 @@ def main() -> int:
     from moekit.counts import count_params
     from moekit.infer.engine import Engine
     from moekit.infer.executor import WorkerGroup
+    from moekit.infer.worker import WorkerSpec
     from moekit.model.transformer import Transformer
-    from moekit.parallel.serve_worker import WorkerSpec
     from moekit.presets import get_preset
 
     t_start = time.perf_counter()
@@ -430,6 +523,9 @@ def main() -> int:
                         runs[(w, name)].append(run(name, n, seed=100 * r + n))
                         log(f"round {r + 1}/{args.repeats} {w} {name}: "
                             f"{runs[(w, name)][-1]['decode_tok_s']:.1f} decode tok/s")
+            torch.set_num_threads(2)
+            profiles = {w: profile_decode(engines[BASE], prompts(cfg, n, args.prompt_len, seed=7), args.tokens)
+                        for w, n in workloads.items()}
         finally:
             for g in groups.values():
                 g.close()
@@ -454,7 +550,7 @@ def main() -> int:
             row = summarize(runs[(w, name)], n, args.tokens)
             pred = predict(cfg, entries[2 if name == BASE else 1], tp, pp, n, context, args.prompt_len)
             if name != BASE:
-                row["comm"] = comm_summary(row, cfg, tp, pp, pred)
+                row["comm"] = comm_summary(row, cfg, tp, pp, pred, probe)
             row["predicted"] = {k: (round(v, 3) if isinstance(v, float) else
                                     {a: round(b, 3) for a, b in v.items()} if isinstance(v, dict) else v)
                                 for k, v in pred.items()}
@@ -462,7 +558,9 @@ def main() -> int:
                 "tok_s": round(row["decode_tok_s"] / pred["tok_s"], 3),
                 "tok_s_per_user": round(row["decode_tok_s_per_user"] / pred["tok_s_per_user"], 3)}
             row["on_h100"] = on_h100(cfg, tp, pp, n, context, args.prompt_len)
-            row["limits"] = limits(name, w, row, pred, cfg, probe, n)
+            if name == BASE:
+                row["profile"] = profiles[w]
+            row["limits"] = limits(name, row, pred, cfg, probe, n, res.get(BASE))
             res[name] = row
         base = res[BASE]["decode_tok_s"]
         result["ratios"][w] = {f"{k}_vs_{BASE}": round(res[k]["decode_tok_s"] / base, 3) for k in layouts}

@@ -32,7 +32,7 @@ from multiprocessing.connection import Connection, Listener
 import torch
 
 from moekit.infer.batch import RunItem, RunOutput
-from moekit.infer.worker import WorkerSpec, _recv, _send
+from moekit.infer.worker import WorkerSpec, _recv, _send, no_delay
 
 START_TIMEOUT_S = 600.0  # loading a large shard from a slow disk is slow; a dead worker is seen at once anyway
 
@@ -139,7 +139,7 @@ class WorkerGroup:
             self._check_procs()
             if len(pending) + len(self.infos) + len(unnamed) < n:
                 try:
-                    unnamed.append(self._listener.accept())
+                    unnamed.append(no_delay(self._listener.accept()))
                 except TimeoutError:
                     pass
             for conn in list(unnamed) + list(pending.values()):

@@ -35,6 +35,7 @@ import argparse
 import contextlib
 import os
 import pickle
+import socket
 import sys
 import threading
 import time
@@ -98,6 +99,18 @@ def check_layout(cfg, tp: int, pp: int, ep: int) -> None:
         raise ValueError(f"--ep {ep}: serving splits the experts across the tensor-parallel ranks of each stage "
                          f"(vLLM's --enable-expert-parallel), so --ep must be 1 or equal --tp ({tp}): give "
                          f"--tp {ep} --ep {ep}, or --ep 1")
+
+
+def no_delay(conn: Connection) -> Connection:
+    """Turn Nagle's algorithm off on `conn`'s socket. multiprocessing writes a message over 16 KiB (a step's logits)
+    as a header and a body, and with Nagle the body then waits for the delayed ACK of the header: ~40 ms per step
+    on Linux (bench/parallel_serve.py found it)."""
+    s = socket.socket(fileno=os.dup(conn.fileno()))
+    try:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    finally:
+        s.close()
+    return conn
 
 
 def _send(conn: Connection, msg) -> None:
@@ -308,7 +321,7 @@ def init_worker_group(spec: WorkerSpec, rank: int, init_method: str | None = Non
 
 def run_worker(spec: WorkerSpec, rank: int, address, authkey: bytes, init_method: str | None = None) -> None:
     """Connect to the driver, load this rank's shard, serve steps until told to stop (or the driver goes)."""
-    conn = Client(address, authkey=authkey)
+    conn = no_delay(Client(address, authkey=authkey))
     try:
         _send(conn, ("progress", rank, "joining the process group"))
         tp_mesh = init_worker_group(spec, rank, init_method)
@@ -359,4 +372,5 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["COUNT_EVERY", "WorkerSpec", "check_layout", "_recv", "_send", "build_stage", "run_in_thread", "run_worker"]
+__all__ = ["COUNT_EVERY", "WorkerSpec", "_recv", "_send", "build_stage", "check_layout", "no_delay", "run_in_thread",
+           "run_worker"]
