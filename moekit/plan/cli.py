@@ -112,9 +112,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="busy fraction of the cluster's time (default 1)")
     s.add_argument("--memory-fraction", type=float, default=0.9, help="usable fraction of HBM (default 0.9)")
     s.add_argument("--prefill-chunk", type=integer, default=2048, help="prefill chunk tokens (default 2048)")
+    # An opt-in flag rather than a section printed whenever --tp/--pp are given: the default model is GPT-4 at
+    # 8 x 16 (16 more lines), and the figures are moekit's own processes, not the GPU deployment modelled above.
     s.add_argument("--workers", action="store_true",
                    help="also what each of `moekit serve --tp --pp --ep`'s worker processes holds (weights, KV blocks) "
-                        "and moves per step (--batch tokens, default 16; weights in --weight-dtype)")
+                        "and moves in a decode step of --batch tokens (default 16) and a prefill of --prompt-len, "
+                        "in --weight-dtype (fp32, bf16 or fp16: the workers' one dtype, KV cache included)")
     s.add_argument("--kv-cache-gb", type=number, default=1.0, help="with --workers: each worker's KV budget (1)")
     s.add_argument("--block-size", type=integer, default=16, help="with --workers: tokens per KV block (16)")
 
@@ -295,20 +298,25 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_workers(args: argparse.Namespace, cfg, result) -> int:
-    from moekit.plan.serve_workers import format_workers, step_comm, worker_layout
+    from moekit.plan.serve_workers import format_workers, prompt_comm, step_comm, worker_layout
 
-    nbytes = int(DTYPE_BYTES[args.weight_dtype])
-    if nbytes != DTYPE_BYTES[args.weight_dtype]:
+    if args.weight_dtype not in ("fp32", "bf16", "fp16"):  # the workers run one torch dtype, unquantized
         raise ValueError(f"--workers describes unquantized workers: --weight-dtype fp32, bf16 or fp16, "
                          f"not {args.weight_dtype}")
+    nbytes = int(DTYPE_BYTES[args.weight_dtype])
     layout = worker_layout(cfg, args.tp, args.pp, args.ep, dtype_bytes=nbytes, kv_cache_gb=args.kv_cache_gb,
                            block_size=args.block_size)
-    tokens = args.batch or 16
-    comm = step_comm(cfg, args.tp, args.pp, args.ep, tokens=tokens, logit_rows=tokens, dtype_bytes=nbytes)
+    tokens = args.batch or 16  # a decode step: one token and one logit row per sequence
+    decode = step_comm(cfg, args.tp, args.pp, args.ep, tokens=tokens, logit_rows=tokens, dtype_bytes=nbytes)
+    prefill = prompt_comm(cfg, args.tp, args.pp, args.ep, prompt_len=result.prompt_len, chunk=args.prefill_chunk,
+                          dtype_bytes=nbytes)
     if args.json:
         d = result.to_dict()
-        d["workers"] = {**layout.to_dict(), "decode_step": {"tokens": tokens, "stages": [asdict(c) for c in comm]}}
+        d["workers"] = {**layout.to_dict(),
+                        "decode_step": {"tokens": tokens, "logit_rows": tokens, "stages": [asdict(c) for c in decode]},
+                        "prefill": {"prompt_len": result.prompt_len, "chunk": args.prefill_chunk,
+                                    "stages": [asdict(c) for c in prefill]}}
         print(json.dumps(d, indent=2))
     else:
-        print(format_serve(result) + "\n\n" + format_workers(layout, comm, tokens))
+        print(format_serve(result) + "\n\n" + format_workers(layout, decode, tokens, prefill, result.prompt_len))
     return 0

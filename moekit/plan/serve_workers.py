@@ -3,13 +3,15 @@
     layout = worker_layout(cfg, tp=2, pp=2, dtype_bytes=4, kv_cache_gb=1.0)
     layout.ranks[3].weight_bytes, layout.num_blocks       # exact: tests/parallel/test_plan_serve_workers.py
     step_comm(cfg, tp=2, pp=2, tokens=16, logit_rows=16)  # payload bytes per stage rank, by kind
+    prompt_comm(cfg, tp=2, pp=2, prompt_len=6000, chunk=2048)  # a whole prefill, chunk by chunk
 
 `serve.py` models a GPU deployment (its expert parallelism adds attention-data-parallel groups, GPT-4's reported
-layout); this module describes exactly what `moekit serve --tp T --pp P [--ep E]` runs (moekit/parallel/
-worker.py), so that a test can compare it with the real workers byte for byte:
+layout); this module describes exactly what `moekit serve --tp T --pp P [--ep E]` runs (moekit/infer/worker.py,
+driven by moekit/infer/executor.py), so that a test can compare it with the real workers byte for byte:
 
-- world = tp x pp; stage p holds `layers_per_stage` consecutive layers (layout.py: the end stages fewer); stage 0
-  the embedding, the last stage the final norm and lm_head (its own copy when tied and pp > 1).
+- world = tp x pp, global rank = stage x tp + tensor rank; stage p holds `layers_per_stage` consecutive layers
+  (layout.py: the end stages fewer); stage 0 the embedding, the last stage the final norm and lm_head (its own
+  copy when tied and pp > 1).
 - tensor parallel as training's `apply_tensor_parallel` without sequence parallelism: wq/wo and the dense MLPs split,
   wk/wv split unless there is one KV head (MQA: replicated), norms and the router replicated, the embedding and
   lm_head split on the vocabulary, the experts on F, or with --ep (= tp) whole experts on E. Uneven splits follow
@@ -21,6 +23,7 @@ worker.py), so that a test can compare it with the real workers byte for byte:
   the MLP's or MoE's output), one more on the first stage (the vocabulary-split embedding), an all-gather of the
   logits on the last stage (R x V padded to tp x ceil(V / tp), DTensor's uneven all-gather); between stages each
   rank sends N x D to the same tensor rank of the next stage. Payloads as CollectiveCounter counts them.
+- biased models (GPT-3 style, always dense) are the exception, measured: see `_row_parallel`.
 """
 
 from __future__ import annotations
@@ -39,7 +42,15 @@ def chunk(n: int, parts: int, r: int) -> int:
 
 
 def check_workers(cfg: ModelConfig, tp: int, pp: int, ep: int = 1) -> None:
+    """The planner's degree checks plus the two the workers add (moekit/infer/worker.py `check_layout`)."""
     check_parallel(cfg, tp, pp, ep)
+    # check_parallel lets tp be a multiple of a GQA model's KV heads (serve.py replicates them); the workers'
+    # apply_tensor_parallel only splits KV heads tp divides, or replicates a single one (MQA).
+    if cfg.n_kv_head > 1 and cfg.n_kv_head % tp:
+        ok = [d for d in range(1, cfg.n_kv_head + 1)
+              if all(x % d == 0 for x in (cfg.n_kv_head, cfg.n_head, cfg.d_ff, cfg.dense_d_ff))]
+        raise ValueError(f"--tp {tp}: moekit's workers split the {cfg.n_kv_head} KV heads, so --tp must divide "
+                         f"them: choose --tp from {', '.join(map(str, ok))}")
     if ep > 1 and ep != tp:
         raise ValueError(f"--ep {ep}: moekit's workers split the experts across the tensor-parallel ranks of each "
                          f"stage, so --ep must be 1 or equal --tp ({tp})")
@@ -98,12 +109,12 @@ def _rank_params(cfg: ModelConfig, tp: int, ep: int, t: int, layers: range, firs
     norm = _norm_params(cfg)
     q_local = chunk(cfg.q_dim, tp, t)
     kv_local = chunk(cfg.kv_dim, tp, t) if kv_split else cfg.kv_dim
+    mats = 3 if cfg.mlp == "swiglu" else 2
     for i in layers:
         n += 2 * norm
         n += q_local * D + 2 * kv_local * D + D * q_local
         if cfg.bias:
-            n += q_local + 2 * kv_local + D
-        mats = 3 if cfg.mlp == "swiglu" else 2
+            n += q_local + 2 * kv_local + D  # wo's bias is replicated (RowwiseParallel)
         if cfg.is_moe_layer(i):
             n += cfg.n_expert * D  # router
             if ep > 1:
@@ -145,40 +156,78 @@ class StageComm:
     calls: dict[str, int]
 
 
+def _row_parallel(cfg: ModelConfig, n_layers: int, tokens: int, b: int) -> list[tuple[str, int, int]]:
+    """(kind, bytes, calls) of a stage's row-parallel outputs: attention's wo and the MLP's w2 (or the MoE's combine).
+
+    Measured, not designed: a row-parallel nn.Linear *with a bias* under torch.inference_mode() (Worker.step) makes
+    torch 2.14's DTensor all-gather both its input (N x in) and its weight (D x in) and compute the whole output on
+    every rank, instead of one all-reduce of N x D (under torch.no_grad it is the all-reduce). Biased models are
+    dense (config.py: experts have no bias), so that is wo (in = q_dim) and w2 (in = dense_d_ff), 4 gathers a layer.
+    """
+    if cfg.bias:
+        return [("all_gather", n_layers * (tokens + cfg.d_model) * (cfg.q_dim + cfg.dense_d_ff) * b, 4 * n_layers)]
+    return [("all_reduce", n_layers * 2 * tokens * cfg.d_model * b, 2 * n_layers)]
+
+
 def step_comm(cfg: ModelConfig, tp: int, pp: int, ep: int = 1, *, tokens: int, logit_rows: int,
               dtype_bytes: int = 4) -> list[StageComm]:
     """The collectives one rank of each stage issues in a step of `tokens` tokens with `logit_rows` logits."""
     check_workers(cfg, tp, pp, ep)
-    act = tokens * cfg.d_model * dtype_bytes
+    act = tokens * cfg.d_model * dtype_bytes  # the hidden states (1, N, D), in the model's dtype
     out = []
     for p, n_layers in enumerate(layers_per_stage(cfg.n_layer, pp)):
-        ops: list[tuple[str, int, int]] = []  # (kind, bytes per call, calls)
+        ops: list[tuple[str, int, int]] = []  # (kind, bytes, calls)
         if tp > 1:
-            ops.append(("all_reduce", act, 2 * n_layers + (p == 0)))
-            if p == pp - 1:
+            if p == 0:  # the vocabulary-split embedding: each rank looks up its rows, the rest are zeros
+                ops.append(("all_reduce", act, 1))
+            ops += _row_parallel(cfg, n_layers, tokens, dtype_bytes)
+            if p == pp - 1:  # lm_head's column-split logits, gathered (padded to equal shards) on every rank
                 ops.append(("all_gather", logit_rows * math.ceil(cfg.vocab_size / tp) * tp * dtype_bytes, 1))
         ops += [("p2p", act, 1)] * ((p > 0) + (p < pp - 1))  # hidden states in from p - 1, out to p + 1
         payload: dict[str, int] = {}
         calls: dict[str, int] = {}
         for kind, nbytes, n in ops:
-            payload[kind] = payload.get(kind, 0) + nbytes * n
+            payload[kind] = payload.get(kind, 0) + nbytes
             calls[kind] = calls.get(kind, 0) + n
         out.append(StageComm(p, payload, calls))
     return out
 
 
-def format_workers(layout: WorkerLayout, comm: list[StageComm], tokens: int) -> str:
+def prompt_comm(cfg: ModelConfig, tp: int, pp: int, ep: int = 1, *, prompt_len: int, chunk: int = 2048,
+                dtype_bytes: int = 4) -> list[StageComm]:
+    """One prompt's prefill, summed over its steps: the engine's chunked prefill (max_num_batched_tokens, 2048)
+    computes at most `chunk` tokens a step, and only the last chunk asks for a logit row."""
+    steps = [min(chunk, prompt_len - s) for s in range(0, prompt_len, chunk)]
+    total = [StageComm(p, {}, {}) for p in range(pp)]
+    for i, n in enumerate(steps):
+        for acc, c in zip(total, step_comm(cfg, tp, pp, ep, tokens=n, logit_rows=int(i == len(steps) - 1),
+                                           dtype_bytes=dtype_bytes), strict=True):
+            for kind, v in c.payload.items():
+                acc.payload[kind] = acc.payload.get(kind, 0) + v
+                acc.calls[kind] = acc.calls.get(kind, 0) + c.calls[kind]
+    return total
+
+
+def _moved(c: StageComm) -> str:
+    return ", ".join(f"{k} {v:,} ({c.calls[k]})" for k, v in c.payload.items()) or "none"
+
+
+def format_workers(layout: WorkerLayout, decode: list[StageComm], tokens: int,
+                   prefill: list[StageComm] | None = None, prompt_len: int = 0) -> str:
+    """One line per stage (its tensor ranks differ only by the vocabulary's uneven split: the largest is shown)."""
     lines = [f"moekit workers: {layout.model}, tp {layout.tp} x pp {layout.pp}"
              + (f", ep {layout.ep}" if layout.ep > 1 else "") + f" = {layout.tp * layout.pp} processes, "
-             f"{layout.num_blocks} KV blocks of {layout.block_size} tokens each",
-             f"  rank stage layers   weights MiB   KV MiB   per step of {tokens} tokens (payload bytes)"]
-    for w in layout.ranks:
-        c = comm[w.stage]
-        moved = ", ".join(f"{k} {v:,} ({c.calls[k]})" for k, v in c.payload.items()) or "none"
-        lines.append(f"  {w.rank:>4} {w.stage:>5} {w.layers[0]:>3}-{w.layers[1] - 1:<3} "
-                     f"{w.weight_bytes / 2**20:>12.2f} {layout.kv_cache_bytes(w.rank) / 2**20:>8.2f}   {moved}")
+             f"{layout.num_blocks:,} KV blocks of {layout.block_size} tokens on every worker",
+             "  stage layers  weights MiB/rank  KV MiB/rank   per step, one rank: payload bytes by kind (calls)"]
+    for p in range(layout.pp):
+        ws = [w for w in layout.ranks if w.stage == p]
+        w = max(ws, key=lambda w: w.weight_bytes)
+        lines.append(f"  {p:>5} {w.layers[0]:>3}-{w.layers[1] - 1:<3} {w.weight_bytes / 2**20:>16.2f} "
+                     f"{layout.kv_cache_bytes(w.rank) / 2**20:>12.2f}   decode of {tokens}: {_moved(decode[p])}")
+        if prefill is not None:
+            lines.append(f"  {'':>36}   prefill of {prompt_len:,}: {_moved(prefill[p])}")
     return "\n".join(lines)
 
 
-__all__ = ["StageComm", "WorkerLayout", "WorkerRank", "check_workers", "format_workers", "step_comm",
+__all__ = ["StageComm", "WorkerLayout", "WorkerRank", "check_workers", "format_workers", "prompt_comm", "step_comm",
            "worker_layout"]
