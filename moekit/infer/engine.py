@@ -253,10 +253,8 @@ class Engine:
         """The next micro-batch. With a pipeline, requests whose last step is still in flight are passed over (their
         next token is not sampled yet), and each micro-batch takes its share of the requests, so that pp of them
         keep the stages busy (vLLM v0's virtual engines split the requests the same way)."""
-        busy = {s.request.request_id for sched, _, _ in self.in_flight for s in sched.scheduled}
-        limit = None
-        if self.max_in_flight > 1:
-            limit = max(1, math.ceil((len(self.requests)) / self.max_in_flight))
+        limit = math.ceil(len(self.requests) / self.max_in_flight) if self.max_in_flight > 1 else None
+        busy = self._busy()
         sched = self.scheduler.schedule(skip=busy, max_seqs=limit) if busy or limit else self.scheduler.schedule()
         for req in sched.preempted:  # recomputed from scratch later: its drafts are dropped
             self.draft_probs.pop(req.request_id, None)
@@ -270,6 +268,10 @@ class Engine:
             items.append(RunItem(tokens, c, self.kv.block_ids(req.request_id),
                                  len(s.spec_token_ids) + 1 if s.reaches_end else 0, req.request_id))
         return sched, items
+
+    def _busy(self) -> set[str]:
+        """Requests whose step is in flight (submitted to the workers, not yet sampled)."""
+        return {s.request.request_id for sched, _, _ in self.in_flight for s in sched.scheduled}
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run one forward pass, sample, update; the deltas of the requests that moved. With a pipeline
@@ -392,7 +394,7 @@ class Engine:
 
     def _propose(self) -> None:
         reqs, ks = [], []
-        busy = {s.request.request_id for sched, _, _ in self.in_flight for s in sched.scheduled}
+        busy = self._busy()
         for req in self.scheduler.running:
             if req.request_id in busy:
                 continue  # its step is in flight: the token it will add is not known yet
