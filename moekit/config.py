@@ -17,6 +17,50 @@ NORM_TYPES = ("rmsnorm", "layernorm")
 ROPE_TYPES = ("linear", "llama3")  # linear = position interpolation (Chen et al. 2023)
 
 
+def _check_positive(obj: Any, names: tuple[str, ...], where: str = "") -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{where}{name} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class VisionConfig:
+    """A Flamingo-style vision side (Alayrac et al. 2022; SPEC section 5): a ViT encoder, a Perceiver
+    Resampler giving `n_latents` visual tokens per image, and gated cross-attention layers inserted
+    before the language-model blocks listed in `cross_attn_layers` (Mllama's form: layers of their
+    own, so the MoE blocks stay untouched). Shapes of the encoder are its own (`d_model` here is the
+    encoder's width); visual tokens are projected to the language model's width."""
+
+    image_size: int = 32  # square input, pixels per side (images are resized to it)
+    patch_size: int = 8
+    channels: int = 3
+    n_layer: int = 2  # ViT blocks
+    d_model: int = 128
+    n_head: int = 4
+    d_ff: int = 512
+    n_latents: int = 16  # visual tokens per image (Flamingo: 64)
+    resampler_layers: int = 1  # Flamingo: 6
+    cross_attn_every: int = 1  # a cross-attention layer before every N-th LM block (Flamingo-80B: every 7th)
+    cross_attn_layers: list[int] = dataclasses.field(default_factory=list)  # LM block indices; [] = derive
+    image_token_id: int = -1  # the `<image>` marker in the LM vocabulary; -1 = not assigned yet
+    max_images: int = 8  # images per request / sequence the server accepts (a stated limit)
+
+    def __post_init__(self) -> None:
+        _check_positive(self, ("image_size", "patch_size", "channels", "n_layer", "d_model", "n_head", "d_ff",
+                               "n_latents", "resampler_layers", "cross_attn_every", "max_images"), "vision.")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"vision.patch_size ({self.patch_size}) must divide vision.image_size "
+                             f"({self.image_size})")
+        if self.d_model % self.n_head:
+            raise ValueError(f"vision.n_head ({self.n_head}) must divide vision.d_model ({self.d_model})")
+        self.cross_attn_layers = sorted({int(i) for i in self.cross_attn_layers})
+
+    @property
+    def n_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
 @dataclass
 class ModelConfig:
     name: str = "custom"
@@ -46,14 +90,11 @@ class ModelConfig:
     z_loss_coef: float = 0.001  # ST-MoE router z-loss (Zoph et al. 2022, eq. 5)
     capacity_factor: float = 0.0  # 0 = dropless (default); > 0 = GShard capacity with token dropping
     init_std: float = 0.02
+    vision: VisionConfig | None = None  # None = a text-only model
 
     def __post_init__(self) -> None:
-        positive = ("vocab_size", "n_layer", "d_model", "n_head", "n_kv_head", "d_ff", "n_expert", "top_k",
-                    "moe_every", "max_seq_len")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        _check_positive(self, ("vocab_size", "n_layer", "d_model", "n_head", "n_kv_head", "d_ff", "n_expert",
+                               "top_k", "moe_every", "max_seq_len"))
         for name in ("head_dim", "dense_d_ff"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
@@ -90,6 +131,25 @@ class ModelConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.init_std > 0:
             raise ValueError(f"init_std must be > 0, got {self.init_std}")
+        if self.vision is not None:
+            self._check_vision()
+
+    def _check_vision(self) -> None:
+        if isinstance(self.vision, dict):  # from JSON (config.json of a run, a preset file)
+            known = {f.name for f in dataclasses.fields(VisionConfig)}
+            unknown = sorted(set(self.vision) - known)
+            if unknown:
+                raise ValueError(f"unknown vision field(s) {unknown}; known fields: {sorted(known)}")
+            self.vision = VisionConfig(**self.vision)
+        v = self.vision
+        if not isinstance(v, VisionConfig):
+            raise ValueError(f"vision must be None or a VisionConfig, got {type(v).__name__}")
+        bad = [i for i in self.cross_attn_layers if not 0 <= i < self.n_layer]
+        if bad:
+            raise ValueError(f"vision.cross_attn_layers {bad} are not blocks of this {self.n_layer}-layer model")
+        if not -1 <= v.image_token_id < self.vocab_size:
+            raise ValueError(f"vision.image_token_id ({v.image_token_id}) is not in the vocabulary "
+                             f"(0..{self.vocab_size - 1}), nor -1 (unassigned)")
 
     def _check_rope_scaling(self) -> None:
         rs = self.rope_scaling
@@ -103,6 +163,18 @@ class ModelConfig:
                     raise ValueError(f"rope_scaling of type llama3 needs {key!r}")
 
     # ---- derived properties -------------------------------------------------------------------
+    @property
+    def has_vision(self) -> bool:
+        return self.vision is not None
+
+    @property
+    def cross_attn_layers(self) -> list[int]:
+        """LM block indices preceded by a gated cross-attention layer (vision.cross_attn_layers, or every
+        cross_attn_every-th block from block 0)."""
+        if self.vision is None:
+            return []
+        return self.vision.cross_attn_layers or list(range(0, self.n_layer, self.vision.cross_attn_every))
+
     @property
     def is_moe(self) -> bool:
         return self.n_expert > 1
@@ -149,4 +221,4 @@ class ModelConfig:
         return ModelConfig(**d)
 
 
-__all__ = ["ModelConfig"]
+__all__ = ["ModelConfig", "VisionConfig"]

@@ -9,7 +9,7 @@ E experts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,7 +20,8 @@ class RunItem:
     start: int  # position of the first one = tokens of this request already in the cache
     block_ids: list[int]  # the request's block table, covering start + len(token_ids) tokens
     num_logits: int  # logits wanted for the last num_logits tokens (0 for a partial prefill chunk)
-    request_id: str = ""  # for logs and tests only
+    request_id: str = ""  # keys the request's encoder-cache entry (images); else for logs and tests
+    image_positions: list[int] = field(default_factory=list)  # the request's image markers (positions)
 
 
 @dataclass

@@ -36,6 +36,7 @@ import torch
 from moekit.infer import speculative
 from moekit.infer.batch import RunItem, RunOutput
 from moekit.infer.cuda_graphs import DecodeGraphs
+from moekit.infer.encoder_cache import EncoderCache, check_images
 from moekit.infer.kv_cache import KVCacheManager, PagedKVCache, num_blocks_for
 from moekit.infer.request import Request
 from moekit.infer.runner import ModelRunner
@@ -157,13 +158,16 @@ class Engine:
         # Tensor state of unfinished requests, beside them so that Request stays plain data.
         self.generators: dict[str, torch.Generator] = {}  # each request draws from its own (sampler.py)
         self.draft_probs: dict[str, torch.Tensor] = {}  # (K, V) the draft's q of the pending drafts
+        self.encoder_cache = EncoderCache()  # images' cross-attention K/V per request (encoder_cache.py)
+        if cfg.has_vision and executor is not None:
+            raise ValueError("a vision model is served in one process for now: drop --tp/--pp")
         self.counters = Counters()
         self._arrivals = 0
         self._seeds = random.Random()
 
     # ---- requests ---------------------------------------------------------------------------------
     def _make_request(self, prompt: str | Sequence[int], params: SamplingParams | None,
-                      request_id: str | None) -> tuple[Request, torch.Generator]:
+                      request_id: str | None, images: Sequence[torch.Tensor] = ()) -> tuple[Request, torch.Generator]:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -185,11 +189,19 @@ class Engine:
         rid = request_id if request_id is not None else f"req-{self._arrivals}"
         if rid in self.requests or rid in self.finished:
             raise ValueError(f"request id {rid!r} is already in use")
+        positions, salt = check_images(self.cfg, ids, images) if images else ([], None)
+        if not images and self.cfg.has_vision and self.cfg.vision.image_token_id in ids:
+            raise ValueError(f"the prompt holds an image marker (token {self.cfg.vision.image_token_id}) but no "
+                             "image was given: send the image with it")
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
         gen = torch.Generator().manual_seed(seed)  # on the CPU: the same draws on any device
-        return Request(rid, ids, params, arrival=self._arrivals, eos_token_ids=self.eos_token_ids), gen
+        req = Request(rid, ids, params, arrival=self._arrivals, eos_token_ids=self.eos_token_ids,
+                      image_positions=positions, cache_salt=salt)
+        return req, gen
 
-    def _submit(self, req: Request, generator: torch.Generator) -> str:
+    def _submit(self, req: Request, generator: torch.Generator, images: Sequence[torch.Tensor] = ()) -> str:
+        if images:  # the encoder and resampler run once per request, now; their K/V stay until it finishes
+            self.encoder_cache.add(req.request_id, self.model, images)
         self._arrivals += 1
         self.requests[req.request_id] = req
         self.generators[req.request_id] = generator
@@ -198,9 +210,13 @@ class Engine:
         return req.request_id
 
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
-        """Queue a request; its id. A bad request raises ValueError and changes nothing."""
-        return self._submit(*self._make_request(prompt, params, request_id))
+                    request_id: str | None = None, images: Sequence[torch.Tensor] = ()) -> str:
+        """Queue a request; its id. A bad request raises ValueError and changes nothing.
+
+        images: pixels (C, H, W) as moekit.images.to_pixels gives them, one per `<image>` marker of the prompt,
+        in order (a vision model only)."""
+        images = list(images or ())
+        return self._submit(*self._make_request(prompt, params, request_id, images), images)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its blocks; False if it is unknown or already finished."""
@@ -219,6 +235,7 @@ class Engine:
             req.finish_reason = reason
         self.generators.pop(req.request_id, None)
         self.draft_probs.pop(req.request_id, None)
+        self.encoder_cache.free(req.request_id)
         if self.proposer is not None:
             self.proposer.free(req)
         self.finished[req.request_id] = req
@@ -234,8 +251,11 @@ class Engine:
         graph when the step has a captured shape); with workers it is sent and runs while the next is scheduled."""
         if self.executor is not None:
             return self.executor.submit(items)
-        if self.graphs is not None and self.graphs.can_run(items):
+        with_images = any(it.image_positions for it in items)
+        if self.graphs is not None and not with_images and self.graphs.can_run(items):
             return self.graphs.run(items)
+        if with_images:
+            return self.runner.forward(items, encoder_kv=[self.encoder_cache.get(it.request_id) for it in items])
         return self.runner.forward(items)
 
     def _wait_run(self, handle) -> RunOutput:
@@ -266,7 +286,8 @@ class Engine:
             c = req.num_computed_tokens
             tokens = req.all_token_ids[c:c + s.num_tokens - len(s.spec_token_ids)] + s.spec_token_ids
             items.append(RunItem(tokens, c, self.kv.block_ids(req.request_id),
-                                 len(s.spec_token_ids) + 1 if s.reaches_end else 0, req.request_id))
+                                 len(s.spec_token_ids) + 1 if s.reaches_end else 0, req.request_id,
+                                 req.image_positions))
         return sched, items
 
     def _busy(self) -> set[str]:
@@ -448,21 +469,26 @@ class Engine:
                           req.finish_reason or "", req.logprobs, req.num_cached_tokens, req.num_preemptions)
 
     def generate(self, prompts: Sequence[str | Sequence[int]],
-                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
-        """Run every prompt to completion (continuously batched with any other queued request)."""
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 images: Sequence[Sequence[torch.Tensor]] | None = None) -> list[Completion]:
+        """Run every prompt to completion (continuously batched with any other queued request); images: per
+        prompt, its images (see add_request)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
+        ilist = [list(x or ()) for x in images] if images is not None else [[] for _ in prompts]
+        if len(ilist) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(ilist)} image lists")
         made = []
-        for i, (p, sp) in enumerate(zip(prompts, plist, strict=True)):  # validate all before queueing any
-            req, gen = self._make_request(p, sp, f"gen-{self._arrivals + i}")
+        for i, (p, sp, im) in enumerate(zip(prompts, plist, ilist, strict=True)):  # validate all before queueing
+            req, gen = self._make_request(p, sp, f"gen-{self._arrivals + i}", im)
             req.arrival = self._arrivals + i
-            made.append((req, gen))
+            made.append((req, gen, im))
         ids = []
-        for req, gen in made:
-            ids.append(self._submit(req, gen))
+        for req, gen, im in made:
+            ids.append(self._submit(req, gen, im))
         while any(rid in self.requests for rid in ids):
             self.step()
         return [self.result(rid) for rid in ids]
@@ -494,6 +520,9 @@ class Engine:
             "spec_drafted_per_pos": list(c.spec_drafted_per_pos),
             "spec_accepted_per_pos": list(c.spec_accepted_per_pos),
             "tokens_per_expert": c.tokens_per_expert.tolist() if c.tokens_per_expert is not None else [],
+            "images_encoded": self.encoder_cache.images_encoded,
+            "encoder_cache_requests": len(self.encoder_cache.entries),
+            "encoder_cache_bytes": self.encoder_cache.nbytes,
         }
 
     def check_workers(self) -> None:
@@ -519,5 +548,6 @@ class Engine:
         if self.generators or self.draft_probs:
             raise AssertionError(f"per-request state left: {list(self.generators)[:4]} {list(self.draft_probs)[:4]}")
         self.kv.check_whole()
+        self.encoder_cache.check_empty()
         if isinstance(self.proposer, speculative.DraftProposer):
             self.proposer.kv.check_whole()

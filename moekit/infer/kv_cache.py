@@ -140,9 +140,10 @@ class KVCacheManager:
     def _block_hashes(self, req: HasTokens) -> list[bytes]:
         hashes = self.hashes.setdefault(req.request_id, [])
         P, tokens = self.block_size, req.all_token_ids
+        root = getattr(req, "cache_salt", None)  # a request with images: chained from its images' hash
         while (len(hashes) + 1) * P <= len(tokens):  # tokens only grow: earlier hashes stay valid
             i = len(hashes)
-            hashes.append(hash_block(hashes[-1] if hashes else None, tokens[i * P:(i + 1) * P]))
+            hashes.append(hash_block(hashes[-1] if hashes else root, tokens[i * P:(i + 1) * P]))
         return hashes
 
     def get_computed_blocks(self, req: HasTokens) -> tuple[list[Block], int]:

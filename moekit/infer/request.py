@@ -41,6 +41,8 @@ class Request:
     spec_token_ids: list[int] = field(default_factory=list)  # proposed by a drafter for the next step
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     num_preemptions: int = 0
+    image_positions: list[int] = field(default_factory=list)  # where the prompt's image markers sit
+    cache_salt: bytes | None = None  # roots the prefix-cache hash chain: a hash of the request's images
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     logprobs: list[Logprob] = field(default_factory=list)
     text: str = ""  # detokenized output, stop string removed

@@ -35,9 +35,11 @@ from contextlib import contextmanager
 import torch
 
 from moekit.infer.batch import RunItem, RunOutput
+from moekit.infer.encoder_cache import KV, image_of
 from moekit.infer.kv_cache import PagedKVCache
 from moekit.model.attention import AttentionGroup, PagedContext, causal_mask
 from moekit.model.transformer import Transformer
+from moekit.model.vision import VisionInput
 
 SHORT_QUERY = 8  # queries up to this long are padded and batched in one SDPA call
 GATHER_MAX_TOKENS = 2  # on a GPU, batches up to this many tokens use the MoE's gather dispatch
@@ -131,15 +133,35 @@ class ModelRunner:
         return (torch.tensor(tokens, device=dev)[None], torch.tensor(positions, device=dev)[None], ctx,
                 torch.tensor(logit_rows, dtype=torch.long, device=dev))
 
+    def vision(self, items: list[RunItem], encoder_kv: list[KV | None]) -> VisionInput | None:
+        """The step's cross-attention input: the K/V of every image of the batch's requests, concatenated
+        (a bank of I images), and for each token the bank index of its image (Flamingo's masking: the last
+        marker at or before the token's position in its request), -1 for tokens that see no image."""
+        image_T, banks, n_images = [], [], 0
+        for it, kv in zip(items, encoder_kv, strict=True):
+            for p in range(it.start, it.start + len(it.token_ids)):
+                j = image_of(it.image_positions, p)
+                image_T.append(n_images + j if j >= 0 else -1)
+            if kv is not None and it.image_positions:
+                banks.append(kv)
+                n_images += len(it.image_positions)
+        if not banks or max(image_T) < 0:
+            return None
+        kv = {layer: (torch.cat([b[layer][0] for b in banks]), torch.cat([b[layer][1] for b in banks]))
+              for layer in banks[0]}
+        return VisionInput(torch.tensor(image_T, device=self.device)[None], kv=kv)
+
     @torch.inference_mode()
-    def forward(self, items: list[RunItem], inputs: torch.Tensor | None = None):
+    def forward(self, items: list[RunItem], inputs: torch.Tensor | None = None,
+                encoder_kv: list[KV | None] | None = None):
         """One step's forward pass: a RunOutput, or for a pipeline stage before the last (moekit/parallel/
         worker.py) its hidden states. `inputs` replaces the token ids with the previous stage's hidden
-        states (1, T, D)."""
+        states (1, T, D). encoder_kv: per item, its request's images' cross-attention K/V (None: no images)."""
         tokens_1T, positions_1T, ctx, logit_rows = self.prepare(items)
+        vision = self.vision(items, encoder_kv) if encoder_kv is not None else None
         with dispatch_for(self.model, moe_dispatch(self.device, tokens_1T.shape[1])):
             out = self.model(tokens_1T if inputs is None else inputs, ctx=ctx, positions_BT=positions_1T,
-                             logits_rows=logit_rows)
+                             logits_rows=logit_rows, vision=vision)
         if isinstance(out, torch.Tensor):
             return out
         counts = [r.tokens_per_expert_E for r in out.routing]

@@ -60,6 +60,13 @@ def apply_rope(x_BHTDh: torch.Tensor, cos_BTDh: torch.Tensor, sin_BTDh: torch.Te
     return x_BHTDh * cos_BTDh[:, None] + rotated * sin_BTDh[:, None]
 
 
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    """The LM's norm (before attention, MLP, cross-attention and the head): RMSNorm or LayerNorm."""
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
 class KVCache(nn.Module):
     """A contiguous per-layer K/V cache for `generate` (the serving engine has a paged one)."""
 

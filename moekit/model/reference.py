@@ -3,6 +3,7 @@
 - `moe_loop`: a plain loop over experts and top-k ranks with boolean masks, no sorting, no gathers.
 - `capacity_keep_loop`: GShard's capacity rule, one assignment at a time in Python.
 - `attention_naive`: softmax(q k^T / sqrt(d) + causal mask) v with K/V heads repeated by hand.
+- `gated_cross_attention_loop`: a gated cross-attention layer, one token and one head at a time.
 """
 
 from __future__ import annotations
@@ -62,3 +63,31 @@ def attention_naive(q_BHTDh: torch.Tensor, k_BGSDh: torch.Tensor, v_BGSDh: torch
     allowed = torch.ones(T, S, dtype=torch.bool).tril(start_pos)  # query t sees keys 0..start_pos + t
     scores = scores.masked_fill(~allowed.to(scores.device), float("-inf"))
     return scores.softmax(-1) @ v
+
+
+def gated_cross_attention_loop(layer, x_BTD: torch.Tensor, image_BT: torch.Tensor,
+                               visual_ILD: torch.Tensor) -> torch.Tensor:
+    """moekit.model.vision.GatedCrossAttention, token by token and head by head: a token with image i >= 0 gets
+    x + tanh(attn_gate) a, then + tanh(mlp_gate) MLP(norm(.)), with a = wo(concat over heads of softmax(q k^T /
+    sqrt(Dh)) v) over image i's visual tokens; a token with image -1 is unchanged."""
+    att = layer.attn
+    H, G, Dh = att.n_head, att.n_kv_head, att.head_dim
+    out = x_BTD.clone()
+    k_ILGDh = att.wk(visual_ILD).unflatten(-1, (G, Dh))
+    v_ILGDh = att.wv(visual_ILD).unflatten(-1, (G, Dh))
+    for b in range(x_BTD.shape[0]):
+        for t in range(x_BTD.shape[1]):
+            i = int(image_BT[b, t])
+            if i < 0:
+                continue
+            x = x_BTD[b, t]
+            q_HDh = att.wq(layer.attn_norm(x)).view(H, Dh)
+            heads = []
+            for h in range(H):
+                g = h // (H // G)  # query head h reads KV head g (GQA/MQA grouping, as repeat_interleave)
+                k_LDh, v_LDh = k_ILGDh[i, :, g], v_ILGDh[i, :, g]
+                w_L = torch.softmax(k_LDh @ q_HDh[h] / math.sqrt(Dh), dim=0)
+                heads.append(w_L @ v_LDh)
+            y = x + torch.tanh(layer.attn_gate[0]) * att.wo(torch.cat(heads))
+            out[b, t] = y + torch.tanh(layer.mlp_gate[0]) * layer.mlp(layer.mlp_norm(y))[0]
+    return out

@@ -31,16 +31,12 @@ from moekit.model.attention import (
     AttentionContext,
     ContiguousContext,
     KVCache,
+    make_norm,
     rope_cos_sin,
     rope_inv_freq,
 )
 from moekit.model.moe import MLP, MoE, RoutingInfo
-
-
-def make_norm(cfg: ModelConfig) -> nn.Module:
-    if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+from moekit.model.vision import GatedCrossAttention, VisionInput, VisionModel
 
 
 class Block(nn.Module):
@@ -78,6 +74,11 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        # The vision side (SPEC section 5), registered after the text model so that a seed draws the same text
+        # weights with or without it. xattn is keyed by the LM block each layer precedes.
+        self.vision = VisionModel(cfg) if cfg.has_vision else None
+        self.xattn = (nn.ModuleDict({str(i): GatedCrossAttention(cfg, i) for i in cfg.cross_attn_layers})
+                      if cfg.has_vision else None)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.init_weights()
 
@@ -95,6 +96,8 @@ class Transformer(nn.Module):
             leaf = name.rsplit(".", 1)[-1]
             if "norm" in name:
                 p.fill_(1.0 if leaf == "weight" else 0.0)
+            elif leaf.endswith("_gate"):  # Flamingo's tanh gates start closed: the text model is unchanged
+                p.zero_()
             elif leaf == "bias":
                 p.zero_()
             else:
@@ -114,7 +117,7 @@ class Transformer(nn.Module):
 
     def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None, *,
                 ctx: AttentionContext = None, positions_BT: torch.Tensor | None = None,
-                logits_rows: torch.Tensor | None = None) -> ModelOutput:
+                logits_rows: torch.Tensor | None = None, vision: VisionInput | None = None) -> ModelOutput:
         """Logits (and the loss, given targets) of tokens idx_BT.
 
         ctx: what attention reads besides these tokens (moekit/model/attention.py): None, a contiguous
@@ -122,6 +125,7 @@ class Transformer(nn.Module):
         context's start). logits_rows: rows of the flattened (B x T) batch to compute logits for (the
         serving engine wants a few of its T tokens), giving logits of shape (R, V). A pipeline stage without
         the embedding takes hidden states x_BTD as idx_BT; one without the head returns its hidden states.
+        vision: the images these tokens attend to (moekit/model/vision.py); None = text only.
         """
         B, T = idx_BT.shape[:2]
         if positions_BT is None:
@@ -132,7 +136,10 @@ class Transformer(nn.Module):
         x_BTD = self.tok_emb(idx_BT) if self.tok_emb is not None else idx_BT
         cos, sin = rope_cos_sin(self.inv_freq, positions_BT)
         routing: list[RoutingInfo] = []
-        for block in self.blocks.values():
+        xattn = self.xattn if vision is not None else None
+        for key, block in self.blocks.items():
+            if xattn is not None and key in xattn:
+                x_BTD = xattn[key](x_BTD, vision)
             x_BTD, info = block(x_BTD, cos, sin, ctx)
             if info is not None:
                 routing.append(info)
@@ -155,6 +162,16 @@ class Transformer(nn.Module):
             if out.aux_loss is not None:
                 out.loss = out.loss + self.cfg.aux_loss_coef * out.aux_loss + self.cfg.z_loss_coef * out.z_loss
         return out
+
+    def encode_images(self, pixels_ICHW: torch.Tensor) -> torch.Tensor:
+        """Visual tokens (I, L, D) of a batch of images: the encoder and resampler, run once per image."""
+        if self.vision is None:
+            raise ValueError(f"model {self.cfg.name!r} has no vision encoder: it does not take images")
+        return self.vision(pixels_ICHW)
+
+    def cross_kv(self, visual_ILD: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Every cross-attention layer's K and V of these visual tokens: what the engine keeps per request."""
+        return {layer.layer: layer.kv(visual_ILD) for layer in self.xattn.values()}
 
     def moe_layers(self) -> list[MoE]:
         return [b.mlp for b in self.blocks.values() if isinstance(b.mlp, MoE)]
