@@ -41,8 +41,8 @@ def decode_data_url(url: str) -> bytes:
         raise ImageError("image_url.url must be a string: a data URL such as data:image/png;base64,...")
     head = url[:16].lower()
     if head.startswith(("http://", "https://", "ftp://", "file:")):
-        raise ImageError("image URLs are not fetched: send the image inline as a base64 data URL "
-                         "(data:image/png;base64,...)")
+        raise ImageError("image URLs are not fetched (this server fetches nothing): send the image inline as a "
+                         "base64 data URL (data:image/png;base64,...)")
     m = _DATA_URL.match(url)
     if m is None:
         raise ImageError("image_url.url must be a base64 data URL (data:image/png;base64,...)")
@@ -68,7 +68,9 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS):
     if len(data) > MAX_BYTES:
         raise ImageError(f"image is {len(data) / 2**20:.1f} MB; the limit is {MAX_BYTES // 2**20} MB")
     try:
-        with warnings.catch_warnings():  # Pillow warns above 89M pixels; the check below refuses those anyway
+        # Pillow warns above 89M pixels; the check below refuses those anyway. (catch_warnings is not thread-safe
+        # before Python 3.14: a race can at worst leave this one filter installed, which is harmless.)
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=None)  # reads the header only
     except UnidentifiedImageError:
@@ -116,9 +118,7 @@ _ORIENTATION = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: 
 def _orientation(img) -> int:
     """The EXIF orientation tag, 1 (upright) when absent or unreadable: corrupt EXIF never refuses a picture."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "Corrupt EXIF data", "Tag data larger than file"
-            value = img.getexif().get(0x0112, 1)
+        value = img.getexif().get(0x0112, 1)
     except Exception:  # noqa: BLE001 - any failure to parse metadata means "no orientation"
         return 1
     return value if isinstance(value, int) else 1

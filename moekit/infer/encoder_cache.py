@@ -48,7 +48,7 @@ def check_images(cfg: ModelConfig, ids: list[int], images: Sequence[torch.Tensor
         if not isinstance(px, torch.Tensor) or tuple(px.shape) != want or not px.is_floating_point():
             raise ValueError(f"image {j}: expected float pixels of shape {want} (moekit.images.to_pixels), got "
                              f"{getattr(px, 'shape', type(px).__name__)}")
-        h.update(px.detach().to(torch.float32).contiguous().numpy().tobytes())
+        h.update(px.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
     return positions, h.digest()
 
 

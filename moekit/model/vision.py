@@ -73,9 +73,9 @@ class SelfAttention(nn.Module):
         self.wo = nn.Linear(d, d)
 
     def forward(self, x_IPE: torch.Tensor) -> torch.Tensor:
-        I, P, E = x_IPE.shape
-        q, k, v = self.wqkv(x_IPE).view(I, P, 3, self.n_head, E // self.n_head).permute(2, 0, 3, 1, 4)
-        return self.wo(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(I, P, E))
+        n_img, P, E = x_IPE.shape
+        q, k, v = self.wqkv(x_IPE).view(n_img, P, 3, self.n_head, E // self.n_head).permute(2, 0, 3, 1, 4)
+        return self.wo(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n_img, P, E))
 
 
 class FeedForward(nn.Module):
@@ -135,13 +135,13 @@ class ResamplerLayer(nn.Module):
         self.mlp = FeedForward(v.d_model, v.d_ff)
 
     def forward(self, x_IPE: torch.Tensor, lat_ILE: torch.Tensor) -> torch.Tensor:
-        I, L, E = lat_ILE.shape
+        n_img, L, E = lat_ILE.shape
         h, dh = self.n_head, E // self.n_head
         lat_n = self.latent_norm(lat_ILE)
         kv_in = torch.cat([self.media_norm(x_IPE), lat_n], dim=1)
-        q = self.wq(lat_n).view(I, L, h, dh).transpose(1, 2)
-        k, v = self.wkv(kv_in).view(I, -1, 2, h, dh).permute(2, 0, 3, 1, 4)
-        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(I, L, E)
+        q = self.wq(lat_n).view(n_img, L, h, dh).transpose(1, 2)
+        k, v = self.wkv(kv_in).view(n_img, -1, 2, h, dh).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n_img, L, E)
         lat_ILE = lat_ILE + self.wo(o)
         return lat_ILE + self.mlp(self.mlp_norm(lat_ILE))
 
@@ -191,9 +191,9 @@ class CrossAttention(nn.Module):
 
     def kv(self, visual_ILD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of each image's visual tokens, (I, G, L, Dh): computed once per image and kept."""
-        I, L, _ = visual_ILD.shape
-        k = self.wk(visual_ILD).view(I, L, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.wv(visual_ILD).view(I, L, self.n_kv_head, self.head_dim).transpose(1, 2)
+        n_img, L, _ = visual_ILD.shape
+        k = self.wk(visual_ILD).view(n_img, L, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.wv(visual_ILD).view(n_img, L, self.n_kv_head, self.head_dim).transpose(1, 2)
         return k, v
 
     def forward(self, x_ND: torch.Tensor, image_N: torch.Tensor, k_IGLDh: torch.Tensor,

@@ -1,6 +1,8 @@
 """`moekit plan [train|serve|wall|chart]`: the planner's command line, a thin layer over `moekit.plan`.
 
     moekit plan                                   # the GPT-4 report (every claim of SPEC sections 1-4)
+    moekit plan --model gpt4-vision               # ... and section 5, vision, on a vision config
+    moekit plan vision --model gpt4-vision        # vision parameters, FLOPs per image, encoder cache, fine-tune, IO
     moekit plan train --gpu A100-80GB --gpus 25000 --tokens 13T --mfu 0.34
     moekit plan train --model tiny --gpus 2 --tp 1 --pp 1 --zero 3 --optimizer-precision fp32 \
         --batch-tokens 256 --seq-len 64 --micro-batch 2 --recompute none    # per-rank bytes, collectives
@@ -10,7 +12,8 @@
     moekit plan chart --out charts/
 
 Every input has a flag, `--json` prints the full result, numbers take decimal suffixes (13T, 60M, 8k = 8,000).
-Model overrides (`--n_layer=60`) apply to `train` and `serve`. Bad input: one line, exit code 2.
+Model overrides (`--n_layer=60`) apply to `train`, `serve`, `vision` and the report's --model. Bad input: one
+line, exit code 2.
 """
 
 from __future__ import annotations
@@ -45,10 +48,10 @@ def integer(text: str) -> int:
     return int(value)
 
 
-def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
+def _common(p: argparse.ArgumentParser, model: bool = True, default: str = "gpt4") -> None:
     if model:
-        p.add_argument("--model", default="gpt4", help="preset name, moekit run or HF folder (default gpt4); "
-                                                      "--key=value overrides its config")
+        p.add_argument("--model", default=default, help=f"preset name, moekit run or HF folder (default {default}); "
+                                                        "--key=value overrides its config")
     p.add_argument("--hardware", action="append", default=[], metavar="FILE",
                    help="JSON/TOML file of extra GPU entries (repeatable); see moekit/plan/hardware.py")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
@@ -56,7 +59,9 @@ def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the GPT-4 report as JSON")
-    sub = p.add_subparsers(dest="plan_command", metavar="{train,serve,wall,chart}")
+    p.add_argument("--model", dest="report_model", metavar="MODEL",
+                   help="a vision model (e.g. gpt4-vision): adds the report's section 5, vision, computed on it")
+    sub = p.add_subparsers(dest="plan_command", metavar="{train,serve,wall,vision,chart}")
     gpu_help = "GPU name, `local`, or a hardware file (default %(default)s)"
 
     t = sub.add_parser("train", help="FLOPs, days or MFU, dollars, memory per GPU, pipeline bubble")
@@ -130,6 +135,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     w.add_argument("--overhead", type=float, default=2.0,
                    help="bytes moved per byte of weights (default 2: the article's overheads = weight reads)")
     w.add_argument("--hbm-gb-s", type=float, help="override the GPU's bandwidth, GB/s (the article: 3000)")
+
+    v = sub.add_parser("vision", help="a vision model's parameters, FLOPs per image, encoder cache, fine-tune, IO")
+    _common(v, default="gpt4-vision")
+    v.add_argument("--tokens", type=number, default=2e12, help="fine-tuning text tokens (default 2T, SPEC 5)")
+    v.add_argument("--images-per-token", type=float, default=5 / 256,
+                   help="images per text token in the fine-tune (default 5/256: Flamingo's M3W sequences)")
+    v.add_argument("--gpu", default="A100-80GB", help=gpu_help)
+    v.add_argument("--gpus", type=integer, default=25_000, help="GPUs for the fine-tune's days (default 25,000)")
+    v.add_argument("--mfu", type=float, default=0.34, help="MFU for the fine-tune's days (default 0.34)")
+    v.add_argument("--cache-dtype", default="bf16", choices=list(DTYPE_BYTES), help="encoder cache precision")
 
     c = sub.add_parser("chart", help="write the planner's PNG charts")
     c.add_argument("--out", default="moekit-charts", help="directory for the PNGs (default ./moekit-charts)")
@@ -254,12 +269,26 @@ def run(args: argparse.Namespace) -> int:
     from moekit.resolve import apply_overrides
 
     cmd = args.plan_command
-    if args.overrides and cmd not in ("train", "serve"):
+    report_model = getattr(args, "report_model", None)
+    if report_model and cmd is not None:
+        raise ValueError(f"--model before `{cmd}` is the report's (section 5, vision); give it after the command: "
+                         f"moekit plan {cmd} --model {report_model}")
+    if args.overrides and cmd not in ("train", "serve", "vision") and not (cmd is None and report_model):
         raise ValueError(f"model overrides ({', '.join('--' + k for k in args.overrides)}) apply only to "
-                         "`moekit plan train` and `moekit plan serve`")
+                         "`moekit plan train`, `serve` and `vision`, and to the report's --model")
     if cmd is None:
-        r = plan.gpt4_report()
+        model = apply_overrides(plan.as_config(report_model), args.overrides) if report_model else None
+        r = plan.gpt4_report(model)
         print(json.dumps(r.to_dict(), indent=2) if args.json else plan.format_report(r))
+        return 0
+    if cmd == "vision":
+        from moekit.plan.vision import format_vision, vision_plan
+
+        cfg = apply_overrides(plan.as_config(args.model), args.overrides)
+        vp = vision_plan(cfg, finetune_tokens=args.tokens, images_per_token=args.images_per_token, gpu=args.gpu,
+                         n_gpus=args.gpus, mfu=args.mfu, cache_dtype=args.cache_dtype,
+                         hardware_files=tuple(args.hardware))
+        print(json.dumps(vp.to_dict(), indent=2) if args.json else format_vision(vp))
         return 0
     if cmd == "chart":
         for path in plan.write_charts(args.out):

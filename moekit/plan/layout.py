@@ -7,6 +7,11 @@ Placement (SPEC section 4, "the head node holds fewer layers"): layers are split
 stages as evenly as possible, and when they do not divide evenly the extra layers go to the middle
 stages first, because the first stage also holds the token embedding and the last the output layer.
 GPT-4 at 120 layers: 15 stages of 8 (training), or 8 + 7 + ... with the two end stages at 7 (16-way).
+
+A vision model's encoder, resampler and projector sit on the first stage (where the images come in: Mllama and
+vLLM run the encoder before the language model), each cross-attention layer on the stage of the block it
+precedes. Of a cross-attention layer, the K/V projections run once per image (`vision`, like the encoder), the
+rest once per token that sees an image (`dense`).
 """
 
 from __future__ import annotations
@@ -28,15 +33,17 @@ class Stage:
     experts: float  # every expert of the stage's MoE layers
     expert_layer: float  # one expert in one layer (GPT-4: 8 d^2 = 925M)
     top_k: int
+    vision: float = 0.0  # run once per image, not per token: encoder, resampler, projector; cross-attention K/V
 
     @property
     def params(self) -> float:
-        return self.embedding + self.lm_head + self.dense + self.experts
+        return self.embedding + self.lm_head + self.dense + self.experts + self.vision
 
     @property
     def non_expert(self) -> float:
-        """Parameters every token reads: split by tensor parallelism, replicated over expert parallelism."""
-        return self.embedding + self.lm_head + self.dense
+        """Parameters held whole by every expert group: split by tensor parallelism, replicated over expert
+        parallelism (all but `vision` are read by every token)."""
+        return self.embedding + self.lm_head + self.dense + self.vision
 
     @property
     def matmul_active(self) -> float:
@@ -118,20 +125,27 @@ def stages(cfg: ModelConfig, pp: int = 1) -> list[Stage]:
     dense_mlp_layer = c.dense_mlp / n_dense if n_dense else 0.0
     # A tied embedding is also the output layer: with pp > 1 the last stage keeps a copy (Megatron-LM).
     lm_head = c.lm_head if c.lm_head else c.embedding
+    xattn = set(cfg.cross_attn_layers)
+    xattn_kv = 2 * cfg.d_model * cfg.kv_dim  # one cross-attention layer's wk and wv
+    xattn_token = c.cross_attn / len(xattn) - xattn_kv if xattn else 0.0
+    encoder = c.vision_encoder + c.vision_resampler + c.vision_projector
 
     out, first = [], 0
     for s, n in enumerate(layers_per_stage(L, pp)):
         moe = sum(cfg.is_moe_layer(i) for i in range(first, first + n))
+        n_x = len(xattn & set(range(first, first + n)))
         first += n
         last = s == pp - 1
         dense = n * (attn_layer + 2 * norm_size) + moe * router_layer + (n - moe) * dense_mlp_layer
+        dense += n_x * xattn_token
         if last:
             dense += norm_size
         embedding = c.embedding if s == 0 and not (pp == 1 and cfg.tie_embeddings) else 0.0
         out.append(Stage(index=s, layers=n, moe_layers=moe, embedding=embedding,
                          lm_head=lm_head if last else 0.0, dense=dense,
                          experts=moe * cfg.n_expert * expert_layer if cfg.is_moe else 0.0,
-                         expert_layer=expert_layer if cfg.is_moe else 0.0, top_k=cfg.top_k))
+                         expert_layer=expert_layer if cfg.is_moe else 0.0, top_k=cfg.top_k,
+                         vision=n_x * xattn_kv + (encoder if s == 0 else 0.0)))
     return out
 
 

@@ -2,22 +2,27 @@
 
     moekit plan            # the report as text
     moekit plan --json     # the same claims as JSON
+    moekit plan --model gpt4-vision      # + section 5, vision, computed on a vision config
     from moekit.plan import gpt4_report; r = gpt4_report(); all(c.agrees for c in r.claims)
 
 Each claim is recomputed from the presets (`moekit.presets`), the counts (`moekit.counts`) and the
-cost models (`train.py`, `serve.py`, `wall.py`); `agrees` says whether moekit lands where the
-article does, within the tolerance written beside it. The errata (SPEC section 7) close the report.
+cost models (`train.py`, `serve.py`, `wall.py`, `vision.py`); `agrees` says whether moekit lands where
+the article does, within the tolerance written beside it. The errata (SPEC section 7) close the report.
+Section 5 needs a model with a vision side, whose sizes the article does not give (moekit's gpt4-vision
+preset states its assumptions), so it appears only when one is asked for.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from moekit.config import ModelConfig
 from moekit.counts import count_params, flops_per_token, kv_bytes_per_token
 from moekit.plan.hardware import get_gpu
-from moekit.plan.layout import stages
+from moekit.plan.layout import as_config, stages
 from moekit.plan.serve import expert_coverage, serve
 from moekit.plan.train import train
+from moekit.plan.vision import IMAGES_PER_TOKEN, IO_TOLERANCE, vision_plan
 from moekit.plan.wall import READING_SPEEDS, article_h100, flops_utilization, max_tokens_per_s, wall
 from moekit.presets import get_preset
 
@@ -259,6 +264,47 @@ def _inference() -> list[Claim]:
     ]
 
 
+def _vision(cfg: ModelConfig) -> list[Claim]:
+    """SPEC section 5 on a vision config (its sizes are the config's, not the article's)."""
+    p = vision_plan(cfg)
+    w, f, c, ft, io = p.params, p.image_flops, p.cache, p.finetune, p.io
+    text_only = count_params(cfg.replace(vision=None))
+    every = cfg.vision.cross_attn_every
+    where = (f" before blocks {', '.join(map(str, cfg.cross_attn_layers))}" if cfg.vision.cross_attn_layers else
+             f", one every {every} of the {cfg.n_layer} blocks" if every > 1 else ", one before each block")
+    return [
+        Claim("5", "A separate vision encoder, joined to the language model by cross-attention like Flamingo",
+              "separate encoder + cross-attention",
+              f"a ViT of {_n(w.encoder)} ({cfg.vision.n_layer} layers, width {cfg.vision.d_model:,}, "
+              f"{io.n_patches} patches of {p.patch_size} x {p.patch_size} px), a resampler of {_n(w.resampler)} to "
+              f"{io.n_latents} visual tokens, {w.n_cross_layers} tanh-gated cross-attention layers{where}; an "
+              f"image is encoded once: {_n(f.total, 'FLOP')} ({p.image_in_text_tokens:.1f} text tokens' worth), "
+              f"and a request keeps {c.per_image / 1e3:,.0f} kB of cross-attention K/V per image, "
+              f"{c.per_image / c.text_kv_window:.2%} of a {cfg.max_seq_len:,}-token text KV cache",
+              f"{cfg.name} preset: sizes chosen by moekit (the article gives none), bf16 cache",
+              w.encoder > 0 and w.n_cross_layers > 0, f.total),
+        Claim("5", "The vision side adds parameters on top of the 1.8T", "on top of 1.8T",
+              f"+{_n(w.total)} ({w.share:.1%}) on top of {_n(w.text)}, of which cross-attention "
+              f"{_n(w.cross_attn)} ({w.cross_attn / w.total:.0%}); a text token that sees an image uses "
+              f"{_n(w.active_per_token)} (text only {_n(w.text_active_per_token)})",
+              "cross-attention layers dense, of the LM's attention and MLP widths",
+              w.total > 0 and w.text == text_only.total, w.total),
+        Claim("5", "Fine-tuned on ~2T more tokens after text-only pre-training", "~2T tokens",
+              f"{ft.flops:.3g} FLOPs, {ft.share:.0%} of the {ft.pretrain_flops:.3g} of pre-training "
+              f"({ft.image_flops / ft.flops:.1%} of it the encoder's, {_n(ft.images)} images): "
+              f"{ft.days:.3g} days on {ft.n_gpus:,} {ft.gpu} at {ft.mfu:.0%} MFU",
+              f"6 x active per text token x 2T + 3 x FLOPs per image x {IMAGES_PER_TOKEN * 256:.0f} images per "
+              "256 tokens (Flamingo's M3W), everything trained", ft.share < 0.25, ft.flops),
+        Claim("5", "Image data needs ~150x the IO of text (~600 bytes per token vs ~4)", "~150x (600 B vs 4 B)",
+              f"{io.patch_bytes} B per {p.patch_size} x {p.patch_size} RGB patch token / "
+              f"{io.text_bytes_per_token:g} B per text token = {io.ratio:.0f}x "
+              f"({io.ratio / io.article_ratio - 1:+.0%}); per resampled visual token {io.per_visual_token:,.0f} B "
+              f"({io.per_visual_token / io.text_bytes_per_token:,.0f}x)",
+              "raw 8-bit pixels; ~4 UTF-8 bytes per cl100k token (OpenAI: a token is ~4 characters of English); "
+              f"within {IO_TOLERANCE:.0%}", io.agrees, io.ratio),
+    ]
+
+
 def errata() -> list[str]:
     """SPEC section 7, with the arithmetic that shows each one redone here."""
     lo, hi = 25_000 * 24 * 90 * 1.0, 25_000 * 24 * 100 * 1.0
@@ -277,11 +323,20 @@ def errata() -> list[str]:
     ]
 
 
-def gpt4_report() -> Report:
-    return Report(claims=_brick_wall() + _model() + _training() + _inference(), errata=errata())
+def gpt4_report(model: ModelConfig | str | None = None) -> Report:
+    """Sections 1-4; with `model` (a vision config, e.g. "gpt4-vision") also section 5, vision."""
+    claims = _brick_wall() + _model() + _training() + _inference()
+    if model is not None:
+        cfg = as_config(model)
+        if not cfg.has_vision:
+            raise ValueError(f"model {cfg.name!r} has no vision side: the report's --model is for section 5 "
+                             "(vision); pass a vision model, e.g. --model gpt4-vision")
+        claims += _vision(cfg)
+    return Report(claims=claims, errata=errata())
 
 
-_TITLES = {"1": "1. The brick wall: inference", "2": "2. Model", "3": "3. Training", "4": "4. Inference"}
+_TITLES = {"1": "1. The brick wall: inference", "2": "2. Model", "3": "3. Training", "4": "4. Inference",
+           "5": "5. Vision"}
 
 
 def format_report(r: Report) -> str:
@@ -294,11 +349,13 @@ def format_report(r: Report) -> str:
         lines += [f"[{i}] {c.claim}  ({'agrees' if c.agrees else 'DISAGREES'})",
                   f"    article: {c.article}", f"    moekit:  {c.moekit}", f"    assumes: {c.assumptions}"]
     n_ok = sum(c.agrees for c in r.claims)
+    vision = any(c.section == "5" for c in r.claims)
     title = "Errata (the article is wrong here; moekit does not copy it)"
     lines += ["", title, "-" * len(title), *r.errata, "",
               f"{n_ok} of {len(r.claims)} claims agree. Reading speed: the article converts 250 and 1,000 "
               "words/min to 8.33 and 33.33 tokens/s (2 tokens per word).",
-              "Every figure: `moekit plan train|serve|wall ... --json`; charts: `moekit plan chart`."]
+              f"Every figure: `moekit plan train|serve|wall{'|vision' if vision else ''} ... --json`; charts: "
+              "`moekit plan chart`."]
     return "\n".join(lines)
 
 

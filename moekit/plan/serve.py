@@ -301,6 +301,9 @@ def serve(model: ModelConfig | str = "gpt4", gpu: GPU | str = "H100", *, n_gpus:
     if batch is not None and target_tps is not None:
         raise ValueError("give --batch or --target-tps, not both")
     notes = []
+    if cfg.has_vision:  # (moekit/plan/vision.py)
+        notes.append("vision: every token counted as one that sees an image (its cross-attention layers included); "
+                     "the encoder's FLOPs per image and its cache per request are not: `moekit plan vision`")
     if context > cfg.max_seq_len:
         notes.append(f"context {context:,} exceeds {cfg.name}'s max_seq_len {cfg.max_seq_len:,}")
     s = _Setup(cfg=cfg, hw=hw, stages=stages(cfg, pp), tp=tp, pp=pp, ep=ep, weight_dtype=weight_dtype,

@@ -133,6 +133,56 @@ def params(cfg: ModelConfig) -> list[Param]:
     out += _norm(cfg, "norm", "root")
     if not cfg.tie_embeddings:
         out.append(Param("lm_head.weight", (cfg.vocab_size, D), "root", 0))
+    return out + _vision_params(cfg)
+
+
+def _vision_params(cfg: ModelConfig) -> list[Param]:
+    """The vision side (moekit/model/vision.py), registered after the text model. moekit/parallel/tensor.py plans
+    the blocks only, so every vision tensor is replicated on the tensor ranks (tp_dim None), and FSDP2 wraps the
+    blocks and then the root, so they fall in the root unit."""
+    v = cfg.vision
+    if v is None:
+        return []
+    E, F = v.d_model, v.d_ff
+
+    def lin(name: str, out_f: int, in_f: int, bias: bool = True) -> list[Param]:
+        return [Param(f"{name}.weight", (out_f, in_f), "root", None)] + (
+            [Param(f"{name}.bias", (out_f,), "root", None)] if bias else [])
+
+    def ln(name: str) -> list[Param]:
+        return [Param(f"{name}.weight", (E,), "root", None), Param(f"{name}.bias", (E,), "root", None)]
+
+    def ff(name: str) -> list[Param]:
+        return lin(f"{name}.w1", F, E) + lin(f"{name}.w2", E, F)
+
+    enc, res = "vision.encoder", "vision.resampler"
+    # A module's own parameters come before its children's in named_parameters(): pos_emb before the patch conv.
+    out = [Param(f"{enc}.pos_emb", (v.n_patches, E), "root", None),
+           Param(f"{enc}.patch.weight", (E, v.channels, v.patch_size, v.patch_size), "root", None),
+           Param(f"{enc}.patch.bias", (E,), "root", None)]
+    for i in range(v.n_layer):
+        b = f"{enc}.blocks.{i}"
+        out += ln(f"{b}.attn_norm") + lin(f"{b}.attn.wqkv", 3 * E, E) + lin(f"{b}.attn.wo", E, E)
+        out += ln(f"{b}.mlp_norm") + ff(f"{b}.mlp")
+    out += ln(f"{enc}.norm") + [Param(f"{res}.latents", (v.n_latents, E), "root", None)]
+    for i in range(v.resampler_layers):
+        b = f"{res}.layers.{i}"
+        out += ln(f"{b}.media_norm") + ln(f"{b}.latent_norm") + lin(f"{b}.wq", E, E, False)
+        out += lin(f"{b}.wkv", 2 * E, E, False) + lin(f"{b}.wo", E, E, False) + ln(f"{b}.mlp_norm") + ff(f"{b}.mlp")
+    out += ln(f"{res}.norm") + lin("vision.proj", cfg.d_model, E)
+    D, lm = cfg.d_model, cfg.replace(bias=False)  # the cross-attention layers' linears and MLP have no bias
+    for i in cfg.cross_attn_layers:
+        x = f"xattn.{i}"
+        out += [Param(f"{x}.attn_gate", (1,), "root", None), Param(f"{x}.mlp_gate", (1,), "root", None)]
+        out += _norm(cfg, f"{x}.attn_norm", "root")
+        out += _linear(lm, f"{x}.attn.wq", cfg.q_dim, D, "root", None) + _linear(lm, f"{x}.attn.wk", cfg.kv_dim, D,
+                                                                                 "root", None)
+        out += _linear(lm, f"{x}.attn.wv", cfg.kv_dim, D, "root", None) + _linear(lm, f"{x}.attn.wo", D, cfg.q_dim,
+                                                                                  "root", None)
+        out += _norm(cfg, f"{x}.mlp_norm", "root") + _linear(lm, f"{x}.mlp.w1", cfg.dense_d_ff, D, "root", None)
+        if cfg.mlp == "swiglu":
+            out += _linear(lm, f"{x}.mlp.w3", cfg.dense_d_ff, D, "root", None)
+        out += _linear(lm, f"{x}.mlp.w2", D, cfg.dense_d_ff, "root", None)
     return out
 
 
@@ -149,10 +199,22 @@ def stage_params(cfg: ModelConfig, pp: int = 1, stage: int = 0) -> list[Param]:
     if stage == 0:
         out.insert(0, everything[0])
     if stage == pp - 1:
-        out += [p for p in everything if p.group == "root" and p.name != "tok_emb.weight"]
+        out += [p for p in everything if p.group == "root" and p.name != "tok_emb.weight" and beside(p) is None]
         if cfg.tie_embeddings:
             out.append(Param("lm_head.weight", everything[0].shape, "root", 0))
-    return out
+    return out + [p for p in everything if str(beside(p)) in mine]
+
+
+def beside(p: Param) -> int | None:
+    """The LM block a vision parameter is placed with in a pipeline (plan/layout.py): the encoder, resampler and
+    projector with block 0 (the first stage, which has the tokens' images), a cross-attention layer with the block
+    it precedes. None for the text model's own parameters. (moekit/parallel/stages.py does not split a vision
+    model yet: this is the planned placement.)"""
+    if p.name.startswith("vision."):
+        return 0
+    if p.name.startswith("xattn."):
+        return int(p.name.split(".")[1])
+    return None
 
 
 def rank_params(cfg: ModelConfig, pp: int = 1, pp_rank: int = 0, stages_per_rank: int = 1,
@@ -282,5 +344,5 @@ def rank_bytes(cfg: ModelConfig, *, dp: int = 1, tp: int = 1, zero: int = 0, pre
                      optimizer_per_dp_rank=per_rank, rank=(dp_rank, tp_rank))
 
 
-__all__ = ["PRECISIONS", "Param", "Precision", "RankBytes", "chunk", "fsdp_padded_numel", "get_precision",
+__all__ = ["PRECISIONS", "Param", "Precision", "RankBytes", "beside", "chunk", "fsdp_padded_numel", "get_precision",
            "is_expert", "local_shape", "params", "rank_bytes", "stage_params", "tp_shape", "zero1_partition"]

@@ -220,6 +220,9 @@ def train(model: ModelConfig | str = "gpt4", gpu: GPU | str = "A100-80GB", n_gpu
     if n_gpus < tp * pp * ep:
         raise ValueError(f"{n_gpus} GPUs cannot hold one replica: tp {tp} x pp {pp} x ep {ep} GPUs")
     notes = []
+    if cfg.has_vision:  # (moekit/plan/vision.py)
+        notes.append("vision: every token counted as one that sees an image (its cross-attention layers included); "
+                     "the encoder's FLOPs, once per image, are not: `moekit plan vision`")
     dp = n_gpus // (tp * pp)
     if dp % ep:
         raise ValueError(f"expert-parallel degree {ep} must divide the data-parallel degree {dp} "

@@ -130,7 +130,7 @@ class OpenAIServer:
         if self._limits is None:
             e = self.engine.engine
             self._limits = protocol.Limits(tuple(self.cfg.served_model_names), e.cfg.vocab_size, e.max_model_len,
-                                           self.cfg.max_n)
+                                           self.cfg.max_n, e.cfg.vision if e.cfg.has_vision else None)
             self._token_text = TokenText(e.codec)
         return self._limits
 
@@ -144,8 +144,15 @@ class OpenAIServer:
         return Response(body, media_type=content_type)
 
     def _model_card(self, name: str) -> dict:
-        return {"id": name, "object": "model", "created": self.created, "owned_by": "moekit", "root": self.cfg.model,
-                "parent": None, "max_model_len": self._limits_now().max_model_len}
+        limits = self._limits_now()
+        card = {"id": name, "object": "model", "created": self.created, "owned_by": "moekit", "root": self.cfg.model,
+                "parent": None, "max_model_len": limits.max_model_len,
+                # Not in OpenAI's model object (nor vLLM's): a client needs some way to know that image_url parts
+                # are welcome. The name and values are OpenRouter's `architecture.input_modalities`.
+                "input_modalities": ["text"] if limits.vision is None else ["text", "image"]}
+        if limits.vision is not None:
+            card["max_images"] = limits.vision.max_images  # per request (more is a 400 that states it)
+        return card
 
     async def models(self, request: Request) -> Response:
         self._auth(request)
@@ -197,9 +204,13 @@ class OpenAIServer:
     async def _generate(self, request: Request, chat: bool) -> Response:
         self._auth(request)
         self.engine.check_ready()
-        body = protocol.parse_json(await self._read_body(request))
+        raw = await self._read_body(request)
+        body = protocol.parse_json(raw)
         limits = self._limits_now()
-        req = protocol.parse_chat(body, limits) if chat else protocol.parse_completion(body, limits)
+        if chat and limits.vision is not None and len(raw) > 64 * 1024:  # images to decode: off the event loop
+            req = await asyncio.to_thread(protocol.parse_chat, body, limits)
+        else:
+            req = protocol.parse_chat(body, limits) if chat else protocol.parse_completion(body, limits)
         param = "messages" if chat else "prompt"
         if chat:
             try:
@@ -210,6 +221,8 @@ class OpenAIServer:
                 stops = req.params.stop + [s for s in self.template.stop if s not in req.params.stop]
                 req.params = dataclasses.replace(req.params, stop=stops)
         prompt_ids = [await self._encode(p, param) for p in req.prompts]
+        if limits.vision is not None:
+            self._check_markers(prompt_ids, req.images, limits.vision)
         seed = req.params.seed
         items = []
         for ids in prompt_ids:
@@ -223,12 +236,29 @@ class OpenAIServer:
             codec = self.engine.engine.codec
             echo = [p if isinstance(p, str) else codec.decode(p) if codec else "" for p in req.prompts]
         responder = Responder(req, rid, int(time.time()), self._token_text, echo)
-        handle = await self.engine.submit(items, rid)
+        # Every engine request of a chat request (its n choices) reads the same images.
+        handle = await (self.engine.submit(items, rid, images=req.images) if req.images
+                        else self.engine.submit(items, rid))
         headers = {"X-Request-Id": rid}
         if req.stream:
             return _EventStream(self._stream(handle, responder), handle,
                                 {**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await self._collect(request, handle, responder, headers)
+
+    @staticmethod
+    def _check_markers(prompt_ids: list[list[int]], images: list, vision) -> None:
+        """One `<image>` token per image: protocol.py made one marker text per image and refused literal ones, so
+        a mismatch here is the model folder's fault (its tokenizer or chat template), not the client's."""
+        if images and vision.image_token_id < 0:
+            raise APIError(500, "this model has a vision encoder but no image marker token (vision.image_token_id "
+                                "is -1 in its config): it cannot read images yet", code="image_marker_mismatch")
+        for ids in prompt_ids:
+            found = ids.count(vision.image_token_id)
+            if found != len(images):
+                raise APIError(500, f"the prompt has {found} image marker tokens (id {vision.image_token_id}, "
+                                    f"vision.image_token_id) for {len(images)} images: this model's tokenizer does "
+                                    "not read <image> as that token, or its chat template drops or repeats message "
+                                    "content; fix the model folder", code="image_marker_mismatch")
 
     async def _stream(self, handle: Handle, responder: Responder):
         try:

@@ -29,7 +29,7 @@ import queue
 import threading
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -79,6 +79,7 @@ class _Add:
     handle: Handle
     future: asyncio.Future
     arrival: float
+    images: list = field(default_factory=list)  # pixels for every item's `<image>` markers (a vision model)
 
 
 @dataclass
@@ -167,8 +168,10 @@ class AsyncEngine:
                                 f"waiting (--max-waiting {self.max_waiting}); retry in {RETRY_AFTER_S} s",
                            code="rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_S)})
 
-    async def submit(self, prompts: list[tuple[list[int], SamplingParams]], prefix: str) -> Handle:
-        """Queue the requests of one HTTP request atomically; 429 when the queue is full, 400 if the engine refuses."""
+    async def submit(self, prompts: list[tuple[list[int], SamplingParams]], prefix: str,
+                     images: Sequence = ()) -> Handle:
+        """Queue the requests of one HTTP request atomically; 429 when the queue is full, 400 if the engine refuses.
+        images: pixels of the prompt's `<image>` markers, shared by every prompt (the n choices of a chat)."""
         self.check_ready()
         self._check_capacity(len(prompts))
         handle = Handle(self, [f"{prefix}-{i}" for i in range(len(prompts))])
@@ -176,7 +179,7 @@ class AsyncEngine:
         items = [(rid, ids, params, i)
                  for i, (rid, (ids, params)) in enumerate(zip(handle.request_ids, prompts, strict=True))]
         self.inflight += len(items)
-        self._cmds.put(_Add(items, handle, fut, time.perf_counter()))
+        self._cmds.put(_Add(items, handle, fut, time.perf_counter(), list(images)))
         try:
             await fut
         except asyncio.CancelledError:  # the client left while we waited for the engine thread
@@ -290,7 +293,7 @@ class AsyncEngine:
         added = []
         try:
             for rid, ids, params, _ in cmd.items:
-                engine.add_request(ids, params, rid)
+                engine.add_request(ids, params, rid, images=cmd.images)
                 added.append(rid)
         except ValueError as e:  # the app validates first; this is the engine's word on anything left
             for rid in added:

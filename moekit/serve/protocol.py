@@ -6,17 +6,20 @@ stop_token_ids) are accepted too, as vLLM's server does. Every bad value is a 40
 names the parameter, the rule and the value received, and whose `param` is the parameter's name.
 Unknown fields are ignored (vLLM does the same, so clients that send newer fields keep working);
 known features this server lacks (tools, logit_bias, suffix, ...) are a 400 rather than silently
-ignored, because ignoring them would change the answer.
+ignored, because ignoring them would change the answer. Chat messages of a vision model may hold
+image parts (vision_parts.py): they become `<image>` markers in the text and `GenerateRequest.images`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from moekit.config import VisionConfig
 from moekit.infer.sampler import MAX_LOGPROBS, SamplingParams
 from moekit.serve.errors import APIError, bad_request, show
+from moekit.serve.vision_parts import IMAGE_MARKER, ContentParser, check_image_count, check_no_marker
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP = 16  # stop strings per request (OpenAI allows 4; vLLM has no limit)
@@ -31,6 +34,7 @@ class Limits:
     vocab_size: int
     max_model_len: int
     max_n: int
+    vision: VisionConfig | None = None  # the model's vision side; None: a text-only model (image parts are a 400)
 
 
 @dataclass
@@ -46,6 +50,7 @@ class GenerateRequest:
     include_usage: bool
     logprobs: int | None  # alternatives per token when logprobs are asked for, else None
     echo: bool = False
+    images: list = field(default_factory=list)  # chat: (3, S, S) pixels, one per `<image>` marker, in order
 
 
 # ---- typed getters: JSON null means "the default", as in OpenAI's API ------------------------------
@@ -208,6 +213,8 @@ def parse_json(raw: bytes) -> dict:
 def parse_completion(body: dict, limits: Limits) -> GenerateRequest:
     model = _check_model(body, limits)
     prompts = _prompts(body.get("prompt"), limits.vocab_size)
+    if limits.vision is not None:
+        _no_image_markers(prompts, limits.vision)
     common = _common(body, limits, len(prompts))
     _unsupported(body, "suffix", ("",), "it does not insert text")
     if body.get("best_of") not in (None, common["n"]):
@@ -224,7 +231,8 @@ def parse_completion(body: dict, limits: Limits) -> GenerateRequest:
 
 def parse_chat(body: dict, limits: Limits) -> GenerateRequest:
     model = _check_model(body, limits)
-    messages = _messages(body.get("messages"))
+    parser = ContentParser(limits.vision, model)
+    messages = _messages(body.get("messages"), parser)
     if body.get("max_completion_tokens") is not None:  # the newer name of max_tokens (OpenAI)
         body = {**body, "max_tokens": _integer(body, "max_completion_tokens", None, 1)}
     common = _common(body, limits, 1)
@@ -238,7 +246,8 @@ def parse_chat(body: dict, limits: Limits) -> GenerateRequest:
     if top is not None and not want:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
     logprobs = (top or 0) if want else None
-    return GenerateRequest(True, model, [], messages, _sampling(body, limits, logprobs), logprobs=logprobs, **common)
+    return GenerateRequest(True, model, [], messages, _sampling(body, limits, logprobs), logprobs=logprobs,
+                           images=parser.images, **common)
 
 
 def _prompts(v, vocab_size: int) -> list:
@@ -257,10 +266,21 @@ def _prompts(v, vocab_size: int) -> list:
                       f"non-empty token-id arrays, got {show(v)}", "prompt")
 
 
-def _messages(v) -> list[dict]:
+def _no_image_markers(prompts: list, vision: VisionConfig) -> None:
+    """Completions carry no images, so a vision model's prompt may not hold the marker (as text or token id)."""
+    for p in prompts:
+        if (IMAGE_MARKER in p) if isinstance(p, str) else (vision.image_token_id in p):
+            raise bad_request(f"the prompt holds the image marker {IMAGE_MARKER} (token {vision.image_token_id}), "
+                              "but /v1/completions takes no images: send images to /v1/chat/completions as "
+                              'image_url content parts ({"type": "image_url", "image_url": {"url": '
+                              '"data:image/png;base64,..."}}), or remove the marker', "prompt")
+
+
+def _messages(v, parser: ContentParser) -> list[dict]:
     if not isinstance(v, list) or not v:
         raise bad_request('messages must be a non-empty array such as [{"role": "user", "content": "Hi"}], '
                           f"got {show(v)}", "messages")
+    check_image_count(v, parser.vision)
     out = []
     for i, m in enumerate(v):
         p = f"messages[{i}]"
@@ -276,20 +296,12 @@ def _messages(v) -> list[dict]:
         if content is None and role == "assistant":
             content = ""
         elif isinstance(content, list):
-            content = "\n".join(_text_part(part, f"{p}.content[{j}]") for j, part in enumerate(content))
-        elif not isinstance(content, str):
-            raise bad_request(f"{p}.content must be a string or an array of text parts, got {show(content)}",
+            content = parser.content(content, f"{p}.content")
+        elif isinstance(content, str):
+            content = check_no_marker(content, f"{p}.content", parser.vision)
+        else:
+            parts = "text parts" if parser.vision is None else "text and image_url parts"
+            raise bad_request(f"{p}.content must be a string or an array of {parts}, got {show(content)}",
                               f"{p}.content")
         out.append({"role": role, "content": _text(content, f"{p}.content")})
     return out
-
-
-def _text_part(part, param: str) -> str:
-    if not isinstance(part, dict) or part.get("type") != "text":
-        kind = part.get("type") if isinstance(part, dict) else None
-        raise bad_request(f"{param} must be a text part {{\"type\": \"text\", \"text\": ...}}; "
-                          f"{show(kind) + ' parts are' if kind else 'this is'} not supported (this model reads text)",
-                          param)
-    if not isinstance(part.get("text"), str):
-        raise bad_request(f"{param}.text must be a string, got {show(part.get('text'))}", f"{param}.text")
-    return part["text"]

@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -31,11 +30,12 @@ from moekit.resolve import apply_overrides, load_config, save_config
 from moekit.train.checkpoint import CKPT_DIR
 from moekit.train.config import TrainConfig
 from moekit.train.corpus import resolve_sources
-from moekit.train.data import Mixture, PackedSource, tokenize_cached, val_windows
-from moekit.train.tokenizer import cached_tokenizer, load_tokenizer, token_bytes, tokenizer_hash
+from moekit.train.setup import check_out_dir, create_out_dir, prepare_data
+from moekit.train.tokenizer import load_tokenizer
 from moekit.util import atomic_write, atomic_write_text
 
 DEFAULT_MINUTES = 6.0  # `moekit train` with no arguments: 6 minutes of training, ~7 in all on 2 cores
+VISION_MINUTES = 4.0  # `moekit train --init-from RUN --vision`: stage 2's default budget
 RESUMABLE = {"max_minutes", "steps"}  # the only settings a --resume may change
 _HELP = {
     "seq_len": "tokens per training sequence (default: the model's max_seq_len); with --init-from, a longer "
@@ -85,6 +85,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, dest=f.name,
                        help=text if "default" in text else f"{text} (default: {_default(f)})")
     add_parallel_arguments(p)
+    from moekit.train.vision_stage import add_vision_arguments
+
+    add_vision_arguments(p)
     p.epilog = ("Model overrides: --key=value with a ModelConfig field, e.g. --n_layer=2 --top_k=1 (see "
                 "`moekit info tiny --json`). Training flags are written with dashes.")
 
@@ -99,46 +102,6 @@ def _given(args: argparse.Namespace) -> dict:
             if f.name not in _SPECIAL and getattr(args, f.name) is not None}
 
 
-# ---- checks before anything is written -----------------------------------------------------------------
-def is_run(path: Path) -> bool:
-    return (path / "train_config.json").is_file() or (path / CKPT_DIR).is_dir()
-
-
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    """`out` must be a new or empty folder (or an old run with --overwrite) under a writable parent."""
-    if out.exists():
-        if not out.is_dir():
-            raise ValueError(f"--out {out} exists and is not a folder")
-        if any(out.iterdir()) and not (overwrite and is_run(out)):
-            what = "holds a run" if is_run(out) else "is not empty"
-            raise ValueError(f"--out {out} {what}: continue it with --resume {out}, choose another --out, or "
-                             "pass --overwrite to replace a run")
-        target = out
-    else:
-        target = out.parent
-        while not target.exists():
-            target = target.parent
-        if not target.is_dir():
-            raise ValueError(f"cannot create --out {out}: {target} is a file, not a folder")
-    if not os.access(target, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write to {target}: choose a writable --out")
-
-
-def create_out_dir(out: Path, overwrite: bool) -> None:
-    if overwrite and out.is_dir() and is_run(out):
-        for name in ("checkpoints", "metrics.jsonl", "model.safetensors", "config.json", "train_config.json",
-                     "tokenizer.json"):
-            p = out / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"cannot write to --out {out} ({e.strerror}): choose a writable folder") from None
-
-
 def extend_context(cfg: ModelConfig, seq_len: int) -> ModelConfig:
     """Linear RoPE position interpolation (Chen et al. 2023) to a longer context; GPT-4: 8k -> 32k."""
     rs = cfg.rope_scaling
@@ -149,40 +112,6 @@ def extend_context(cfg: ModelConfig, seq_len: int) -> ModelConfig:
 
 
 # ---- data ------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Prepared:
-    tokenizer: object
-    tokenizer_json: str
-    mixture: Mixture
-    val: dict
-    token_bytes_V: torch.Tensor
-    fingerprints: dict
-
-
-def prepare_data(tc: TrainConfig, seq_len: int, vocab_size: int, tokenizer_path: str | None, log) -> Prepared:
-    """Sources -> tokenizer -> token caches -> packed mixture + validation windows (writes only the cache)."""
-    sources = resolve_sources(tc.data)
-    t0 = time.perf_counter()
-    if tokenizer_path:
-        tok = load_tokenizer(tokenizer_path)
-    else:
-        tok, _ = cached_tokenizer(sources, tc.val_fraction, vocab_size, log=log)
-    th = tokenizer_hash(tok)
-    packed, val = [], {}
-    for s in sources:
-        train_tokens = tokenize_cached(s, "train", tc.val_fraction, tok, th)
-        val_tokens = tokenize_cached(s, "val", tc.val_fraction, tok, th)
-        packed.append(PackedSource(s.name, s.epochs, train_tokens, seq_len))
-        val[s.name] = val_windows(val_tokens, seq_len, tc.eval_tokens)
-        log(f"data {s.name}: {len(train_tokens):,} train / {len(val_tokens):,} val tokens, {s.epochs:g} epochs "
-            f"({s.path})")
-    mixture = Mixture(packed, tc.seed)
-    log("mixture: " + ", ".join(f"{p.name} {100 * w:.1f}%" for p, w in zip(packed, mixture.probs, strict=True))
-        + f" of sequences (tokens x epochs); data ready in {time.perf_counter() - t0:.1f}s")
-    return Prepared(tok, tok.to_str(pretty=True), mixture, val, torch.from_numpy(token_bytes(tok)),
-                    {s.name: s.fingerprint() for s in sources})
-
-
 # ---- the command -----------------------------------------------------------------------------------------
 def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("parallel (moekit/parallel/; README, Distributed training)")
@@ -306,6 +235,16 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc is not None and args.nproc < 1:
         raise ValueError(f"--nproc {args.nproc}: the number of processes must be >= 1 (1 = this process)")
     given = _given(args)
+    if getattr(args, "vision", False):  # stage 2: a text run + vision (moekit/train/vision_stage.py)
+        from moekit.train.vision_stage import run_vision
+
+        if args.data:
+            given["data"] = [f"{s.name}={s.path}:{s.epochs:g}" for s in resolve_sources(args.data)]
+        given.setdefault("lr", _default(_FIELDS["lr"]) / 10)
+        given.setdefault("batch_tokens", 2048)  # more, smaller steps: the gates open step by step
+        if "steps" not in given and "max_minutes" not in given:
+            given["max_minutes"] = VISION_MINUTES
+        return run_vision(args, given, log)
     if args.dry_run:
         from moekit.parallel.dry_run_report import dry_run_command
 
