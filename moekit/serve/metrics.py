@@ -76,7 +76,9 @@ class _EngineCollector(Collector):
                   "kv_cache_blocks_free": ("kv_blocks_free", "KV-cache blocks free (cached prefixes included)"),
                   "kv_cache_blocks_total": ("kv_blocks_total", "KV-cache blocks in the pool"),
                   "kv_cache_blocks_cached": ("kv_blocks_cached", "Blocks holding a cached prefix"),
-                  "max_model_len": ("max_model_len", "Prompt + output tokens one request may hold")}
+                  "max_model_len": ("max_model_len", "Prompt + output tokens one request may hold"),
+                  "encoder_cache_requests": ("encoder_cache_requests", "Requests whose images' K/V are kept"),
+                  "encoder_cache_bytes": ("encoder_cache_bytes", "Bytes of the images' cross-attention K/V kept")}
         for name, (key, doc) in gauges.items():
             yield GaugeMetricFamily(f"moekit_{name}", doc, value=m[key])
         yield GaugeMetricFamily("moekit_kv_cache_usage_ratio", "Fraction of KV blocks in use",
@@ -92,7 +94,8 @@ class _EngineCollector(Collector):
                     "generation_tokens": ("generated_tokens", "Tokens generated"),
                     "computed_tokens": ("computed_tokens", "Tokens through the forward pass, recomputation included"),
                     "spec_decode_num_draft_tokens": ("spec_drafted", "Speculative tokens drafted"),
-                    "spec_decode_num_accepted_tokens": ("spec_accepted", "Speculative tokens accepted")}
+                    "spec_decode_num_accepted_tokens": ("spec_accepted", "Speculative tokens accepted"),
+                    "images_encoded": ("images_encoded", "Images through the vision encoder")}
         for name, (key, doc) in counters.items():
             yield CounterMetricFamily(f"moekit_{name}", doc, value=m[key])
         experts = CounterMetricFamily("moekit_expert_tokens", "Token assignments each expert computed, per MoE layer",
