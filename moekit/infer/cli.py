@@ -4,6 +4,7 @@
     moekit generate --model runs/tiny "import " --temperature 0 --draft runs/tiny-draft
     moekit generate --model Mixtral-8x7B-v0.1 "The capital of France is" --quantize int8
     echo "some prompt" | moekit generate --model runs/tiny -
+    moekit generate --model runs/tiny-vision --image cat.png "Q: what colour is the circle? A:"
 
 Standard output carries only the generated text, so it pipes cleanly; statistics (tokens/s,
 speculative acceptance, KV-cache use) go to standard error.
@@ -27,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
     p.add_argument("--seed", type=int, default=None, help="the same seed gives the same text")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)")
+    p.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="an image the prompt is about (repeatable; a vision model: its <image> marker goes before "
+                        "the prompt unless the prompt places it)")
     add_engine_arguments(p, batching=False)  # one request: the batching flags are `moekit serve`'s
 
 
@@ -39,17 +43,40 @@ def run(args: argparse.Namespace) -> int:
                             top_k=args.top_k, seed=args.seed, stop=args.stop)  # ValueError names a bad value
     cfg = EngineConfig.from_args(args)  # checks the engine's flags (and --device) before anything loads
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt, images = _images(args, prompt)  # checked before the model loads
 
     t0 = time.perf_counter()
     engine = build_engine(cfg, tokenizer_for="generate", progress=lambda line: print(line, file=sys.stderr))
     try:
-        return _generate(engine, cfg, prompt, params, t0)
+        return _generate(engine, cfg, prompt, params, t0, images)
     finally:
         engine.close()
 
 
-def _generate(engine, cfg: EngineConfig, prompt: str, params, t0: float) -> int:
-    rid = engine.add_request(prompt, params)
+def _images(args: argparse.Namespace, prompt: str) -> tuple[str, list]:
+    """The prompt with one `<image>` marker per --image (placed first unless the prompt has them) and the pixels."""
+    if not args.image:
+        return prompt, []
+    from moekit.images import load_image
+    from moekit.infer.loader import load_codec
+
+    model_cfg, _ = load_codec(args.model)
+    if not model_cfg.has_vision:
+        raise ValueError(f"--image: model {args.model} has no vision encoder (train one with "
+                         f"moekit train --init-from RUN --vision)")
+    v = model_cfg.vision
+    if len(args.image) > v.max_images:
+        raise ValueError(f"{len(args.image)} images; the model takes at most {v.max_images}")
+    marks = prompt.count("<image>")
+    if marks == 0:
+        prompt = "<image>" * len(args.image) + prompt
+    elif marks != len(args.image):
+        raise ValueError(f"the prompt places {marks} <image> markers but {len(args.image)} --image files were given")
+    return prompt, [load_image(path, v.image_size) for path in args.image]
+
+
+def _generate(engine, cfg: EngineConfig, prompt: str, params, t0: float, images=()) -> int:
+    rid = engine.add_request(prompt, params, images=images)
     t1 = time.perf_counter()
     n_tokens, t_first, reason = 0, None, None
     for delta in engine.stream(rid):

@@ -91,6 +91,9 @@ def check_layout(cfg, tp: int, pp: int, ep: int) -> None:
     for flag, v in (("--tp", tp), ("--pp", pp), ("--ep", ep)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{flag} must be a positive integer, got {v!r}")
+    if cfg.has_vision and tp * pp > 1:  # the stage split and tensor plans do not place the vision layers yet
+        raise ValueError(f"model {cfg.name!r} has a vision encoder: it is served in one process for now; drop "
+                         "--tp/--pp")
     check_tp(tp, cfg)
     if pp > cfg.n_layer:
         raise ValueError(f"--pp {pp} is more stages than the {cfg.n_layer} layers: choose --pp from 1 to {cfg.n_layer}")

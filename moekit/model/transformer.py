@@ -105,7 +105,11 @@ class Transformer(nn.Module):
                 # Stacked experts (E, out, in) are drawn (E, in, out) and transposed: the layout moekit stored
                 # before the Experts module, so a seed still gives the very same model as it did then.
                 shape = (p.shape[0], p.shape[2], p.shape[1]) if ".experts." in name else p.shape
-                w = torch.randn(shape, generator=gen, dtype=torch.float32) * (out_std if is_out else std)
+                # The resampler's latents are queries, N(0, 1) as Flamingo's (lucidrains' flamingo-pytorch): at
+                # std 0.02, Adam's first steps grow them by ~5% each and the image is drowned out (tests/
+                # test_vision_model.py's learning check, measured: no colour learned through the resampler).
+                scale = 1.0 if name.endswith("resampler.latents") else out_std if is_out else std
+                w = torch.randn(shape, generator=gen, dtype=torch.float32) * scale
                 p.copy_(w.transpose(1, 2) if ".experts." in name else w)
         self.inv_freq.copy_(rope_inv_freq(self.cfg))
 

@@ -39,6 +39,7 @@ from moekit.train.setup import check_out_dir, create_out_dir, prepare_data
 from moekit.train.tokenizer import load_tokenizer
 from moekit.train.vision_batch import VisionSampler
 from moekit.train.vision_eval import mc_accuracy
+from moekit.train.vision_pretrain import pretrain_encoder
 from moekit.util import atomic_write_text
 
 VISION_LR = 2e-3  # the new layers' learning rate (from scratch); the LM's is --lr (a tenth of stage 1's)
@@ -56,6 +57,12 @@ def add_vision_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-images", metavar="DIR", help="a folder of images + captions.jsonl (default: rendered "
                    "scenes)")
     g.add_argument("--scenes", type=int, default=6000, help="rendered training scenes (default 6000)")
+    g.add_argument("--scene-objects", type=int, default=1, help="shapes per rendered scene, 1-3 (default 1; more "
+                   "objects need a longer run)")
+    g.add_argument("--encoder-steps", type=int, default=300, help="contrastive pre-training steps of the encoder "
+                   "before it is frozen (default 300; 0 = none, the encoder trains with the rest)")
+    g.add_argument("--eval-items", type=int, default=EVAL_ITEMS, help=f"multiple-choice questions per held-out "
+                   f"split (default {EVAL_ITEMS})")
     g.add_argument("--text-mix", type=float, default=0.25, help="share of text-only rows per batch (default 0.25)")
     g.add_argument("--vision-lr", type=float, default=VISION_LR, help=f"learning rate of the new layers "
                    f"(default {VISION_LR:g})")
@@ -72,6 +79,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--text-mix {args.text_mix}: the share of text rows must be in [0, 1)")
     if args.scenes < 1:
         raise ValueError(f"--scenes {args.scenes}: must be >= 1")
+    if args.eval_items < 1:
+        raise ValueError(f"--eval-items {args.eval_items}: must be >= 1")
+    if not 1 <= args.scene_objects <= 3:
+        raise ValueError(f"--scene-objects {args.scene_objects}: choose 1, 2 or 3")
+    if args.encoder_steps < 0:
+        raise ValueError(f"--encoder-steps {args.encoder_steps}: must be >= 0")
     if not 0 < args.vision_lr < 1:
         raise ValueError(f"--vision-lr {args.vision_lr}: must be in (0, 1)")
 
@@ -128,7 +141,7 @@ def run_vision(args: argparse.Namespace, given: dict, log) -> int:
     marker = add_marker(tokenizer)
     cfg = vision_config(text_cfg, marker)
     v = cfg.vision
-    scene_cfg = SceneConfig(image_size=v.image_size, seed=tc.seed)
+    scene_cfg = SceneConfig(image_size=v.image_size, seed=tc.seed, max_objects=args.scene_objects)
     if args.data_images:
         examples = load_image_text(args.data_images, v.image_size)
     else:
@@ -149,16 +162,20 @@ def run_vision(args: argparse.Namespace, given: dict, log) -> int:
     model.init_weights(tc.seed)
     grow_from(model, text_model.state_dict())
 
-    evals = {"val": mc_items("val", EVAL_ITEMS, scene_cfg), "heldout": mc_items("heldout", EVAL_ITEMS, scene_cfg)}
+    evals = {s: mc_items(s, args.eval_items, scene_cfg) for s in ("val", "heldout")}
     device = torch.device("cpu")
     dtype = amp_dtype(tc.dtype, device)  # bf16 autocast where the CPU has bf16 matmuls, as stage 1
     report = {"before": _measure(text_model, encode, evals, data, marker, device, evaluate, with_images=False)}
     log(_report_line("text-only model (stage 1)", report["before"]))
+    if args.encoder_steps:  # Flamingo: a contrastively pre-trained encoder, frozen (vision_pretrain.py says why)
+        report["encoder_pretraining"] = pretrain_encoder(model, text_model, examples, encode, args.encoder_steps,
+                                                         seed=tc.seed, log=log)
+        model.vision.encoder.requires_grad_(False)
     del text_model
 
     named = list(model.named_parameters())
     gates = [p for n, p in named if n.endswith("_gate")]
-    new = [p for n, p in named if n.startswith(("vision.", "xattn.")) and not n.endswith("_gate")]
+    new = [p for n, p in named if n.startswith(("vision.", "xattn.")) and not n.endswith("_gate") and p.requires_grad]
     lm = [p for n, p in named if not n.startswith(("vision.", "xattn."))]
     for p in lm:
         p.requires_grad_(not args.freeze_lm)
@@ -203,6 +220,7 @@ def run_vision(args: argparse.Namespace, given: dict, log) -> int:
     report["gates"] = {k: {"attn": torch.tanh(layer.attn_gate).item(), "mlp": torch.tanh(layer.mlp_gate).item()}
                        for k, layer in model.xattn.items()}
     report.update(steps=step, seconds=round(time.perf_counter() - t0, 1), freeze_lm=bool(args.freeze_lm),
+                  scene_objects=args.scene_objects,
                   examples=len(examples), io=io.as_dict() if hasattr(io, "as_dict") else io.line())
     log(_report_line("vision model (stage 2)", report["after"]))
 
