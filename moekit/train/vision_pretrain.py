@@ -65,7 +65,10 @@ def pretrain_encoder(model, text_model, examples: Sequence, encode: Callable[[st
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.vision.train()
     first = last = None
+    warmup = max(1, steps // 10)  # without it, the first full-size Adam steps can collapse every embedding to one
     for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / warmup)
         pick = torch.randint(0, len(examples), (batch,), generator=g)
         pixels_ICHW = torch.stack([examples[int(i)].pixels_CHW for i in pick])
         z_img = F.normalize(heads["image"](model.encode_images(pixels_ICHW).mean(1)), dim=-1)
