@@ -1,0 +1,197 @@
+"""Step time of one micro-batch: from the planner's hardware table, or from a profile measured on this machine.
+
+    model = HardwareModel("gpt4", "A100-40GB", tp=8, pp=16)       # any GPU of moekit/plan/hardware.py
+    cost = model.step(Work(seqs=900, tokens=1000, kv_tokens=1.1e6, attn=1.2e6, logits=900))
+    cost.stage_s, cost.hop_s, cost.flops, cost.bytes
+
+The hardware model is the planner's roofline (moekit/plan/serve.py `stage_step`: per stage max(compute, memory)
++ tensor/expert communication + per-layer overhead, a hop between stages), evaluated for the batch the real
+scheduler made rather than a uniform one: the tokens scheduled (decode tokens and prefill chunks), the K/V each
+sequence's attention reads, the query x key pairs of attention, and the experts the batch touches in each MoE
+layer, *drawn* from a routing distribution (uniform, or a trained run's measured expert loads) instead of taken
+in expectation. With expert parallelism a layer waits for its most loaded rank (the all-to-all synchronizes
+every MoE layer), so a stage's expert time is the sum over its layers of the slowest rank's.
+`expected=True` takes the planner's expectation instead of a draw: then `step` equals `stage_step` exactly for a
+uniform batch (the oracle tests/test_sim_steptime.py holds it to).
+
+The profile model (moekit/sim/profile.py) is a linear fit of moekit's own engine steps on this machine
+(`moekit sim calibrate`); it has one stage and no hop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from moekit.plan.hardware import GPU, get_gpu
+from moekit.plan.layout import as_config, check_parallel, kv_heads_per_gpu, stages
+from moekit.plan.serve import ACT_BYTES, _fullest, _Setup, _transfer, expert_coverage, stage_memory
+
+
+@dataclass(slots=True)
+class Work:
+    """One micro-batch as a step-time model sees it (sums over its scheduled requests)."""
+
+    seqs: int
+    tokens: int  # tokens computed: decode tokens, prefill chunks, draft tokens
+    kv_tokens: float  # sum of (context before the step + new tokens): the K/V attention reads
+    attn: float  # sum of new x (context + (new + 1) / 2): query x key pairs (causal)
+    logits: int  # rows sampled
+
+
+@dataclass(slots=True)
+class StepCost:
+    stage_s: list[float]  # each pipeline stage's time for this micro-batch
+    hop_s: float  # one activation send between two stages
+    flops: float  # the whole replica
+    bytes: float  # read from HBM, the whole replica
+    experts_touched: float  # distinct experts per MoE layer, mean over layers (0 for a dense model)
+
+
+class HardwareModel:
+    """The planner's per-stage roofline for one replica of tp x pp x ep GPUs, per micro-batch."""
+
+    def __init__(self, model, gpu: GPU | str, *, tp: int = 8, pp: int = 16, ep: int = 1, weight_dtype: str = "bf16",
+                 kv_dtype: str = "bf16", compute_dtype: str = "bf16", memory_fraction: float = 0.9,
+                 prefill_chunk: int = 2048, routing: list[float] | None = None, expected: bool = False,
+                 seed: int = 0, hardware_files: tuple = ()):
+        cfg = as_config(model)
+        check_parallel(cfg, tp, pp, ep)
+        hw = get_gpu(gpu, hardware_files)
+        hw.peak_flops(compute_dtype)  # raises for a dtype the GPU lacks
+        self.cfg, self.hw, self.tp, self.pp, self.ep = cfg, hw, tp, pp, ep
+        self.setup = _Setup(cfg=cfg, hw=hw, stages=stages(cfg, pp), tp=tp, pp=pp, ep=ep, weight_dtype=weight_dtype,
+                            kv_dtype=kv_dtype, compute_dtype=compute_dtype, context=cfg.max_seq_len,
+                            micro_batches=pp, prefill_chunk=prefill_chunk, memory_fraction=memory_fraction)
+        self.num_stages = pp
+        self.n_gpus = tp * pp * ep
+        self.expected = expected
+        self.rng = np.random.default_rng(seed)
+        E = cfg.n_expert if cfg.is_moe else 0
+        if routing is not None:
+            p = np.asarray(routing, dtype=float)
+            if p.shape != (E,) or (p < 0).any() or not p.sum() > 0:
+                raise ValueError(f"the routing distribution must be {E} non-negative loads (one per expert), "
+                                 f"got {len(p)}")
+            self.routing = p / p.sum()
+        else:
+            self.routing = np.full(E, 1 / E) if E else None
+        s, wb, kvb = self.setup, self.setup.w_bytes, self.setup.kv_bytes
+        peak = hw.peak_flops(compute_dtype) * hw.flops_efficiency
+        w_bw, kv_bw = hw.weight_read_bandwidth(weight_dtype), hw.bandwidth * hw.bandwidth_efficiency
+        kv_layer_token = 2 * kv_heads_per_gpu(cfg, tp) * cfg.head_dim * kvb
+        lat = hw.allreduce_latency_us * 1e-6
+        # Per stage, the constants of stage_step's terms, so that a step costs a few multiplications per stage.
+        self._stages = []
+        for st in s.stages:
+            self._stages.append(dict(
+                w_fixed=(st.lm_head + st.dense) / tp * wb,  # read once per step
+                w_emb=(cfg.d_model / tp * wb) if st.embedding else 0.0,  # per group token
+                w_expert=st.expert_layer / tp * wb,  # per touched expert per layer
+                kv=st.layers * kv_layer_token,  # per K/V token read (per group)
+                f_dense=2 * (st.lm_head + st.dense) / tp,  # per group token
+                f_expert=2 * st.expert_layer / tp,  # per expert assignment on a rank
+                f_attn=4 * st.layers * cfg.q_dim / tp,  # per query x key pair (per group)
+                layers=st.layers, moe=st.moe_layers, overhead=st.layers * hw.layer_overhead_us * 1e-6))
+        self._peak, self._w_bw, self._kv_bw, self._lat = peak, w_bw, kv_bw, lat
+        self._link = s.link(tp * ep)
+        self._hop_link = s.link(tp * ep * pp)
+        self._moe_offsets = np.cumsum([0] + [st["moe"] for st in self._stages])
+        self.driver_s = hw.step_overhead_us * 1e-6  # scheduling and sampling once per micro-batch
+
+    # ---- memory: how many KV blocks a replica holds ------------------------------------------------------
+    def kv_tokens_capacity(self) -> int:
+        """Tokens of K/V one replica holds: the fullest stage's free memory after weights and workspace.
+
+        Raises ValueError saying by how much the weights overflow when the deployment does not fit."""
+        s = self.setup
+        empty = _fullest(s, 0)
+        if empty.total > empty.usable:
+            over = (empty.total - empty.usable) / 1e9
+            raise ValueError(
+                f"{self.cfg.name} does not fit on tensor {self.tp} x pipeline {self.pp} x expert {self.ep} "
+                f"{self.hw.name}: stage {empty.stage} needs {empty.total / 1e9:.1f} GB per GPU for {s.weight_dtype} "
+                f"weights and workspace, {empty.usable / 1e9:.1f} GB usable (over by {over:.1f} GB); add "
+                "pipeline stages (--pp), use bigger GPUs, or int8/fp8 weights")
+        tokens = math.inf
+        for st in s.stages:  # stage_memory's KV is affine in the batch: per-token bytes on this stage
+            m0, m1 = stage_memory(s, st, 0), stage_memory(s, st, 1)
+            per_token = (m1.kv_cache - m0.kv_cache) / (s.context * s.micro_batches)  # one sequence, one token
+            tokens = min(tokens, (m0.usable - m0.total) / per_token)
+        return int(tokens) * self.ep  # each expert group holds its own sequences' cache
+
+    # ---- one micro-batch -------------------------------------------------------------------------------
+    def _expert_terms(self, tokens: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """Per stage: sum over its MoE layers of the slowest rank's touched experts and assignments; mean
+        distinct experts per layer. Drawn from the routing distribution, or the planner's expectation."""
+        cfg, ep = self.cfg, self.ep
+        n_moe = cfg.n_moe_layers
+        if not cfg.is_moe or tokens == 0:
+            z = np.zeros(self.pp)
+            return z, z, 0.0
+        k = cfg.top_k
+        if self.expected:
+            touched = expert_coverage(cfg.n_expert, k, tokens)
+            per_stage = np.array([st["moe"] for st in self._stages], dtype=float)
+            return per_stage * touched / ep, per_stage * tokens * k / ep, touched
+        # Assignments per expert per layer: tokens x k draws (a token's k picks as independent draws, which
+        # overstates the chance of two picks on one expert by ~k/E: a token then touches 1.94 of 16, not 2).
+        counts_LE = self.rng.multinomial(tokens * k, self.routing, size=n_moe)
+        per_rank = counts_LE.reshape(n_moe, ep, -1)
+        touched_L = (per_rank > 0).sum(-1).max(-1)  # the slowest rank's distinct experts, per layer
+        assign_L = per_rank.sum(-1).max(-1)
+        cs_t = np.concatenate([[0], np.cumsum(touched_L)])
+        cs_a = np.concatenate([[0], np.cumsum(assign_L)])
+        o = self._moe_offsets
+        distinct = float((counts_LE > 0).sum()) / n_moe
+        return cs_t[o[1:]] - cs_t[o[:-1]], cs_a[o[1:]] - cs_a[o[:-1]], distinct
+
+    def step(self, w: Work) -> StepCost:
+        ep, tp = self.ep, self.tp
+        g_tokens, g_kv, g_attn = w.tokens / ep, w.kv_tokens / ep, w.attn / ep
+        touched_S, assign_S, distinct = self._expert_terms(w.tokens)
+        act = g_tokens * self.cfg.d_model * ACT_BYTES
+        comm_layer = _transfer(2 * (tp - 1) / tp * act, self._link, self._lat) if tp > 1 else 0.0
+        comm_moe = (_transfer(act * self.cfg.top_k * (ep - 1) / ep / tp, self._link, self._lat) if ep > 1 else 0.0)
+        stage_s, flops, nbytes = [], 0.0, 0.0
+        for i, c in enumerate(self._stages):
+            w_read = c["w_fixed"] + c["w_emb"] * g_tokens + c["w_expert"] * touched_S[i]
+            kv_read = g_kv * c["kv"]
+            f = c["f_dense"] * g_tokens + c["f_expert"] * assign_S[i] + c["f_attn"] * g_attn
+            t = max(f / self._peak, w_read / self._w_bw + kv_read / self._kv_bw)
+            t += 2 * c["layers"] * comm_layer + 2 * c["moe"] * comm_moe + c["overhead"]
+            stage_s.append(t)
+            flops += f
+            nbytes += w_read + kv_read
+        hop = _transfer(act / tp, self._hop_link, self.hw.hop_latency_us * 1e-6) if self.pp > 1 else 0.0
+        gpus_per_stage = tp * ep
+        return StepCost(stage_s, hop, flops * gpus_per_stage, nbytes * gpus_per_stage, distinct)
+
+    def gap_seconds(self, outputs: int, added: int) -> float:
+        return self.driver_s
+
+    def describe(self) -> dict:
+        return {"kind": "hardware", "gpu": self.hw.name, "tp": self.tp, "pp": self.pp, "ep": self.ep,
+                "weight_dtype": self.setup.weight_dtype, "kv_dtype": self.setup.kv_dtype,
+                "routing": "expected" if self.expected else "sampled"}
+
+
+class ProfileModel:
+    """A measured profile of moekit's engine on this machine (one stage: the engine runs in one process)."""
+
+    def __init__(self, profile):
+        self.profile = profile
+        self.num_stages, self.n_gpus = 1, 1
+
+    def step(self, w: Work) -> StepCost:
+        t = self.profile.step_seconds(w.seqs, w.tokens, w.kv_tokens, w.attn, w.logits)
+        return StepCost([t], 0.0, 0.0, 0.0, 0.0)
+
+    def gap_seconds(self, outputs: int, added: int) -> float:
+        return self.profile.gap_seconds(outputs, added)
+
+    def describe(self) -> dict:
+        p = self.profile
+        return {"kind": "profile", "model": p.model, "device": p.device, "source": p.source}
