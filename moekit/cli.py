@@ -21,6 +21,7 @@ COMMANDS = {
     "generate": ("moekit.infer.cli", "stream a completion: moekit generate --model RUN|HF_DIR \"prompt\""),
     "serve": ("moekit.serve.cli", "OpenAI-compatible HTTP server: moekit serve --model RUN|HF_DIR [--port 8000]"),
     "plan": ("moekit.plan.cli", "cost of training and serving: the GPT-4 report, train, serve, wall, chart"),
+    "sim": ("moekit.sim.cli", "simulate serving at cluster scale with the real scheduler: moekit sim --rate 4"),
     "bench": ("moekit.bench_cmd", "measure this machine: `moekit bench hardware` writes its hardware entry"),
 }
 

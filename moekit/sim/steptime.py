@@ -70,12 +70,13 @@ class HardwareModel:
         self.expected = expected
         self.rng = np.random.default_rng(seed)
         E = cfg.n_expert if cfg.is_moe else 0
-        if routing is not None:
-            p = np.asarray(routing, dtype=float)
-            if p.shape != (E,) or (p < 0).any() or not p.sum() > 0:
-                raise ValueError(f"the routing distribution must be {E} non-negative loads (one per expert), "
-                                 f"got {len(p)}")
-            self.routing = p / p.sum()
+        if routing is not None:  # (E,) for every layer, or (layers measured, E): layer l takes row l % rows
+            p = np.atleast_2d(np.asarray(routing, dtype=float))
+            if not E or p.ndim != 2 or p.shape[1] != E or (p < 0).any() or not (p.sum(1) > 0).all():
+                raise ValueError(f"the routing distribution must give {E} non-negative loads per layer (one per "
+                                 f"expert of {cfg.name}), got shape {tuple(p.shape)}")
+            p = p / p.sum(1, keepdims=True)
+            self.routing = p[np.arange(cfg.n_moe_layers) % len(p)]  # (MoE layers, E)
         else:
             self.routing = np.full(E, 1 / E) if E else None
         s, wb, kvb = self.setup, self.setup.w_bytes, self.setup.kv_bytes
@@ -99,6 +100,7 @@ class HardwareModel:
         self._link = s.link(tp * ep)
         self._hop_link = s.link(tp * ep * pp)
         self._moe_offsets = np.cumsum([0] + [st["moe"] for st in self._stages])
+        self._n_moe = cfg.n_moe_layers if cfg.is_moe else 0  # a property that counts: once
         self.driver_s = hw.step_overhead_us * 1e-6  # scheduling and sampling once per micro-batch
 
     # ---- memory: how many KV blocks a replica holds ------------------------------------------------------
@@ -127,8 +129,8 @@ class HardwareModel:
         """Per stage: sum over its MoE layers of the slowest rank's touched experts and assignments; mean
         distinct experts per layer. Drawn from the routing distribution, or the planner's expectation."""
         cfg, ep = self.cfg, self.ep
-        n_moe = cfg.n_moe_layers
-        if not cfg.is_moe or tokens == 0:
+        n_moe = self._n_moe
+        if not n_moe or tokens == 0:
             z = np.zeros(self.pp)
             return z, z, 0.0
         k = cfg.top_k
@@ -138,7 +140,8 @@ class HardwareModel:
             return per_stage * touched / ep, per_stage * tokens * k / ep, touched
         # Assignments per expert per layer: tokens x k draws (a token's k picks as independent draws, which
         # overstates the chance of two picks on one expert by ~k/E: a token then touches 1.94 of 16, not 2).
-        counts_LE = self.rng.multinomial(tokens * k, self.routing, size=n_moe)
+        counts_LE = (self.rng.multinomial(tokens * k, self.routing) if self.routing.ndim == 2
+                     else self.rng.multinomial(tokens * k, self.routing, size=n_moe))
         per_rank = counts_LE.reshape(n_moe, ep, -1)
         touched_L = (per_rank > 0).sum(-1).max(-1)  # the slowest rank's distinct experts, per layer
         assign_L = per_rank.sum(-1).max(-1)
@@ -195,3 +198,26 @@ class ProfileModel:
     def describe(self) -> dict:
         p = self.profile
         return {"kind": "profile", "model": p.model, "device": p.device, "source": p.source}
+
+
+def load_routing(run: str) -> np.ndarray:
+    """Tokens per expert (MoE layers, E) a trained moekit run measured: the last interval of its metrics.jsonl
+    that logged routing (moekit/train/metrics.py `RoutingStats.summary`)."""
+    import json
+    from pathlib import Path
+
+    path = Path(run) / "metrics.jsonl" if Path(run).is_dir() else Path(run)
+    if not path.is_file():
+        raise FileNotFoundError(f"--routing {run}: no metrics.jsonl there; give a moekit run folder")
+    last = None
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        routing = row.get("routing") if isinstance(row, dict) else None
+        if isinstance(routing, dict) and routing.get("tokens_per_expert"):
+            last = routing["tokens_per_expert"]
+    if last is None:
+        raise ValueError(f"--routing {run}: {path} logged no routing statistics (train an MoE model first)")
+    return np.asarray(last, dtype=float)
