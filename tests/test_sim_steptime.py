@@ -6,9 +6,9 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from moekit.plan.serve import _Setup, serve, stage_step
 from moekit.plan.hardware import get_gpu
 from moekit.plan.layout import stages
+from moekit.plan.serve import _Setup, serve, stage_step
 from moekit.presets import get_preset
 from moekit.sim.simulator import Deployment, simulate
 from moekit.sim.steptime import HardwareModel, Work

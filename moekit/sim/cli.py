@@ -86,8 +86,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     w.add_argument("--duration", type=float, default=600.0, help="seconds of arrivals (default 600)")
     w.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps (1 = Poisson)")
     w.add_argument("--daily", action="store_true", help="the rate follows a day's curve (peak --rate, trough 25%%)")
-    w.add_argument("--prompt-len", default="lognormal:1024:1.0", help="a length spec: 512, uniform:16:512, "
-                                                                      "lognormal:MEAN:SIGMA (default lognormal:1024:1.0)")
+    w.add_argument("--prompt-len", default="lognormal:1024:1.0",
+                   help="a length spec: 512, uniform:16:512, lognormal:MEAN:SIGMA (default lognormal:1024:1.0)")
     w.add_argument("--output-len", default="lognormal:256:1.0", help="a length spec (default lognormal:256:1.0)")
     w.add_argument("--shared-prefix-len", type=int, default=0, help="tokens of a shared system prompt")
     w.add_argument("--num-prefixes", type=int, default=1, help="distinct shared prompts (default 1)")
@@ -136,8 +136,10 @@ def deployment(args, model):
     max_len = args.max_model_len or (cfg.max_seq_len if cfg is not None else 2048)
     if args.num_blocks is not None:
         num_blocks = args.num_blocks
-    elif args.profile:
-        raise ValueError("--profile needs --num-blocks: the KV blocks of the engine it measured (its startup log)")
+    elif args.profile:  # the pool of the engine it measured
+        num_blocks = model.profile.engine.get("num_blocks")
+        if not num_blocks:
+            raise ValueError("--profile holds no engine settings: give --num-blocks (the server's KV blocks)")
     else:
         num_blocks = model.kv_tokens_capacity() // args.block_size  # raises, by how much, if it does not fit
     return Deployment(replicas=args.replicas, num_blocks=num_blocks, block_size=args.block_size,

@@ -107,11 +107,11 @@ def replay(arrivals, steps: list[LoggedStep], *, num_blocks: int, block_size: in
         rep.iterate()
     sim = [([(r, n, c) for r, n, c, _ in sched], pre) for sched, pre in rep.log]
     real = [(s.scheduled, s.preempted) for s in steps]
-    first = next((k for k, (a, b) in enumerate(zip(sim, real)) if a != b), None)
+    first = next((k for k, (a, b) in enumerate(zip(sim, real, strict=False)) if a != b), None)
     if first is None and len(sim) != len(real):
         first = min(len(sim), len(real))
     out = {"steps_logged": len(real), "steps_simulated": len(sim),
-           "identical_steps": sum(a == b for a, b in zip(sim, real)),
+           "identical_steps": sum(a == b for a, b in zip(sim, real, strict=False)),
            "preemptions_logged": sum(len(p) for _, p in real), "preemptions_simulated": sum(len(p) for _, p in sim),
            "same": first is None}
     if first is not None:

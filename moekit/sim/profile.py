@@ -1,0 +1,125 @@
+"""A measured step-time profile: a linear model of one engine step on this machine, fitted by `moekit sim calibrate`.
+
+    step seconds = intercept + seqs x a + tokens x b + kv_tokens x c + attn x d + logits x e   (all >= 0)
+    gap seconds  = intercept + outputs x f + added x g      (the serving loop's own time between two steps)
+
+Features of a micro-batch (`batch_features`): seqs scheduled; tokens computed; kv_tokens, the K/V every
+attention reads (context before + new tokens, summed); attn, the causal query x key pairs; logits, rows sampled.
+The fit is non-negative least squares on relative error (Lawson & Hanson 1974, the active-set NNLS), since steps
+range from a sub-millisecond decode to a long prefill chunk and each should be predicted in proportion.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+STEP_TERMS = ("intercept", "seqs", "tokens", "kv_tokens", "attn", "logits")
+GAP_TERMS = ("intercept", "outputs", "added")
+KIND = "moekit-step-profile"
+
+
+def batch_features(scheduled) -> tuple[int, int, float, float, int]:
+    """(seqs, tokens, kv_tokens, attn, logits) of (request id, tokens, computed before, n_spec, num_logits) rows."""
+    seqs = tokens = logits = 0
+    kv = attn = 0.0
+    for _, n, c, _spec, n_logits in scheduled:
+        seqs += 1
+        tokens += n
+        kv += c + n
+        attn += n * (c + (n + 1) / 2)
+        logits += n_logits
+    return seqs, tokens, kv, attn, logits
+
+
+def nnls(A: np.ndarray, b: np.ndarray, iters: int = 200) -> np.ndarray:
+    """argmin ||Ax - b|| subject to x >= 0 (Lawson-Hanson active set)."""
+    n = A.shape[1]
+    x, passive = np.zeros(n), np.zeros(n, dtype=bool)
+    for _ in range(iters):
+        w = A.T @ (b - A @ x)
+        if passive.all() or (w[~passive] <= 1e-12 * max(1.0, np.abs(w).max())).all():
+            break
+        j = np.argmax(np.where(passive, -np.inf, w))
+        passive[j] = True
+        while True:
+            z = np.zeros(n)
+            z[passive] = np.linalg.lstsq(A[:, passive], b, rcond=None)[0]
+            if (z[passive] > 0).all():
+                x = z
+                break
+            neg = passive & (z <= 0)
+            alpha = np.min(x[neg] / (x[neg] - z[neg]))
+            x = x + alpha * (z - x)
+            passive &= x > 1e-15
+    return x
+
+
+def fit(rows: list[tuple], seconds: list[float], terms: tuple[str, ...]) -> tuple[dict, dict]:
+    """Coefficients (by term) and fit statistics of seconds ~ [1, rows...] on relative error."""
+    X = np.column_stack([np.ones(len(rows)), np.asarray(rows, dtype=float)])
+    y = np.asarray(seconds, dtype=float)
+    if len(y) < len(terms):
+        raise ValueError(f"{len(y)} samples are too few to fit {len(terms)} terms: run a longer calibration")
+    scale = X.max(0)
+    scale[scale == 0] = 1
+    wts = 1 / np.maximum(y, 1e-9)
+    coef = nnls((X / scale) * wts[:, None], y * wts) / scale
+    pred = X @ coef
+    rel = np.abs(pred - y) / np.maximum(y, 1e-9)
+    ss = ((y - y.mean()) ** 2).sum()
+    stats = {"samples": len(y), "median_rel_err": float(np.median(rel)), "p90_rel_err": float(np.percentile(rel, 90)),
+             "r2": float(1 - ((y - pred) ** 2).sum() / ss) if ss > 0 else 1.0}
+    return dict(zip(terms, map(float, coef), strict=True)), stats
+
+
+@dataclass
+class StepProfile:
+    step: dict[str, float]
+    gap: dict[str, float] = field(default_factory=lambda: dict.fromkeys(GAP_TERMS, 0.0))
+    model: str = ""
+    device: str = "cpu"
+    threads: int = 0
+    source: str = ""
+    engine: dict = field(default_factory=dict)  # the engine settings measured: num_blocks, block_size, ...
+    fit: dict = field(default_factory=dict)
+
+    def step_seconds(self, seqs: int, tokens: int, kv_tokens: float, attn: float, logits: int) -> float:
+        c = self.step
+        return (c["intercept"] + c["seqs"] * seqs + c["tokens"] * tokens + c["kv_tokens"] * kv_tokens
+                + c["attn"] * attn + c["logits"] * logits)
+
+    def gap_seconds(self, outputs: int, added: int) -> float:
+        g = self.gap
+        return g["intercept"] + g["outputs"] * outputs + g["added"] * added
+
+    def save(self, path) -> None:
+        from moekit.util import atomic_write_text
+
+        atomic_write_text(path, json.dumps({"kind": KIND, "version": 1, **asdict(self)}, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path) -> StepProfile:
+        path = Path(path)
+        hint = "make one with `moekit sim calibrate --model RUN --out FILE`"
+        if not path.is_file():
+            raise FileNotFoundError(f"--profile {path}: no such file; {hint}")
+        try:
+            d = json.loads(path.read_text())
+        except ValueError:
+            raise ValueError(f"--profile {path} is not JSON; {hint}") from None
+        if not isinstance(d, dict) or d.get("kind") != KIND:
+            raise ValueError(f"--profile {path} is not a moekit step profile; {hint}")
+        d.pop("kind"), d.pop("version", None)
+        step, gap = d.get("step") or {}, d.get("gap") or {}
+        missing = [t for t in STEP_TERMS if not isinstance(step.get(t), int | float)] + \
+                  [f"gap.{t}" for t in GAP_TERMS if not isinstance(gap.get(t), int | float)]
+        if missing:
+            raise ValueError(f"--profile {path} lacks coefficients {', '.join(missing)}; {hint}")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ValueError(f"--profile {path}: {e}; {hint}") from None
