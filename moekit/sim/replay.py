@@ -94,7 +94,7 @@ def replay(arrivals, steps: list[LoggedStep], *, num_blocks: int, block_size: in
     rep = Replica(0, model, Results(), num_blocks=num_blocks, block_size=block_size,
                   max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                   max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching, record=True)
-    arrivals = sorted(arrivals)
+    arrivals = sorted(arrivals, key=lambda a: a[0])  # stable: same-instant arrivals keep their log order
     i = 0
     while i < len(arrivals) or rep.has_work():
         if i < len(arrivals) and (not rep.has_work() or arrivals[i][0] <= rep.time):
