@@ -82,3 +82,92 @@ def test_bench_serve_without_a_server_is_one_line(capsys):
     code = main(["bench", "serve", "--url", "http://127.0.0.1:9", "--num-prompts", "1", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "cannot list the models of http://127.0.0.1:9" in err and len(err.strip().splitlines()) == 1
+
+
+# ---- traces, shared prefixes, mixed lengths, the detail file ---------------------------------------------
+TRACE_HEAD = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+
+
+def _args(tmp_path=None, **kw) -> Namespace:
+    base = dict(dataset=None, tokenizer=None, num_prompts=6, prompt_len="40", output_len="9", shared_prefix_len=0)
+    return Namespace(**(base | kw))
+
+
+def test_plain_lengths_give_the_prompts_they_always_did():
+    from moekit.serve.bench import WORDS
+
+    rng = random.Random(4)  # the prompts of a plain --prompt-len before length specs: one word draw per token
+    old = [" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(6)]
+    assert [p.text for p in make_prompts(_args(), random.Random(4))] == old
+    assert [p.text for p in make_prompts(_args(prompt_len=40, output_len=9), random.Random(4))] == old
+
+
+def test_mixed_lengths_from_a_spec(tmp_path):
+    ascii_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    args = _args(tokenizer=str(tmp_path), num_prompts=40, prompt_len="uniform:5:30", output_len="uniform:2:7")
+    prompts = make_prompts(args, random.Random(0))
+    assert {p.prompt_len for p in prompts} <= set(range(5, 31)) and len({p.prompt_len for p in prompts}) > 5
+    assert {p.output_len for p in prompts} <= set(range(2, 8)) and len({p.output_len for p in prompts}) > 2
+    assert all(len(ascii_tokenizer().encode(p.text, add_special_tokens=False).ids) == p.prompt_len for p in prompts)
+    with pytest.raises(ValueError, match="--output-len 'uniform:7': give N, uniform:LO:HI"):
+        make_prompts(_args(output_len="uniform:7"), random.Random(0))
+
+
+def test_shared_prefix_prompts_share_their_first_tokens(tmp_path):
+    ascii_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    tok = ascii_tokenizer()
+    prompts = make_prompts(_args(tokenizer=str(tmp_path), shared_prefix_len=24), random.Random(2))
+    ids = [tok.encode(p.text, add_special_tokens=False).ids for p in prompts]
+    assert all(len(i) == p.prompt_len == 40 for i, p in zip(ids, prompts, strict=True))
+    assert len({tuple(i[:24]) for i in ids}) == 1  # one prefix ...
+    assert len({tuple(i[24:]) for i in ids}) == len(ids)  # ... and each its own rest
+    assert len({p.text[:24] for p in prompts}) == 1  # the same decoded text
+    words = [p.text.split() for p in make_prompts(_args(shared_prefix_len=10, prompt_len="uniform:5:30"),
+                                                  random.Random(2))]
+    assert all(len(w) >= 5 for w in words) and len({tuple(w[:4]) for w in words}) == 1
+    assert len({tuple(w[:10]) for w in words if len(w) > 10}) == 1 and len({tuple(w) for w in words}) == len(words)
+
+
+def test_bench_serve_replays_a_trace(tmp_path, capsys):
+    from moekit.sim.workload import load_trace
+
+    ascii_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    rows = [(0.0, 20, 5), (0.4, 300, 4), (0.8, 10, 150), (1.2, 7, 0)]  # the 2nd and 3rd do not fit 128 tokens
+    trace = tmp_path / "t.csv"
+    trace.write_text(TRACE_HEAD + "".join(f"2023-11-16 18:00:{1 + t:010.7f},{p},{o}\n" for t, p, o in rows))
+    detail = tmp_path / "sent.jsonl"
+    with InProcessServer(tiny_engine) as s:
+        s.wait_ready()
+        assert main(["bench", "serve", "--url", f"http://127.0.0.1:{s.port}", "--trace", str(trace),
+                     "--time-scale", "2", "--tokenizer", str(tmp_path), "--ignore-eos", "--num-prompts", "50",
+                     "--save-detailed", str(detail), "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["completed"] == 4 and report["failed"] == 0 and report["num_prompts"] == 4  # not --num-prompts
+    t = report["trace"]
+    assert (t["count"], t["clipped"], t["max_model_len"], t["server_added_tokens"]) == (4, 2, 128, 1)  # its BOS
+    sent = [json.loads(line) for line in detail.read_text().splitlines()]
+    # the trace's lengths, clipped to 128 - 1 tokens (prompt first), each prompt + the server's BOS
+    assert [(r["prompt_len"], r["output_len"]) for r in sent] == [(21, 5), (127, 1), (11, 117), (8, 1)]
+    assert all(r["ok"] and r["e2el"] >= r["ttft"] > 0 and len(r["itl"]) <= r["output_len"] - 1 for r in sent)
+    arrivals = [r["arrival"] for r in sent]
+    assert arrivals == sorted(arrivals) and 0.6 - 0.05 <= arrivals[-1] < 0.6 + 30  # 1.2 s at 2x, loosely
+    assert report["total_output_tokens"] == 124
+    back = load_trace(detail)  # the simulator replays what the server saw
+    assert [(r.prompt_len, r.output_len) for r in back] == [(r["prompt_len"], r["output_len"]) for r in sent]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--trace", "BAD"], "bad.csv line 3: output length -1 (GeneratedTokens)"),
+    (["--trace", "MISSING"], "none.csv: no such file"),
+    (["--trace", "conv", "--dataset", "BAD"], "--dataset gives its own prompts"),
+    (["--trace", "conv", "--trace-start", "9999"], "has no request in the window"),
+    (["--prompt-len", "lognormal:5"], "--prompt-len 'lognormal:5': give N, uniform:LO:HI"),
+])
+def test_bench_serve_bad_trace_or_lengths_is_one_line(extra, message, tmp_path, capsys):
+    trace = tmp_path / "bad.csv"
+    trace.write_text(TRACE_HEAD + "2023-11-16 18:00:01.0,10,5\n2023-11-16 18:00:02.0,12,-1\n")
+    files = {"BAD": str(trace), "MISSING": str(tmp_path / "none.csv")}
+    # all caught before the (absent) server is asked anything
+    code = main(["bench", "serve", "--url", "http://127.0.0.1:9", "--no-progress", *[files.get(a, a) for a in extra]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1

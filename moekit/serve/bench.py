@@ -3,6 +3,8 @@
     moekit bench serve --url http://127.0.0.1:8000 --num-prompts 200 --request-rate 8 --max-concurrency 16
     moekit bench serve --url http://127.0.0.1:8000 --max-concurrency 1,16 --ignore-eos   # a sweep, with ratios
     moekit bench serve --url http://my-vllm:8000 --dataset prompts.jsonl --goodput ttft:500 tpot:50
+    moekit bench serve --url http://127.0.0.1:8000 --trace conv --trace-duration 300 --tokenizer run/ --ignore-eos \
+        --save-detailed sent.jsonl          # an Azure 2023 hour's first 5 minutes; `moekit sim --trace sent.jsonl`
 
 Definitions are those of vLLM's `vllm bench serve` (benchmarks/serve.py), so the figures can be set
 beside vLLM's or llama.cpp's for the same workload:
@@ -19,6 +21,16 @@ Token counts come from the server's usage (`stream_options.include_usage`), else
 Prompts: `--dataset FILE.jsonl` ({"prompt": ..., optional "output_len"} per line), or random text
 of `--prompt-len` tokens: random token ids decoded with `--tokenizer` (a tokenizer.json or a folder
 with one) as vLLM's random dataset does, else random English words (about one token each).
+`--prompt-len` / `--output-len` also take a length spec (uniform:16:512, lognormal:MEAN:SIGMA: moekit.sim.workload)
+drawn with the --seed rng; `--shared-prefix-len N` starts every random prompt with the same N tokens (a system
+prompt, for the prefix cache), as vLLM's random dataset's `--random-prefix-len`.
+
+`--trace FILE|conv|code` replays a request trace instead (an Azure LLM inference trace CSV, the shipped 2023
+hours, or a `--save-detailed` file; moekit.sim.workload.load_trace): requests are sent at the trace's arrival
+times (offsets from the start, so a slow server does not slow the offered load down) with its prompt and output
+lengths, clipped to fit `--max-model-len` (default: the server's, from GET /v1/models) less the tokens the server
+adds itself (a BOS, a chat template), which the test request measures. `--save-detailed FILE.jsonl` writes
+one line per request (arrival, prompt_len, output_len, ok, ttft, e2el, itl): what the simulator replays.
 The client is asyncio + the standard library (moekit/serve/sse_client.py); standard output is the JSON.
 """
 
@@ -51,14 +63,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint", default="/v1/completions", choices=["/v1/completions", "/v1/chat/completions"])
     p.add_argument("--model", help="the model name to request (default: the first of GET /v1/models)")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="default: $OPENAI_API_KEY")
-    p.add_argument("--num-prompts", type=int, default=100, help="requests to send (default 100)")
+    p.add_argument("--num-prompts", type=int, default=100, help="requests to send (default 100; not with --trace)")
     p.add_argument("--request-rate", type=float, default=math.inf, help="requests per second (default inf)")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of inter-arrival times (1 = Poisson)")
     p.add_argument("--max-concurrency", default=None, metavar="C[,C...]",
                    help="requests in flight at most (default: no limit); a list runs one benchmark per value")
     p.add_argument("--dataset", metavar="FILE.jsonl", help='prompts, one {"prompt": ..., "output_len": N} per line')
-    p.add_argument("--prompt-len", type=int, default=128, help="random prompts: tokens each (default 128)")
-    p.add_argument("--output-len", type=int, default=64, help="max_tokens of each request (default 64)")
+    p.add_argument("--prompt-len", default="128", metavar="N|SPEC",
+                   help="random prompts: tokens each, or a spec: uniform:LO:HI, lognormal:MEAN:SIGMA (default 128)")
+    p.add_argument("--output-len", default="64", metavar="N|SPEC", help="max_tokens of each request, or a spec "
+                                                                        "as --prompt-len (default 64)")
+    p.add_argument("--shared-prefix-len", type=int, default=0, metavar="N",
+                   help="random prompts start with the same N tokens (a system prompt: the prefix cache's work)")
     p.add_argument("--tokenizer", help="tokenizer.json (or its folder): random prompts of exactly --prompt-len")
     p.add_argument("--ignore-eos", action="store_true", help="ask for exactly max_tokens (vLLM's ignore_eos)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0, as vLLM)")
@@ -66,6 +82,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--percentiles", default="50,90,99", help="percentiles to report (default 50,90,99)")
     p.add_argument("--seed", type=int, default=0, help="seed of prompts and arrival times (default 0)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take (default 600)")
+    p.add_argument("--trace", metavar="FILE|conv|code",
+                   help="send a trace's requests at its arrival times with its lengths (an Azure trace CSV, a "
+                        "--save-detailed .jsonl; conv/code: the shipped Azure 2023 hours); then --num-prompts, "
+                        "--request-rate, --burstiness and --prompt-len/--output-len do not apply; prompts of exactly "
+                        "its token counts need --tokenizer (else words, about one token each)")
+    p.add_argument("--trace-start", type=float, default=0.0, metavar="S", help="seconds into the trace (default 0)")
+    p.add_argument("--trace-duration", type=float, metavar="S", help="seconds of the trace (default: all of it)")
+    p.add_argument("--time-scale", type=float, default=1.0, metavar="X",
+                   help="trace speed-up: 2 = arrivals twice as often (default 1)")
+    p.add_argument("--max-model-len", type=int, metavar="N",
+                   help="--trace: clip prompt + output to N tokens (default: the server's, else 2048)")
+    p.add_argument("--save-detailed", metavar="FILE.jsonl",
+                   help="one JSON line per request (arrival, prompt_len, output_len, ok, ttft, e2el, itl); a "
+                        "--max-concurrency list writes FILE.cC.jsonl per value")
     p.add_argument("--out", help="also write the JSON to this file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on standard error")
 
@@ -80,6 +110,7 @@ class Prompt:
 @dataclass
 class Result:
     ok: bool = False
+    sent: float = 0.0  # seconds since the run's start at which it was sent
     error: str = ""
     ttft: float = 0.0
     e2el: float = 0.0
@@ -88,45 +119,75 @@ class Result:
     output_tokens: int = 0
 
 
-def make_prompts(args: argparse.Namespace, rng: random.Random) -> list[Prompt]:
-    if args.dataset:
-        path = Path(args.dataset)
-        if not path.is_file():
-            raise FileNotFoundError(f"--dataset {path}: no such file")
-        prompts = []
-        for i, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                text = row["prompt"]
-                out = int(row.get("output_len", row.get("max_tokens", args.output_len)))
-            except (ValueError, KeyError, TypeError):
-                raise ValueError(f"--dataset {path} line {i} is not a JSON object with a \"prompt\" string") from None
-            if not isinstance(text, str) or out < 1:
-                raise ValueError(f"--dataset {path} line {i}: prompt must be a string and output_len >= 1")
-            prompts.append(Prompt(text, out))
-        if not prompts:
-            raise ValueError(f"--dataset {path} holds no prompts")
-        return [prompts[i % len(prompts)] for i in range(args.num_prompts)]
-    if args.tokenizer:
-        from tokenizers import Tokenizer
+def make_prompts(args: argparse.Namespace, rng: random.Random,
+                 lengths: list[tuple[int, int]] | None = None) -> list[Prompt]:
+    """The run's prompts: `lengths` (prompt tokens, max_tokens) one per request (a trace), else --num-prompts of
+    --prompt-len / --output-len (fixed lengths draw nothing from `rng`, so the prompts are those of a plain N)."""
+    from moekit.sim.workload import parse_lengths
 
-        tok_path = Path(args.tokenizer)
-        tok_path = tok_path / "tokenizer.json" if tok_path.is_dir() else tok_path
-        if not tok_path.is_file():
-            raise FileNotFoundError(f"--tokenizer {args.tokenizer}: no tokenizer.json there")
-        tok = Tokenizer.from_file(str(tok_path))
+    if lengths is None:
+        n = args.num_prompts
+        ins = parse_lengths(args.prompt_len, "--prompt-len").sample(n, rng)
+        outs = parse_lengths(args.output_len, "--output-len").sample(n, rng)
+        lengths = list(zip(ins, outs, strict=True))
+    if getattr(args, "dataset", None):
+        return _dataset_prompts(Path(args.dataset), [o for _, o in lengths])
+    shared = getattr(args, "shared_prefix_len", 0)
+    if args.tokenizer:
+        tok = _tokenizer(args.tokenizer)
         special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
         vocab = [i for i in range(tok.get_vocab_size()) if i not in special]
+
+        def random_text(n: int) -> str:  # vLLM's random dataset: random non-special ids, decoded, re-encoded, cut
+            ids = [rng.choice(vocab) for _ in range(n + 8)]
+            return tok.decode(tok.encode(tok.decode(ids), add_special_tokens=False).ids[:n])
+
+        prefix = tok.encode(random_text(shared), add_special_tokens=False).ids if shared else []
         out = []
-        for _ in range(args.num_prompts):  # vLLM's random dataset: random non-special ids, decoded, re-encoded, cut
-            ids = [rng.choice(vocab) for _ in range(args.prompt_len + 8)]
-            text = tok.decode(tok.encode(tok.decode(ids), add_special_tokens=False).ids[:args.prompt_len])
-            out.append(Prompt(text, args.output_len, len(tok.encode(text, add_special_tokens=False).ids)))
+        for p, o in lengths:
+            k = min(len(prefix), p - 1)  # a prompt no longer than the prefix shares all but its last token
+            text = (tok.decode(prefix[:k]) if k else "") + random_text(p - k)
+            out.append(Prompt(text, o, len(tok.encode(text, add_special_tokens=False).ids)))
         return out
-    return [Prompt(" ".join(rng.choice(WORDS) for _ in range(args.prompt_len)), args.output_len)
-            for _ in range(args.num_prompts)]
+    prefix = [rng.choice(WORDS) for _ in range(shared)]
+    out = []
+    for p, o in lengths:
+        k = min(shared, p - 1)
+        out.append(Prompt(" ".join(prefix[:k] + [rng.choice(WORDS) for _ in range(p - k)]), o))
+    return out
+
+
+def _tokenizer(name: str):
+    from tokenizers import Tokenizer
+
+    tok_path = Path(name)
+    tok_path = tok_path / "tokenizer.json" if tok_path.is_dir() else tok_path
+    if not tok_path.is_file():
+        raise FileNotFoundError(f"--tokenizer {name}: no tokenizer.json there")
+    return Tokenizer.from_file(str(tok_path))
+
+
+def _dataset_prompts(path: Path, default_outs: list[int]) -> list[Prompt]:
+    """--dataset lines, cycled over the requests; a line without output_len asks for the request's --output-len."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--dataset {path}: no such file")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            text = row["prompt"]
+            out = row.get("output_len", row.get("max_tokens"))
+            out = None if out is None else int(out)
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"--dataset {path} line {i} is not a JSON object with a \"prompt\" string") from None
+        if not isinstance(text, str) or (out is not None and out < 1):
+            raise ValueError(f"--dataset {path} line {i}: prompt must be a string and output_len >= 1")
+        rows.append((text, out))
+    if not rows:
+        raise ValueError(f"--dataset {path} holds no prompts")
+    return [Prompt(rows[i % len(rows)][0], rows[i % len(rows)][1] or o) for i, o in enumerate(default_outs)]
 
 
 async def one_request(url: URL, endpoint: str, model: str, prompt: Prompt, args: argparse.Namespace) -> Result:
@@ -177,7 +238,9 @@ def arrival_gaps(n: int, rate: float, burstiness: float, rng: random.Random) -> 
 
 
 async def run_benchmark(url: URL, model: str, prompts: list[Prompt], args: argparse.Namespace,
-                        concurrency: int | None, rng: random.Random) -> tuple[list[Result], float, int]:
+                        concurrency: int | None, rng: random.Random,
+                        offsets: list[float] | None = None) -> tuple[list[Result], float, int]:
+    """Send the prompts: after arrival_gaps(rng) each, or at `offsets` (seconds from the start: a trace)."""
     sem = asyncio.Semaphore(concurrency) if concurrency else None
     in_flight, peak = 0, 0
     bar = None
@@ -192,8 +255,11 @@ async def run_benchmark(url: URL, model: str, prompts: list[Prompt], args: argpa
             await sem.acquire()
         in_flight += 1
         peak = max(peak, in_flight)
+        sent = time.perf_counter() - start  # the clock starts when it is sent, not while it waits for a slot
         try:
-            return await one_request(url, args.endpoint, model, p, args)
+            r = await one_request(url, args.endpoint, model, p, args)
+            r.sent = sent
+            return r
         finally:
             in_flight -= 1
             if sem is not None:
@@ -201,18 +267,35 @@ async def run_benchmark(url: URL, model: str, prompts: list[Prompt], args: argpa
             if bar is not None:
                 bar.update()
 
-    gaps = arrival_gaps(len(prompts), args.request_rate, args.burstiness, rng)
+    gaps = arrival_gaps(len(prompts), args.request_rate, args.burstiness, rng) if offsets is None else None
     start = time.perf_counter()
     tasks = []
-    for p, gap in zip(prompts, gaps, strict=True):
+    for i, p in enumerate(prompts):
+        if offsets is not None:  # absolute times: lateness does not accumulate over a long trace
+            wait = start + offsets[i] - time.perf_counter()
+            if wait > 0:
+                await asyncio.sleep(wait)
         tasks.append(asyncio.create_task(limited(p)))
-        if gap:
-            await asyncio.sleep(gap)
+        if gaps is not None and gaps[i]:
+            await asyncio.sleep(gaps[i])
     results = await asyncio.gather(*tasks)
     duration = time.perf_counter() - start
     if bar is not None:
         bar.close()
     return results, duration, peak
+
+
+def detail_lines(results: list[Result]) -> str:
+    """--save-detailed: one JSON object per request, in sending order; `moekit.sim.workload.load_trace` reads it
+    back as a workload (the lengths the server reported, or the prompt's own count when it did not)."""
+    lines = []
+    for r in sorted(results, key=lambda r: r.sent):
+        row = {"arrival": round(r.sent, 6), "prompt_len": r.prompt_tokens, "output_len": r.output_tokens,
+               "ok": r.ok, "ttft": round(r.ttft, 6), "e2el": round(r.e2el, 6), "itl": [round(x, 6) for x in r.itl]}
+        if not r.ok:
+            row["error"] = r.error
+        lines.append(json.dumps(row))
+    return "".join(line + "\n" for line in lines)
 
 
 def _stats(name: str, values_s: list[float], percentiles: list[float]) -> dict:
@@ -274,31 +357,86 @@ def _parse_list(text: str | None, flag: str, kind=float) -> list:
     return values
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    from moekit.sim.workload import parse_lengths
+
+    parse_lengths(args.prompt_len, "--prompt-len")
+    parse_lengths(args.output_len, "--output-len")
+    if args.num_prompts < 1:
+        raise ValueError("--num-prompts must be >= 1")
+    if not args.request_rate > 0 or not args.burstiness > 0:
+        raise ValueError("--request-rate and --burstiness must be > 0")
+    if args.shared_prefix_len < 0:
+        raise ValueError(f"--shared-prefix-len must be >= 0 tokens, got {args.shared_prefix_len}")
+    if args.dataset and (args.trace or args.shared_prefix_len):
+        raise ValueError("--dataset gives its own prompts: drop --trace / --shared-prefix-len (or --dataset)")
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise ValueError(f"--max-model-len must be >= 2 tokens, got {args.max_model_len}")
+
+
+async def _models(url: URL, args: argparse.Namespace) -> tuple[str, int | None]:
+    """The model to request and its context length, from GET /v1/models (vLLM and moekit give max_model_len)."""
+    try:
+        cards = (await get_json(url, "/v1/models", args.api_key))["data"]
+        card = next((c for c in cards if c.get("id") == args.model), None) or cards[0]
+        model = args.model or card["id"]
+    except (OSError, HTTPError, KeyError, IndexError, ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"cannot list the models of {args.url} ({e}); is the server up? (or pass --model)") from None
+    ctx = card.get("max_model_len")
+    return model, ctx if isinstance(ctx, int) and ctx > 1 else None
+
+
 async def _main(args: argparse.Namespace) -> dict:
     url = parse_url(args.url)
     percentiles = _parse_list(args.percentiles, "--percentiles")
     concurrencies = _parse_list(args.max_concurrency, "--max-concurrency", int)
     slos = _parse_slos(args.goodput)
-    if args.num_prompts < 1 or args.prompt_len < 1 or args.output_len < 1:
-        raise ValueError("--num-prompts, --prompt-len and --output-len must be >= 1")
-    if not args.request_rate > 0 or not args.burstiness > 0:
-        raise ValueError("--request-rate and --burstiness must be > 0")
+    _check_args(args)
+    trace = None
+    if args.trace:  # read (and reject) the trace before the server is asked anything
+        from moekit.sim import workload as wl
+
+        trace = wl.load_trace(wl.resolve_trace(args.trace), start=args.trace_start, duration=args.trace_duration,
+                              time_scale=args.time_scale)
+        if not trace:
+            raise ValueError(f"--trace {args.trace} has no request in the window --trace-start {args.trace_start} "
+                             f"--trace-duration {args.trace_duration}: widen it")
     rng = random.Random(args.seed)
-    prompts = make_prompts(args, rng)
-    try:
-        model = args.model or (await get_json(url, "/v1/models", args.api_key))["data"][0]["id"]
-    except (OSError, HTTPError, KeyError, IndexError, ValueError) as e:
-        raise ValueError(f"cannot list the models of {args.url} ({e}); is the server up? (or pass --model)") from None
-    test = await one_request(url, args.endpoint, model, Prompt(prompts[0].text, min(4, prompts[0].output_len)), args)
-    if not test.ok:  # vLLM's initial test run: a misconfiguration fails in one line, not N times
+    prompts = make_prompts(args, rng) if trace is None else None
+    model, server_ctx = await _models(url, args)
+    # vLLM's initial test run: a misconfiguration fails in one line, not N times. With a trace it is a prompt
+    # of known length, so that the tokens the server adds to every prompt (a BOS, a chat template) are measured.
+    probe = prompts[0] if trace is None else make_prompts(args, random.Random(args.seed + 1), [(4, 4)])[0]
+    test = await one_request(url, args.endpoint, model, Prompt(probe.text, min(4, probe.output_len)), args)
+    if not test.ok:
         raise ValueError(f"the test request to {args.url}{args.endpoint} failed: {test.error}")
+    offsets, trace_info = None, None
+    if trace is not None:
+        added = max(0, (test.prompt_tokens or 0) - probe.prompt_len) if probe.prompt_len else 0
+        ctx = args.max_model_len or server_ctx or 2048
+        trace = wl.clip(trace, ctx - added)
+        prompts = make_prompts(args, rng, [(r.prompt_len, r.output_len) for r in trace])
+        offsets = [r.arrival for r in trace]
+        trace_info = {"file": str(args.trace), "trace_start": args.trace_start,
+                      "trace_duration": args.trace_duration, "time_scale": args.time_scale, "max_model_len": ctx,
+                      "server_added_tokens": added, **wl.summary(trace)}
     runs = []
     for c in concurrencies:
-        results, duration, peak = await run_benchmark(url, model, prompts, args, c, random.Random(args.seed))
+        results, duration, peak = await run_benchmark(url, model, prompts, args, c, random.Random(args.seed), offsets)
+        rate = trace_info["offered_rate"] if trace_info else args.request_rate
         runs.append({"model": model, "endpoint": args.endpoint, "num_prompts": len(prompts),
-                     "request_rate": args.request_rate if math.isfinite(args.request_rate) else "inf",
+                     "request_rate": rate if rate is not None and math.isfinite(rate) else "inf",
                      "burstiness": args.burstiness, "max_concurrency": c, "max_concurrent_requests": peak,
                      **summarize(results, duration, percentiles, slos)})
+        if trace_info:
+            runs[-1]["trace"] = trace_info
+        if args.save_detailed:
+            from moekit.util import atomic_write_text
+
+            path = Path(args.save_detailed)
+            if len(concurrencies) > 1:
+                path = path.with_name(f"{path.stem}.c{c or 'inf'}{path.suffix}")
+            atomic_write_text(path, detail_lines(results))
     if len(runs) == 1:
         return runs[0]
     base = runs[0]["output_throughput"]

@@ -1,6 +1,7 @@
 """moekit.sim: a discrete-event serving simulator that drives the engine's own Scheduler on a simulated clock.
 
-Nothing else in moekit imports it (the `moekit sim` command loads it). Modules:
+Nothing else in moekit imports it (the `moekit sim` command loads it), except `moekit bench serve --trace`,
+which reads traces with the torch-free workload.py. Modules:
   workload.py   arrivals (Poisson, gamma, a daily curve), length distributions, shared prefixes, Azure traces
   steptime.py   step time of a micro-batch: the planner's per-stage roofline, or a measured profile
   replica.py    one replica: the real Scheduler + KVCacheManager, pipelined micro-batches on a clock

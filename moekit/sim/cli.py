@@ -158,7 +158,7 @@ def make_workload(args, rate: float):
     if args.daily:
         import random
 
-        times = wl.daily_curve(rate, duration=args.duration, seed=args.seed)
+        times = wl.daily_curve(rate, time_scale=86400 / args.duration, seed=args.seed)  # the day in --duration s
         rng = random.Random(args.seed)
         ins = wl.parse_lengths(args.prompt_len).sample(len(times), rng)
         outs = wl.parse_lengths(args.output_len).sample(len(times), rng)
