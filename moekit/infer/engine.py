@@ -87,6 +87,16 @@ class Counters:
     tokens_per_expert: torch.Tensor | None = None  # (MoE layers, E), cumulative
 
 
+@dataclass
+class StepRecord:
+    """What the micro-batch completed by the last `step()` computed, as the scheduler made it: plain data for the
+    server's step log (`moekit serve --step-log`) and `moekit sim calibrate`."""
+
+    scheduled: list[tuple[str, int, int, int, int]]  # (request id, tokens, computed before, n_spec, num_logits)
+    preempted: list[str]  # requests preempted when this micro-batch was scheduled
+    submitted: int  # micro-batches submitted during that step() call (pipelined: up to max_in_flight)
+
+
 class Engine:
     def __init__(self, model: Transformer | None, tokenizer=None, *, kv_cache_gb: float | None = None,
                  num_blocks: int | None = None, block_size: int = 16, max_num_batched_tokens: int = 2048,
@@ -162,6 +172,7 @@ class Engine:
         if cfg.has_vision and executor is not None:
             raise ValueError("a vision model is served in one process for now: drop --tp/--pp")
         self.counters = Counters()
+        self.last_step: StepRecord | None = None  # the micro-batch the last step() completed; None: it did nothing
         self._arrivals = 0
         self._seeds = random.Random()
 
@@ -297,14 +308,23 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run one forward pass, sample, update; the deltas of the requests that moved. With a pipeline
         (max_in_flight > 1) it first fills the pipeline with micro-batches, then completes the oldest."""
+        self.last_step = None
+        submitted = 0
         while len(self.in_flight) < self.max_in_flight:
             sched, items = self._schedule()
             if not sched.scheduled:
                 break
             self.in_flight.append((sched, items, self._submit_run(items)))
+            submitted += 1
         if not self.in_flight:
             return []
         sched, items, handle = self.in_flight.popleft()
+        # Built from the step's own plain data before _complete drops requests aborted in flight: the record says
+        # what the forward pass computed (an item's start is the request's num_computed_tokens when scheduled).
+        self.last_step = StepRecord(
+            [(it.request_id, s.num_tokens, it.start, len(s.spec_token_ids), it.num_logits)
+             for s, it in zip(sched.scheduled, items, strict=True)],
+            [r.request_id for r in sched.preempted], submitted)
         out = self._wait_run(handle)
         return self._complete(sched, items, out)
 

@@ -19,11 +19,16 @@ for the latency histograms, publishes `snapshot` (the engine's `metrics()` after
 /metrics and admission control, and logs one stats line per `log_interval`. If the engine raises,
 every request in flight gets an error and `on_fatal` asks the server to exit (vLLM does the same
 when its engine core dies): a half-updated engine is not trusted with more requests.
+
+With `step_log` (`moekit serve --step-log FILE.jsonl`) the thread also writes one JSON line per loop iteration
+that ran a step or added or aborted requests (`_StepLog`): what the scheduler decided and when, the input of
+`moekit sim replay` and `moekit sim calibrate --from-step-log`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import queue
 import threading
@@ -131,6 +136,7 @@ class AsyncEngine:
     engine: Engine | None = None
     snapshot: dict = field(default_factory=dict)
     inflight: int = 0  # engine requests submitted and not finished (event-loop side)
+    step_log: str | None = None  # write the step log (JSONL) here; None: no log
 
     def __post_init__(self) -> None:
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
@@ -139,6 +145,7 @@ class AsyncEngine:
         self._tracked: dict[str, _Tracked] = {}  # engine-thread side
         self._unscheduled: dict[str, _Tracked] = {}  # tracked requests not yet in a forward pass
         self._workers: list[dict] = []  # the sharded workers' last figures (engine-thread side)
+        self._log: _StepLog | None = None  # engine-thread side, while serving with step_log
 
     # ---- event-loop side ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -247,14 +254,32 @@ class AsyncEngine:
             engine.close()
 
     def _serve(self, engine: Engine) -> None:
+        self._log = _StepLog(self.step_log, engine) if self.step_log else None
+        try:
+            self._loop_steps(engine)
+        finally:
+            if self._log is not None:
+                self._log.close()
+
+    def _loop_steps(self, engine: Engine) -> None:
         stats = _StatsLog(self.log_interval)
         workers_t = 0.0
+        slog = self._log
         while True:
+            t_loop = time.perf_counter()
             engine.check_workers()  # a worker that died while the server was idle is seen within a second
             out: list = []
-            for cmd in self._commands(block=not engine.has_unfinished()):
+            idle = not engine.has_unfinished()
+            if idle and slog is not None:
+                slog.flush()  # nothing to do: what was logged is on disk while the server waits
+            cmds = self._commands(block=idle)
+            if idle:  # it waited for commands: the iteration starts when the first one came
+                t_loop = time.perf_counter()
+            for cmd in cmds:
                 if cmd is _STOP:
                     self._abort(engine, list(self._tracked), out)
+                    if slog is not None:
+                        slog.iteration(t_loop)
                     self.snapshot = engine.metrics()
                     self._post(out)
                     return
@@ -265,7 +290,12 @@ class AsyncEngine:
             if engine.has_unfinished():
                 t0 = time.perf_counter()
                 outputs = engine.step()
-                self._outputs(engine, outputs, t0, time.perf_counter(), out)
+                t1 = time.perf_counter()
+                self._outputs(engine, outputs, t0, t1, out)
+                if slog is not None:
+                    slog.iteration(t_loop, t0, t1, engine.last_step, outputs)
+            elif slog is not None:
+                slog.iteration(t_loop)
             snapshot = engine.metrics()
             if engine.executor is not None:  # the workers' own figures, refreshed every WORKER_METRICS_S
                 if time.perf_counter() - workers_t > WORKER_METRICS_S:
@@ -301,9 +331,11 @@ class AsyncEngine:
                     engine.result(rid)
             out.append(partial(self._refuse, cmd, APIError(400, str(e))))
             return
-        for rid, ids, _, index in cmd.items:
+        for rid, ids, params, index in cmd.items:
             tr = _Tracked(cmd.handle, index, cmd.arrival, len(ids))
             self._tracked[rid] = self._unscheduled[rid] = tr
+            if self._log is not None:
+                self._log.added.append([rid, len(ids), params.max_tokens])
         out.append(partial(_resolve, cmd.future))
 
     def _abort(self, engine: Engine, request_ids: list[str], out: list) -> None:
@@ -313,6 +345,8 @@ class AsyncEngine:
             if tr is None:  # finished already (its last event is on its way) or never added
                 continue
             comp = engine.result(rid) if engine.abort(rid) else None
+            if comp is not None and self._log is not None:
+                self._log.aborted.append(rid)
             final = Final("abort", tr.num_prompt_tokens, tr.num_tokens, comp.num_cached_tokens if comp else 0)
             out.append((tr.handle, Event(tr.index, None, final)))
             if self.metrics is not None:
@@ -365,6 +399,62 @@ class AsyncEngine:
             if isinstance(cmd, _Add):
                 self._post([partial(self._refuse, cmd, APIError(503, f"Service unavailable: the engine failed "
                                                                      f"({message})", code="service_unavailable"))])
+
+
+class _StepLog:
+    """`moekit serve --step-log`: one JSON line per loop iteration that ran a step, or that added or aborted requests
+    without one. Times are seconds since serving began (perf_counter): t_loop the iteration's start (for an idle
+    engine, when the command that woke it came), t0 / t1 around `engine.step()`. A step line holds the micro-batch
+    it completed (Engine.last_step): scheduled [request id, tokens, computed before, draft tokens, logits rows],
+    preempted ids, outputs (requests that got tokens) and finished ids; every line its added [id, prompt tokens,
+    max_tokens] and aborted ids. The first line describes the engine (KV pool, scheduler limits) and the model's
+    experts (n_expert, top_k, MoE layers) for the simulator.
+    Writes are buffered and flushed about every second and whenever the engine goes idle, so the log costs the step
+    loop a json.dumps per step."""
+
+    FLUSH_S = 1.0
+
+    def __init__(self, path: str, engine: Engine):
+        self.file = open(path, "w", buffering=1 << 16)  # noqa: SIM115 - open for the server's lifetime
+        self.t_start = self.flushed = time.perf_counter()
+        self.added: list[list] = []  # this iteration's, filled by AsyncEngine._add / _abort
+        self.aborted: list[str] = []
+        kv, sc, cfg = engine.kv, engine.scheduler.config, engine.cfg
+        settings = {"num_blocks": kv.num_blocks, "block_size": kv.block_size, "max_num_seqs": sc.max_num_seqs,
+                    "max_num_batched_tokens": sc.max_num_batched_tokens, "max_model_len": sc.max_model_len,
+                    "enable_prefix_caching": kv.enable_caching, "max_in_flight": engine.max_in_flight,
+                    "num_spec_tokens": engine.num_spec_tokens if engine.proposer is not None else 0,
+                    "device": str(engine.device)}
+        moe = {"n_expert": cfg.n_expert, "top_k": cfg.top_k, "layers": cfg.n_moe_layers} if cfg.is_moe else {}
+        self._write({"kind": "moekit-step-log", "version": 1, "engine": settings, "moe": moe})
+
+    def iteration(self, t_loop: float, t0: float | None = None, t1: float | None = None, record=None,
+                  outputs: list[RequestOutput] = ()) -> None:
+        """Log this iteration (if it did anything) and start the next one."""
+        t = self.t_start
+        if record is not None:
+            row = {"t_loop": t_loop - t, "t0": t0 - t, "t1": t1 - t, "added": self.added, "aborted": self.aborted,
+                   "scheduled": record.scheduled, "preempted": record.preempted,
+                   "outputs": sum(1 for o in outputs if o.new_token_ids),
+                   "finished": [o.request_id for o in outputs if o.finished]}
+        elif self.added or self.aborted:
+            row = {"t_loop": t_loop - t, "added": self.added, "aborted": self.aborted}
+        else:
+            return
+        self._write(row)
+        self.added, self.aborted = [], []
+
+    def _write(self, row: dict) -> None:
+        self.file.write(json.dumps(row, separators=(",", ":")) + "\n")
+        if time.perf_counter() - self.flushed > self.FLUSH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        self.file.flush()
+        self.flushed = time.perf_counter()
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def _resolve(fut: asyncio.Future) -> None:

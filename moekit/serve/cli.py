@@ -4,6 +4,7 @@
     moekit serve --model Mixtral-8x7B-v0.1 --quantize int8 --kv-cache-gb 20 --api-key "$KEY"
     moekit serve --model runs/big --draft runs/small --host 0.0.0.0 --port 8080
     MOEKIT_API_KEY=secret moekit serve --model runs/tiny --port 0   # any free port; the log says which
+    moekit serve --model runs/tiny --step-log steps.jsonl            # every step's batch and time, for `moekit sim`
 
 It binds 127.0.0.1 unless told otherwise (--host 0.0.0.0 to listen on every interface). The port
 is bound first, so that a busy port is a one-line error; then the model loads in the engine
@@ -62,6 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="on SIGTERM, seconds in-flight requests may take to finish before they are cancelled (30)")
     o.add_argument("--log-interval", type=float, default=10.0, help="seconds between engine stats lines (0 = off)")
     o.add_argument("--no-access-log", dest="access_log", action="store_false", help="do not log every HTTP request")
+    o.add_argument("--step-log", metavar="FILE.jsonl",
+                   help="write one JSON line per engine step (its batch and timing) for `moekit sim replay|calibrate`")
     o.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
 
 
@@ -149,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
                                     ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile),
                      app.state.server)
     app.state.server.engine.on_fatal = server.request_exit
+    app.state.server.engine.step_log = cfg.step_log  # opened by the engine thread once the model is loaded
     url_host = f"[{host}]" if ":" in host else host
     log.info("moekit serve: listening on %s://%s:%d/v1 (chat template: %s; %s)", "https" if args.ssl_certfile else
              "http", url_host, port, template.origin, "API key required" if cfg.api_key else "no API key")

@@ -10,6 +10,7 @@ server that binds every interface by accident is a security bug). Limits that vL
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from moekit.infer.build import EngineConfig
 
@@ -34,6 +35,7 @@ class ServeConfig(EngineConfig):
     drain_timeout: float = 30.0  # on SIGTERM, seconds to let in-flight requests finish before cancelling them
     log_interval: float = 10.0  # seconds between engine stats lines (0: off)
     access_log: bool = True
+    step_log: str | None = None  # JSONL of every engine step (moekit/serve/async_engine.py _StepLog); None: off
 
     def __post_init__(self) -> None:
         super().__post_init__()  # the engine's flags
@@ -58,5 +60,9 @@ class ServeConfig(EngineConfig):
             raise ValueError(f"--max-waiting must be >= 0 (0: no queue, only running slots), got {self.max_waiting}")
         if self.drain_timeout < 0:
             raise ValueError(f"--drain-timeout must be >= 0 seconds, got {self.drain_timeout}")
+        if self.step_log is not None:
+            log_path = Path(self.step_log)
+            if log_path.is_dir() or not log_path.parent.is_dir():
+                raise ValueError(f"--step-log {self.step_log}: give a file in an existing folder")
         if self.log_interval < 0:
             raise ValueError(f"--log-interval must be >= 0 seconds (0: off), got {self.log_interval}")

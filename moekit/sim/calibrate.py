@@ -1,14 +1,32 @@
 """`moekit sim calibrate`: measure moekit's engine on this machine and fit a step-time profile for the simulator.
 
-    moekit sim calibrate --model runs/tiny --out cpu.json                      # the engine as `moekit serve` builds it
-    moekit sim calibrate --model runs/tiny --out cpu.json --step-log steps.jsonl   # ... and its step log, to replay
-    moekit sim --profile cpu.json --num-blocks N --rate 4 --duration 60
+    moekit sim calibrate --model runs/tiny --out cpu.json                    # the engine as `moekit serve` builds it
+    moekit sim calibrate --model gpt4-mini --out cpu.json --max-num-seqs 64  # a preset, random weights
+    moekit sim calibrate --model runs/tiny --out cpu.json --step-log sweep.jsonl   # ... and the sweep's step log
+    moekit sim calibrate --from-step-log steps.jsonl --out server.json      # from `moekit serve --step-log`
+    moekit sim --profile cpu.json --rate 4 --duration 60
 
-The sweep drives a real Engine (`build_engine`, the serving flags) through waves of requests: batches of 1 to
-max_num_seqs, prompts from a few tokens to a long chunk, so that its steps cover decode batches, prefill chunks and
-mixtures of both; every step is timed and its batch recorded where the scheduler made it. The profile is the
-non-negative relative-error fit of moekit/sim/profile.py. The serving loop's own time between steps (HTTP, output
-streaming) is not part of an in-process step: the profile's gap is left at 0 here.
+Two sources:
+- The sweep (default) drives a real Engine, built with the serving flags (`build_engine`, or a preset with random
+  weights: step time does not depend on their values), through cells of (batch b, prompt p): b / 2 requests
+  arrive, and once they decode the other half join, so the steps cover prefill chunks, chunked prefill mixed with
+  decodes, and decode batches of 1 to max_num_seqs at short and long contexts. Every step is timed around
+  `engine.step()` and its batch read from `engine.last_step`. A cell whose prompts would fill more than CELL_STEPS
+  full steps is left out (its extra steps all have the budget's shape), as is one the KV pool cannot hold
+  (preemption storms are not step shapes). Cells run cheapest first, wave after wave, and one that would overrun
+  --seconds (predicted from the cells before it) is left out: on a busy 2-core CPU with one thread, the tiny
+  preset sweeps every cell three times in ~40 s, and gpt4-mini (~4 s per 2048-token step) fills the default
+  120 s. The serving loop's own time between steps (HTTP, streaming, the GIL shared with the HTTP thread) is not
+  part of an in-process step: the sweep leaves the profile's gap at 0.
+- `--from-step-log FILE`, a server's log: the step fit from its steps (t1 - t0), and the gap fit from the time
+  between two steps (t0 of a step - t1 of the one before), with the previous step's outputs and the requests added
+  in between as features. A gap counts only when the engine stayed busy: some request the log added was neither
+  finished nor aborted after the previous step, so the server's loop went straight on (AsyncEngine waits for
+  commands only when it has no request). Idle waits for the next arrival are not overhead.
+
+Both fits are profile.py's non-negative ones (relative error for steps, plain for gaps), with the model's experts
+(n_expert, top_k, MoE layers) for the experts-read term; the first 5% of steps (a fresh engine runs cold: allocator,
+caches) are left out. One summary line per fit goes to standard error.
 """
 
 from __future__ import annotations
@@ -18,107 +36,294 @@ import json
 import random
 import sys
 import time
+from pathlib import Path
 
-from moekit.sim.profile import STEP_TERMS, StepProfile, batch_features, fit
+from moekit.sim.profile import GAP_TERMS, STEP_TERMS, StepProfile, batch_features, fit, nnls, step_row
+
+CELL_STEPS = 8  # a cell's prompts fill at most this many full steps of max_num_batched_tokens
+COLD = 20  # 1 / COLD of the steps, the first ones, are left out of the step fit
+HINT = "write one with `moekit serve --step-log FILE`"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from moekit.infer.build import add_engine_arguments
 
-    p.add_argument("--model", required=True, help="a moekit run or a Hugging Face folder (as moekit serve takes)")
+    p.add_argument("--model", metavar="RUN|HF_DIR|PRESET",
+                   help="what to measure: a moekit run or Hugging Face folder (as moekit serve takes), or a preset")
     p.add_argument("--out", required=True, help="the profile JSON to write")
-    p.add_argument("--step-log", help="also write the sweep's step log (JSONL) here, for `moekit sim replay`")
+    p.add_argument("--from-step-log", metavar="FILE.jsonl",
+                   help="fit steps and gaps from this `moekit serve --step-log` instead of a sweep (no model runs)")
+    p.add_argument("--step-log", metavar="FILE.jsonl", help="write the sweep's own step log (the server's format)")
     p.add_argument("--waves", type=int, default=3, help="passes over the batch x prompt grid (default 3)")
     p.add_argument("--output-len", type=int, default=16, help="tokens each calibration request decodes (default 16)")
+    p.add_argument("--seconds", type=float, default=120.0,
+                   help="time the sweep may take: cells that would overrun it are left out (default 120)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     add_engine_arguments(p)
 
 
+# ---- the sweep ------------------------------------------------------------------------------------------
 def _record(engine, log: list) -> None:
-    """Record every micro-batch where the scheduler makes it: (id, tokens, computed before, n_spec, logits)."""
-    schedule = engine.scheduler.schedule
+    """After every step, append what it computed to `log`: (scheduled entries, preempted ids) of engine.last_step."""
+    step = engine.step
 
     def recorded(*a, **k):
-        out = schedule(*a, **k)
-        log.append(([(s.request.request_id, s.num_tokens, s.request.num_computed_tokens, len(s.spec_token_ids),
-                      len(s.spec_token_ids) + 1 if s.reaches_end else 0) for s in out.scheduled],
-                    [r.request_id for r in out.preempted]))
+        out = step(*a, **k)
+        if engine.last_step is not None:
+            log.append((engine.last_step.scheduled, engine.last_step.preempted))
         return out
 
-    engine.scheduler.schedule = recorded
+    engine.step = recorded
 
 
-def sweep(engine, *, waves: int = 3, output_len: int = 16, seed: int = 0, progress=None) -> list[dict]:
-    """Run the calibration waves; one record per step: t_loop, t0, t1, added, scheduled, preempted."""
+def cells(engine, waves: int, output_len: int) -> list[tuple[int, int]]:
+    """The sweep's (batch, prompt length) cells, cheapest first, `waves` times over."""
+    cfg, kv = engine.scheduler.config, engine.kv
+    room = engine.max_model_len - output_len - 1
+    if room < 1:
+        raise ValueError(f"--output-len {output_len} leaves no room for a prompt in a context of "
+                         f"{engine.max_model_len} tokens: lower it")
+    budget = cfg.max_num_batched_tokens
+    max_prompt = min(budget * 2, room)
+    prompts = sorted({p for p in (4, 32, 128, 512, 2048) if p <= max_prompt} | {max_prompt})
+    batches = sorted({b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= cfg.max_num_seqs} | {cfg.max_num_seqs})
+    grid = [(b, p) for b in batches for p in prompts
+            if b * -(-(p + output_len) // kv.block_size) <= kv.num_blocks and b * p <= CELL_STEPS * budget]
+    return sorted(grid, key=lambda c: (c[0] * (c[1] + output_len), c)) * waves
+
+
+class _Clock:
+    """Predicts a cell's seconds from the cells run so far: seconds ~ tokens x a + steps x b (non-negative fit), so
+    that the sweep can leave out what would overrun --seconds."""
+
+    def __init__(self):
+        self.rows: list[tuple[int, int]] = []
+        self.secs: list[float] = []
+
+    def add(self, tokens: int, steps: int, seconds: float) -> None:
+        self.rows.append((tokens, steps))
+        self.secs.append(seconds)
+
+    def predict(self, tokens: int, steps: int) -> float:
+        if len(self.rows) < 2:
+            return 0.0
+        import numpy as np
+
+        a, b = nnls(np.asarray(self.rows, dtype=float), np.asarray(self.secs))
+        return a * tokens + b * steps
+
+
+def sweep(engine, *, waves: int = 3, output_len: int = 16, seconds: float | None = None, seed: int = 0,
+          progress=None) -> list[dict]:
+    """Run the calibration cells (those that fit in `seconds`, if given); one record per iteration, in
+    `moekit serve --step-log`'s format."""
     from moekit.infer.sampler import SamplingParams
 
     rng = random.Random(seed)
-    cfg = engine.scheduler.config
-    max_prompt = max(1, min(cfg.max_num_batched_tokens * 2, engine.max_model_len - output_len - 1))
-    prompts = sorted({p for p in (4, 32, 128, 512, 2048) if p <= max_prompt} | {max_prompt})
-    batches = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= cfg.max_num_seqs]
-    vocab = engine.cfg.vocab_size
-    sched_log: list = []
-    _record(engine, sched_log)
-    records, n = [], 0
+    vocab, budget = engine.cfg.vocab_size, engine.scheduler.config.max_num_batched_tokens
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    grid = [(b, p) for _ in range(waves) for b in batches for p in prompts]
+    grid = cells(engine, waves, output_len)
+    records: list[dict] = []
+    clock, n, skipped = _Clock(), 0, 0
     t_start = time.perf_counter()
     for i, (b, p) in enumerate(grid):
-        if b * (p + output_len) > engine.kv.num_blocks * engine.kv.block_size:
-            continue  # more than the pool holds: preemption storms, not step shapes
-        t_loop = time.perf_counter() - t_start
-        added = []
-        for _ in range(b):
-            rid = f"cal-{n}"
-            n += 1
-            engine.add_request([rng.randrange(vocab) for _ in range(p)], params, rid)
-            added.append([rid, p, output_len])
-        while engine.has_unfinished():
-            t0 = time.perf_counter()
-            before = len(sched_log)
-            engine.step()
-            t1 = time.perf_counter()
-            for sched, pre in sched_log[before:]:
-                records.append({"t_loop": (t_loop if added else t0 - t_start), "t0": t0 - t_start,
-                                "t1": t1 - t_start, "added": added, "scheduled": sched, "preempted": pre})
+        cost = (b * (p + output_len), -(-b * p // budget) + output_len + 2)
+        elapsed = time.perf_counter() - t_start
+        if seconds is not None and len(clock.rows) >= 2 and elapsed + clock.predict(*cost) > seconds:
+            skipped += 1  # a cheaper cell further on (the next wave's) may still fit
+            if progress:
+                progress(i + 1, len(grid), skipped)
+            continue
+        first = (b + 1) // 2
+        # The second half joins once the first decodes: its prefill chunks share steps with their decodes.
+        groups = [(0, first), (-(-first * p // budget) + 2, b - first)] if b > 1 else [(0, 1)]
+        k = 0
+        while groups or engine.has_unfinished():
+            t_loop = time.perf_counter() - t_start
             added = []
-            for rid in list(engine.finished):
-                engine.result(rid)
+            if groups and (k >= groups[0][0] or not engine.has_unfinished()):
+                for _ in range(groups.pop(0)[1]):
+                    rid = f"cal-{n}"
+                    n += 1
+                    engine.add_request([rng.randrange(vocab) for _ in range(p)], params, rid)
+                    added.append([rid, p, output_len])
+            t0 = time.perf_counter()
+            outputs = engine.step()
+            t1 = time.perf_counter()
+            rec = engine.last_step
+            row = {"t_loop": t_loop, "added": added, "aborted": [], "scheduled": []}
+            if rec is not None:
+                row.update(t0=t0 - t_start, t1=t1 - t_start, scheduled=rec.scheduled, preempted=rec.preempted,
+                           outputs=sum(1 for o in outputs if o.new_token_ids),
+                           finished=[o.request_id for o in outputs if o.finished])
+            if rec is not None or added:
+                records.append(row)
+            for o in outputs:
+                if o.finished:
+                    engine.result(o.request_id)
+            k += 1
+        clock.add(cost[0], k, time.perf_counter() - t_start - elapsed)
         if progress:
-            progress(i + 1, len(grid))
+            progress(i + 1, len(grid), skipped)
     return records
 
 
-def profile_from_records(records: list[dict], **meta) -> StepProfile:
-    rows = [batch_features(r["scheduled"]) for r in records if r["scheduled"]]
-    secs = [r["t1"] - r["t0"] for r in records if r["scheduled"]]
-    # The first steps of a fresh engine run cold (allocator, caches): the first 5% are left out of the fit.
-    skip = len(rows) // 20
-    coef, stats = fit(rows[skip:], secs[skip:], STEP_TERMS)
-    return StepProfile(step=coef, fit=stats, **meta)
+def moe_shape(cfg) -> dict:
+    """The profile's `moe` for a ModelConfig: {} for a dense model."""
+    return {"n_expert": cfg.n_expert, "top_k": cfg.top_k, "layers": cfg.n_moe_layers} if cfg.is_moe else {}
+
+
+def step_samples(records: list[dict], moe: dict) -> tuple[list[tuple], list[float]]:
+    """(step_row, seconds) of every logged step, the cold first 1 / COLD left out."""
+    steps = [r for r in records if r.get("scheduled")]
+    steps = steps[len(steps) // COLD:]
+    return [step_row(batch_features(r["scheduled"]), moe) for r in steps], [r["t1"] - r["t0"] for r in steps]
+
+
+def profile_from_records(records: list[dict], moe: dict, **meta) -> StepProfile:
+    """The step fit of a sweep's records (gap left at 0)."""
+    rows, secs = step_samples(records, moe)
+    coef, stats = fit(rows, secs, STEP_TERMS)
+    return StepProfile(step=coef, moe=moe, fit=stats, **meta)
+
+
+# ---- from a server's step log ---------------------------------------------------------------------------
+def read_step_log(path: str | Path) -> tuple[dict, list[dict]]:
+    """(its header: engine settings and moe, or {}; its iteration records) from `moekit serve --step-log`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--from-step-log {path}: no such file; {HINT}")
+    header, rows = {}, []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if row.get("kind") == "moekit-step-log":
+                header = row
+                continue
+            float(row["t_loop"])
+            for _rid, prompt_len, max_tokens in row.get("added", []):
+                int(prompt_len), int(max_tokens)
+            if "t0" in row:
+                float(row["t0"]), float(row["t1"]), int(row["outputs"]), list(row["finished"])
+                for _, n, c, _spec, n_logits in row["scheduled"]:
+                    int(n), int(c), int(n_logits)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"{path} line {i} is not a record of `moekit serve --step-log`; {HINT}") from None
+        rows.append(row)
+    return header, rows
+
+
+def gap_samples(rows: list[dict]) -> tuple[list[tuple[int, int]], list[float]]:
+    """((outputs of the step before, requests added in between), seconds) of every gap the engine stayed busy
+    through: two consecutive step records with a request alive (added, not finished or aborted) after the first."""
+    live: set[str] = set()
+    prev = None
+    feats, secs = [], []
+    for row in rows:
+        stepped = "t0" in row
+        if stepped and prev is not None and live:
+            feats.append((prev["outputs"], len(row.get("added", []))))
+            secs.append(row["t0"] - prev["t1"])
+        live.update(rid for rid, *_ in row.get("added", []))
+        live.difference_update(row.get("aborted", []))
+        live.difference_update(row.get("finished", []))
+        prev = row if stepped else None
+    return feats, secs
+
+
+def profile_from_log(path: str | Path, model: str = "", moe: dict | None = None) -> StepProfile:
+    """The step and gap fits of a server's step log; moe: the model's experts where the log has no header (the
+    sweep's own log), else the header's."""
+    header, rows = read_step_log(path)
+    engine, moe = dict(header.get("engine") or {}), header.get("moe", moe or {})
+    if engine.get("max_in_flight", 1) > 1:
+        raise ValueError(f"{path} is the log of a pipelined server (its steps overlap): calibrate one that runs "
+                         "in one process, without --pp")
+    rows_s, secs_s = step_samples(rows, moe)
+    if len(secs_s) < len(STEP_TERMS):
+        raise ValueError(f"{path} holds {len(secs_s)} steps, too few to fit: send the server more requests "
+                         "(e.g. `moekit bench serve`), then stop it")
+    step, stats = fit(rows_s, secs_s, STEP_TERMS)
+    rows_g, secs_g = gap_samples(rows)
+    if len(secs_g) >= len(GAP_TERMS):
+        gap, stats["gap"] = fit(rows_g, secs_g, GAP_TERMS, relative=False)
+    else:
+        gap, stats["gap"] = dict.fromkeys(GAP_TERMS, 0.0), {"samples": len(secs_g)}
+    device = engine.pop("device", "cpu")
+    for key in ("max_in_flight", "num_spec_tokens"):
+        engine.pop(key, None)
+    return StepProfile(step=step, gap=gap, model=model, device=device, source=f"step-log {path}", engine=engine,
+                       moe=moe, fit=stats)
+
+
+# ---- the command ----------------------------------------------------------------------------------------
+def _build_engine(args: argparse.Namespace):
+    """The engine `moekit serve` would build from these flags; a preset gets random weights (seed 0)."""
+    import torch
+
+    from moekit.infer import build
+    from moekit.presets import PRESETS, get_preset
+
+    ecfg = build.EngineConfig.from_args(args)
+    if ecfg.sharded:
+        raise ValueError("calibrate measures one process: drop --tp/--pp/--ep")
+    overrides = getattr(args, "overrides", None) or {}
+    if args.model in PRESETS and not Path(args.model).exists():
+        from moekit.model.transformer import Transformer
+        from moekit.resolve import apply_overrides
+
+        cfg = apply_overrides(get_preset(args.model), overrides)
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        model.init_weights(0)
+        return build._engine(ecfg, model.to(ecfg.torch_device, ecfg.torch_dtype).eval(), None, None, None)
+    if overrides:
+        raise ValueError(f"model overrides (--{', --'.join(overrides)}) apply to a preset, not to {args.model}")
+    return build.build_engine(ecfg, progress=lambda *a: print(*a, file=sys.stderr))
+
+
+def _summary(name: str, coef: dict, stats: dict, what: str) -> str:
+    us = ", ".join(f"{k} {v * 1e6:.3g}" for k, v in coef.items())
+    if "median_rel_err" not in stats:
+        return f"{name} = 0 ({stats['samples']} {what}: too few to fit)"
+    return (f"{name} = {us} (us); {stats['samples']} {what}, median error {stats['median_rel_err']:.1%}, "
+            f"p90 {stats['p90_rel_err']:.1%}")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.from_step_log:
+        prof = profile_from_log(args.from_step_log, model=args.model or "")
+        prof.save(args.out)
+        print(_summary("step", prof.step, prof.fit, "steps"), file=sys.stderr)
+        print(_summary("gap", prof.gap, prof.fit["gap"], "gaps"), file=sys.stderr)
+        print(f"wrote {args.out}", file=sys.stderr)
+        return 0
     import torch
 
-    from moekit.infer.build import EngineConfig, build_engine
-
+    if not args.model:
+        raise ValueError("give --model RUN|PRESET to sweep, or --from-step-log FILE to fit a server's log")
     if args.waves < 1 or args.output_len < 1:
         raise ValueError("--waves and --output-len must be >= 1")
+    if not args.seconds > 0:
+        raise ValueError(f"--seconds must be > 0, got {args.seconds}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    ecfg = EngineConfig.from_args(args)
-    if ecfg.sharded:
-        raise ValueError("calibrate measures one process: drop --tp/--pp/--ep")
-    engine = build_engine(ecfg, progress=lambda *a: print(*a, file=sys.stderr))
-    engine.generate([[1, 2, 3]] * 2, None)  # warm-up
-    records = sweep(engine, waves=args.waves, output_len=args.output_len,
-                    progress=lambda i, n: print(f"\rcalibrating {i}/{n}", end="", file=sys.stderr))
-    print(file=sys.stderr)
-    kv, sc = engine.kv, engine.scheduler.config
+    engine = _build_engine(args)
+    engine.capture_graphs()  # as `moekit serve` does at start-up (a GPU's decode graphs; a no-op on a CPU)
+    sc = engine.scheduler.config
+    warm = max(1, min(sc.max_num_batched_tokens, engine.max_model_len - 3))
+    engine.generate([[1] * warm, [2, 3]], None)  # warm-up: a full-budget prefill and a decode
+    t = time.perf_counter()
+    records = sweep(engine, waves=args.waves, output_len=args.output_len, seconds=args.seconds,
+                    progress=lambda i, n, skip: print(f"\rcalibrating {i}/{n} cells" + (
+                        f" ({skip} left out to fit --seconds)" if skip else ""), end="", file=sys.stderr))
+    print(f" ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
+    kv = engine.kv
     prof = profile_from_records(
-        records, model=str(args.model), device=str(engine.device), threads=torch.get_num_threads(), source="sweep",
+        records, moe_shape(engine.cfg), model=str(args.model), device=str(engine.device),
+        threads=torch.get_num_threads(), source="sweep",
         engine={"num_blocks": kv.num_blocks, "block_size": kv.block_size, "max_num_seqs": sc.max_num_seqs,
                 "max_num_batched_tokens": sc.max_num_batched_tokens, "max_model_len": sc.max_model_len,
                 "enable_prefix_caching": kv.enable_caching})
@@ -126,8 +331,9 @@ def run(args: argparse.Namespace) -> int:
     if args.step_log:
         from moekit.util import atomic_write_text
 
+        # No header line: the engine's settings are in the profile (every line here is an iteration).
         atomic_write_text(args.step_log, "".join(json.dumps(r) + "\n" for r in records))
-    us = ", ".join(f"{k} {v * 1e6:.3g}" for k, v in prof.step.items())
-    print(f"step = {us} (us); {prof.fit['samples']} steps, median error {prof.fit['median_rel_err']:.1%}, "
-          f"p90 {prof.fit['p90_rel_err']:.1%}; wrote {args.out}", file=sys.stderr)
+    print(_summary("step", prof.step, prof.fit, "steps") + " (gap 0: measure it with --from-step-log)",
+          file=sys.stderr)
+    print(f"wrote {args.out}", file=sys.stderr)
     return 0

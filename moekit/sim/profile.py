@@ -1,12 +1,15 @@
 """A measured step-time profile: a linear model of one engine step on this machine, fitted by `moekit sim calibrate`.
 
-    step seconds = intercept + seqs x a + tokens x b + kv_tokens x c + attn x d + logits x e   (all >= 0)
+    step seconds = intercept + seqs x a + tokens x b + kv_tokens x c + attn x d + logits x e + experts x f  (all >= 0)
     gap seconds  = intercept + outputs x f + added x g      (the serving loop's own time between two steps)
 
 Features of a micro-batch (`batch_features`): seqs scheduled; tokens computed; kv_tokens, the K/V every
-attention reads (context before + new tokens, summed); attn, the causal query x key pairs; logits, rows sampled.
-The fit is non-negative least squares on relative error (Lawson & Hanson 1974, the active-set NNLS), since steps
-range from a sub-millisecond decode to a long prefill chunk and each should be predicted in proportion.
+attention reads (context before + new tokens, summed); attn, the causal query x key pairs; logits, rows sampled;
+experts, the expert weight matrices the step reads (`experts_touched`: a decode of one token reads top_k experts
+per MoE layer, a large batch all of them, and on a CPU, as on a GPU, small-batch decode is bound by those reads).
+The step fit is non-negative least squares on relative error (Lawson & Hanson 1974, the active-set NNLS), since
+steps range from a sub-millisecond decode to a long prefill chunk and each should be predicted in proportion; the
+gap fit is plain NNLS (its mean is what the server's throughput pays). Torch-free: the simulator imports it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-STEP_TERMS = ("intercept", "seqs", "tokens", "kv_tokens", "attn", "logits")
+STEP_TERMS = ("intercept", "seqs", "tokens", "kv_tokens", "attn", "logits", "experts")
 GAP_TERMS = ("intercept", "outputs", "added")
 KIND = "moekit-step-profile"
 
@@ -33,6 +36,21 @@ def batch_features(scheduled) -> tuple[int, int, float, float, int]:
         attn += n * (c + (n + 1) / 2)
         logits += n_logits
     return seqs, tokens, kv, attn, logits
+
+
+def experts_touched(tokens: int, moe: dict) -> float:
+    """Distinct experts a step of `tokens` tokens reads, summed over the MoE layers: E (1 - (1 - k / E)^tokens) per
+    layer, the expectation when each token picks its top-k of E experts uniformly (a trained router is skewed and
+    touches fewer; the fitted coefficient absorbs that). moe: {"n_expert", "top_k", "layers"}; {} (dense): 0."""
+    if not moe:
+        return 0.0
+    e, k = moe["n_expert"], moe["top_k"]
+    return moe["layers"] * e * (1 - (1 - k / e) ** tokens)
+
+
+def step_row(features: tuple, moe: dict) -> tuple:
+    """batch_features + the experts feature: one row of the step fit, in STEP_TERMS order (less the intercept)."""
+    return (*features, experts_touched(features[1], moe))
 
 
 def nnls(A: np.ndarray, b: np.ndarray, iters: int = 200) -> np.ndarray:
@@ -58,16 +76,29 @@ def nnls(A: np.ndarray, b: np.ndarray, iters: int = 200) -> np.ndarray:
     return x
 
 
-def fit(rows: list[tuple], seconds: list[float], terms: tuple[str, ...]) -> tuple[dict, dict]:
-    """Coefficients (by term) and fit statistics of seconds ~ [1, rows...] on relative error."""
-    X = np.column_stack([np.ones(len(rows)), np.asarray(rows, dtype=float)])
+def fit(rows: list[tuple], seconds: list[float], terms: tuple[str, ...], *, relative: bool = True,
+        trim: float = 0.05) -> tuple[dict, dict]:
+    """Coefficients (by term) and fit statistics of seconds ~ [1, rows...], all coefficients >= 0.
+
+    relative: weight each row by 1 / seconds (a sub-millisecond decode counts as much as a long prefill), else plain
+    least squares (the conditional mean: right for the server's gaps, whose sum is what throughput pays). trim: the
+    share of worst-fitting samples dropped before a second fit (a garbage collection or a neighbour on a shared
+    machine makes a 10x step that no batch shape explains). The statistics are over every sample."""
+    if len(seconds) < len(terms):
+        raise ValueError(f"{len(seconds)} samples are too few to fit {len(terms)} terms: run a longer calibration")
+    X = np.column_stack([np.ones(len(rows)), np.asarray(rows, dtype=float).reshape(len(rows), -1)])
     y = np.asarray(seconds, dtype=float)
-    if len(y) < len(terms):
-        raise ValueError(f"{len(y)} samples are too few to fit {len(terms)} terms: run a longer calibration")
+    if X.shape[1] != len(terms):
+        raise ValueError(f"{X.shape[1]} columns for {len(terms)} terms ({', '.join(terms)})")
     scale = X.max(0)
     scale[scale == 0] = 1
-    wts = 1 / np.maximum(y, 1e-9)
-    coef = nnls((X / scale) * wts[:, None], y * wts) / scale
+    wts = 1 / np.maximum(y, 1e-9) if relative else np.ones_like(y)
+    A, b = (X / scale) * wts[:, None], y * wts
+    coef = nnls(A, b) / scale
+    if trim > 0 and len(y) * (1 - trim) >= len(terms):
+        err = np.abs(X @ coef - y) * wts
+        keep = err <= np.quantile(err, 1 - trim)
+        coef = nnls(A[keep], b[keep]) / scale
     pred = X @ coef
     rel = np.abs(pred - y) / np.maximum(y, 1e-9)
     ss = ((y - y.mean()) ** 2).sum()
@@ -85,12 +116,13 @@ class StepProfile:
     threads: int = 0
     source: str = ""
     engine: dict = field(default_factory=dict)  # the engine settings measured: num_blocks, block_size, ...
+    moe: dict = field(default_factory=dict)  # the model's n_expert, top_k, MoE layers (experts_touched); {}: dense
     fit: dict = field(default_factory=dict)
 
     def step_seconds(self, seqs: int, tokens: int, kv_tokens: float, attn: float, logits: int) -> float:
         c = self.step
         return (c["intercept"] + c["seqs"] * seqs + c["tokens"] * tokens + c["kv_tokens"] * kv_tokens
-                + c["attn"] * attn + c["logits"] * logits)
+                + c["attn"] * attn + c["logits"] * logits + c["experts"] * experts_touched(tokens, self.moe))
 
     def gap_seconds(self, outputs: int, added: int) -> float:
         g = self.gap
@@ -119,6 +151,10 @@ class StepProfile:
                   [f"gap.{t}" for t in GAP_TERMS if not isinstance(gap.get(t), int | float)]
         if missing:
             raise ValueError(f"--profile {path} lacks coefficients {', '.join(missing)}; {hint}")
+        moe = d.get("moe") or {}
+        if moe and not (all(isinstance(moe.get(x), int) for x in ("n_expert", "top_k", "layers"))
+                        and 0 < moe["top_k"] <= moe["n_expert"]):
+            raise ValueError(f"--profile {path}: moe must give integers n_expert, top_k <= n_expert, layers; {hint}")
         try:
             return cls(**d)
         except TypeError as e:
