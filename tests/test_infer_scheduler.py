@@ -192,3 +192,40 @@ def test_the_victim_is_the_newest_request_not_in_flight():
     assert [r.request_id for r in nxt.preempted] == ["b"]
     assert [s.request.request_id for s in nxt.scheduled] == ["a"]
     assert reqs[2].status is Status.RUNNING and reqs[1].status is Status.PREEMPTED
+
+
+def fill_pipeline(sched, stages):
+    """Schedule micro-batches as a pipelined engine does from idle: each passes over the ones in flight."""
+    batches, busy = [], set()
+    while len(batches) < stages:
+        out = sched.schedule(skip=busy, max_seqs=sched.micro_batch_share(stages))
+        if not out.scheduled:
+            break
+        batches.append([s.request.request_id for s in out.scheduled])
+        busy |= set(batches[-1])
+    return batches
+
+
+def test_under_a_long_queue_every_pipeline_stage_gets_a_micro_batch():
+    """The share counts the requests that can run (max_num_seqs of them), not the whole queue: with 8 running
+    slots, 4 stages and 40 requests waiting, four micro-batches of 2, not one of 8 and three stages idle."""
+    kv = KVCacheManager(64, block_size=P, enable_caching=False)
+    sched = Scheduler(SchedulerConfig(64, max_num_seqs=8, max_model_len=64), kv)
+    for i in range(40):
+        sched.add(request(f"r{i}", 3, arrival=i, max_tokens=50))
+    assert sched.micro_batch_share(4) == 2 and sched.micro_batch_share(1) is None
+    assert fill_pipeline(sched, 4) == [["r0", "r1"], ["r2", "r3"], ["r4", "r5"], ["r6", "r7"]]
+
+
+def test_when_the_kv_pool_holds_the_queue_back_the_running_requests_are_split_evenly():
+    """6 blocks of 4 tokens: six 3-token prompts run, the rest wait for blocks; the share is then the running
+    requests over the stages (2 each over 3 stages), not max_num_seqs over them (which would leave a stage idle)."""
+    kv = KVCacheManager(6, block_size=P, enable_caching=False)
+    sched = Scheduler(SchedulerConfig(64, max_num_seqs=12, max_model_len=64), kv)
+    for i in range(20):
+        sched.add(request(f"r{i}", 3, arrival=i, max_tokens=50))
+    first = sched.schedule()  # admits six, then the pool is empty
+    assert len(first.scheduled) == 6 and sched.kv_bound
+    sched.update(first, {s.request.request_id: [7] for s in first.scheduled})
+    assert sched.micro_batch_share(3) == 2
+    assert fill_pipeline(sched, 3) == [["r0", "r1"], ["r2", "r3"], ["r4", "r5"]]

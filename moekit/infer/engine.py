@@ -25,7 +25,6 @@ Bad input (an over-long prompt, bad sampling parameters, a draft with another vo
 
 from __future__ import annotations
 
-import math
 import random
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -283,8 +282,8 @@ class Engine:
     def _schedule(self) -> tuple[SchedulerOutput, list[RunItem]]:
         """The next micro-batch. With a pipeline, requests whose last step is still in flight are passed over (their
         next token is not sampled yet), and each micro-batch takes its share of the requests, so that pp of them
-        keep the stages busy (vLLM v0's virtual engines split the requests the same way)."""
-        limit = math.ceil(len(self.requests) / self.max_in_flight) if self.max_in_flight > 1 else None
+        keep the stages busy (`Scheduler.micro_batch_share`)."""
+        limit = self.scheduler.micro_batch_share(self.max_in_flight)
         busy = self._busy()
         sched = self.scheduler.schedule(skip=busy, max_seqs=limit) if busy or limit else self.scheduler.schedule()
         for req in sched.preempted:  # recomputed from scratch later: its drafts are dropped

@@ -32,6 +32,7 @@ KVCacheManager on a clock, without a model:
 from __future__ import annotations
 
 import bisect
+import math
 from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -95,6 +96,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in arrival order: the last one is the newest
         self.num_preemptions = 0
+        # The KV pool holds the queue back: the last admission that was tried (or a step that preempted) found no
+        # blocks, and nothing has been admitted since.
+        self.kv_bound = False
 
     def add(self, req: Request) -> None:
         req.status = Status.WAITING
@@ -147,15 +151,20 @@ class Scheduler:
             i += 1
 
         if out.preempted:  # vLLM: no admission in a step that had to preempt
+            self.kv_bound = True
             return out
+        if not self.waiting:
+            self.kv_bound = False
         while (self.waiting and budget > 0 and room > 0
                and len(self.running) < self.config.max_num_seqs):
             req = self.waiting[0]
             hits, n_hit = self.kv.get_computed_blocks(req)
             n = min(req.num_tokens - n_hit, budget)
             if not self.kv.allocate_slots(req, n, hits):
+                self.kv_bound = True
                 break  # first come, first served: nobody overtakes the head of the queue
             self.waiting.popleft()
+            self.kv_bound = False
             req.num_computed_tokens = req.num_cached_tokens = n_hit
             req.status = Status.RUNNING
             bisect.insort(self.running, req, key=lambda r: r.arrival)  # a re-admitted request keeps its age
@@ -163,6 +172,19 @@ class Scheduler:
             budget -= n
             room -= 1
         return out
+
+    def micro_batch_share(self, num_micro_batches: int) -> int | None:
+        """How many requests one micro-batch takes when `num_micro_batches` are in flight (a pipeline of that many
+        stages): an even share of the requests that can run, so that every stage has work (vLLM v0's virtual
+        engines split the requests the same way). Those are the running ones plus as many waiting ones as
+        `max_num_seqs` admits, or only the running ones while the KV pool is what holds the queue back; counting
+        every waiting request instead would let one micro-batch take all of them under a long queue and leave
+        the other stages idle. None (no cap) without a pipeline."""
+        if num_micro_batches <= 1:
+            return None
+        can_run = len(self.running) if self.kv_bound and self.running else min(
+            len(self.running) + len(self.waiting), self.config.max_num_seqs)
+        return max(1, math.ceil(can_run / num_micro_batches))
 
     def update(self, scheduled: SchedulerOutput, sampled: dict[str, list[int]]) -> list[RequestUpdate]:
         """Apply one step's results; an update for each request that produced tokens, in schedule order.

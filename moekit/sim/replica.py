@@ -19,7 +19,6 @@ or `moekit bench serve --ignore-eos` gives).
 
 from __future__ import annotations
 
-import math
 from array import array
 from collections import deque
 from dataclasses import dataclass
@@ -181,9 +180,8 @@ class Replica:
         t = self.time
         sched = self.scheduler
         P = self.max_in_flight
-        limit = math.ceil(len(self.tracks) / P) if P > 1 else None
         while len(self.in_flight) < P:
-            busy = self.busy
+            busy, limit = self.busy, sched.micro_batch_share(P)
             out = sched.schedule(skip=busy, max_seqs=limit) if busy or limit else sched.schedule()
             if not out.scheduled:  # (a step may preempt and schedule nothing: the engine tries again next step)
                 break
