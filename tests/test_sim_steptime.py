@@ -1,6 +1,7 @@
 """The simulator's step-time model against the planner it is built from, and the simulator against the planner's
 closed form where both apply (steady load, fixed lengths)."""
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,7 +12,7 @@ from moekit.plan.layout import stages
 from moekit.plan.serve import _Setup, serve, stage_step
 from moekit.presets import get_preset
 from moekit.sim.simulator import Deployment, simulate
-from moekit.sim.steptime import HardwareModel, Work
+from moekit.sim.steptime import HardwareModel, Work, touched_distribution
 
 
 @dataclass
@@ -52,6 +53,32 @@ def test_sampled_routing_touches_what_uniform_routing_touches_on_average():
         w = Work(tokens, tokens, tokens * 1000, tokens * 1000.5, tokens)
         touched = np.mean([m.step(w).experts_touched for _ in range(20)])
         assert touched == pytest.approx(e.step(w).experts_touched, rel=0.05)  # draws of k picks vs k-subsets
+
+
+@pytest.mark.parametrize("experts,draws", [(4, 1), (4, 5), (5, 7), (3, 9)])
+def test_touched_distribution_is_the_count_over_every_sequence_of_picks(experts, draws):
+    """The occupancy distribution the uniform fast path draws from, against brute force: every one of E^draws
+    equally likely sequences of picks, counted by how many distinct experts it touches."""
+    counts = np.zeros(experts + 1)
+    for picks in itertools.product(range(experts), repeat=draws):
+        counts[len(set(picks))] += 1
+    assert touched_distribution(experts, draws) == pytest.approx(counts / counts.sum(), abs=1e-13)
+
+
+def test_uniform_fast_path_draws_what_a_multinomial_per_layer_draws():
+    """The default (uniform routing, no expert parallelism) draws each layer's touched experts from the exact
+    distribution; the general path draws a multinomial per layer: same mean and spread of touched experts."""
+    fast = HardwareModel("gpt4", "A100-40GB", seed=3)
+    general = HardwareModel("gpt4", "A100-40GB", seed=3, routing=[1.0] * 16)  # the multinomial path
+    assert fast._uniform and not general._uniform
+    for tokens in (1, 4, 12):
+        w = Work(tokens, tokens, tokens * 1000, tokens * 1000.5, tokens)
+        a = np.array([fast._expert_terms(w.tokens)[0] for _ in range(400)])  # touched per stage
+        b = np.array([general._expert_terms(w.tokens)[0] for _ in range(400)])
+        assert a.mean() == pytest.approx(b.mean(), rel=0.02)
+        assert a.std() == pytest.approx(b.std(), rel=0.15)
+    w = Work(4096, 4096, 4096 * 1000, 4096 * 1000.5, 4096)  # every expert touched: no draw at all
+    assert fast.step(w).experts_touched == 16
 
 
 def test_skewed_routing_and_expert_parallel_stragglers_cost_time():

@@ -41,7 +41,7 @@ class HasTokens(Protocol):  # what the manager needs of a request (scheduler.Req
     num_computed_tokens: int
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Block:
     block_id: int
     ref_cnt: int = 0
@@ -180,10 +180,19 @@ class KVCacheManager:
         False, with nothing changed, when the pool lacks the blocks (the scheduler then preempts).
         Cache hits on free blocks count against the free blocks: taking them removes them from the queue.
         """
+        table = self.tables.get(req.request_id)
+        end = req.num_computed_tokens + num_new_tokens
+        if not computed and table is not None and end <= len(table) * self.block_size:
+            # A decode step inside its last block (15 steps in 16): nothing to take, at most a block to register.
+            n_tokens = min(end, len(req.all_token_ids))
+            if self.enable_caching and n_tokens // self.block_size > self.num_cached.get(req.request_id, 0):
+                self._cache_full_blocks(req, n_tokens)
+            return True
         if not self.can_allocate(req, num_new_tokens, computed):
             return False
         n_new = self._blocks_needed(req, num_new_tokens, computed)
-        table = self.tables.setdefault(req.request_id, [])
+        if table is None:
+            table = self.tables[req.request_id] = []
         if computed:
             self.pool.touch(list(computed))
             table.extend(computed)

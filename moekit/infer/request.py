@@ -81,7 +81,8 @@ class Request:
             return "stop"
         if token in p.stop_token_ids:
             return "stop"
-        if self.num_output_tokens >= p.max_tokens or self.num_tokens >= max_model_len:
+        n = len(self.all_token_ids)
+        if n - len(self.prompt_token_ids) >= p.max_tokens or n >= max_model_len:
             return "length"
         return None
 

@@ -53,19 +53,22 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-@dataclass
+@dataclass(slots=True)
 class Scheduled:
     request: Request
     num_tokens: int  # tokens computed this step, draft tokens included
     spec_token_ids: list[int]  # the draft tokens among them (the last len() scheduled tokens)
+    # Does this chunk end at the last committed token (so: sample)? Fixed when scheduled, before the step
+    # advances num_computed_tokens.
+    reaches_end: bool = False
 
-    @property
-    def reaches_end(self) -> bool:  # does this chunk end at the last committed token (so: sample)?
-        req = self.request
-        return req.num_computed_tokens + self.num_tokens - len(self.spec_token_ids) >= req.num_tokens
+    @staticmethod
+    def of(req: Request, num_tokens: int, spec_token_ids: list[int]) -> Scheduled:
+        end = req.num_computed_tokens + num_tokens - len(spec_token_ids) >= len(req.all_token_ids)
+        return Scheduled(req, num_tokens, spec_token_ids, end)
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestUpdate:
     """What one step committed to one request that produced tokens (vLLM v1 `EngineCoreOutput`)."""
 
@@ -113,13 +116,6 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)  # several preempted in one step: the oldest ends up in front
 
-    def _victim(self, first: int, skip: Collection[str]) -> int:
-        """The index of the newest running request at or after `first` that is not in flight."""
-        for j in range(len(self.running) - 1, first - 1, -1):
-            if self.running[j].request_id not in skip:
-                return j
-        raise AssertionError("the request being scheduled is always a candidate")  # running[first] is not skipped
-
     def schedule(self, skip: Collection[str] = (), max_seqs: int | None = None) -> SchedulerOutput:
         """The next step's tokens. A pipelined engine passes `skip`, the requests whose previous step is still in
         flight (not scheduled again, never preempted: their blocks are being written), and `max_seqs`, the requests
@@ -127,25 +123,26 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         room = max_seqs if max_seqs is not None else len(self.running) + self.config.max_num_seqs
+        # The running requests this step may schedule or preempt, oldest first: those not in flight. (Filtered
+        # once, not passed over one by one: a pipeline of P stages has ~(P-1)/P of them in flight at any time.)
+        cands = [r for r in self.running if r.request_id not in skip] if skip else self.running[:]
         i = 0
-        while i < len(self.running) and budget > 0 and room > 0:
-            req = self.running[i]
-            if req.request_id in skip:
-                i += 1
-                continue
+        while i < len(cands) and budget > 0 and room > 0:
+            req = cands[i]
             n_spec = len(req.spec_token_ids)
-            n = min(req.num_tokens + n_spec - req.num_computed_tokens, budget)
+            n = min(len(req.all_token_ids) + n_spec - req.num_computed_tokens, budget)
             while not self.kv.allocate_slots(req, n):
-                # The newest not in flight: not yet scheduled in this step, or req itself.
-                victim = self.running.pop(self._victim(i, skip))
+                # The newest not in flight and not yet scheduled in this step (cands[i:]), or req itself.
+                victim = cands.pop()
+                self.running.remove(victim)
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is req:
                     break
             if req.status is Status.PREEMPTED:
                 break  # it was the newest; everything older is scheduled
-            spec = req.spec_token_ids[:max(0, n - (req.num_tokens - req.num_computed_tokens))]
-            out.scheduled.append(Scheduled(req, n, spec))
+            spec = req.spec_token_ids[:max(0, n - (len(req.all_token_ids) - req.num_computed_tokens))]
+            out.scheduled.append(Scheduled.of(req, n, spec))
             budget -= n
             room -= 1
             i += 1
@@ -168,7 +165,7 @@ class Scheduler:
             req.num_computed_tokens = req.num_cached_tokens = n_hit
             req.status = Status.RUNNING
             bisect.insort(self.running, req, key=lambda r: r.arrival)  # a re-admitted request keeps its age
-            out.scheduled.append(Scheduled(req, n, []))
+            out.scheduled.append(Scheduled.of(req, n, []))
             budget -= n
             room -= 1
         return out
@@ -194,23 +191,24 @@ class Scheduler:
         correction or bonus token (`speculative.verify`). A prefill chunk that stops short has no entry.
         vLLM v1 `update_from_output` and nano-vllm `postprocess`: advance, roll back, append, finish.
         """
-        updates = []
+        updates, max_model_len = [], self.config.max_model_len
         for s in scheduled.scheduled:
             req, spec = s.request, s.spec_token_ids
-            reaches_end = s.reaches_end  # before advancing: it compares against num_computed_tokens
             req.num_computed_tokens += s.num_tokens
-            if not reaches_end:  # a prefill chunk that does not reach the prompt's end yet: nothing sampled
+            if not s.reaches_end:  # a prefill chunk that does not reach the prompt's end yet: nothing sampled
                 continue
             new = sampled[req.request_id]
             n_acc = len(new) - 1 if spec else 0
             # The rejected drafts' K/V was written for tokens that are not in the sequence: forget it (the
             # correction token, committed below, takes the first rejected position in the next step).
-            req.num_computed_tokens -= len(spec) - n_acc
-            req.spec_token_ids = []
+            if spec:
+                req.num_computed_tokens -= len(spec) - n_acc
+            if req.spec_token_ids:  # drafts the budget cut off are dropped too
+                req.spec_token_ids = []
             committed, reason = [], None
             for tok in new:
                 committed.append(tok)
-                reason = req.append_token(tok, self.config.max_model_len)
+                reason = req.append_token(tok, max_model_len)
                 if reason:  # tokens past a stop are dropped (vLLM `_update_request_with_output`)
                     break
             if reason:

@@ -84,22 +84,31 @@ class HardwareModel:
         w_bw, kv_bw = hw.weight_read_bandwidth(weight_dtype), hw.bandwidth * hw.bandwidth_efficiency
         kv_layer_token = 2 * kv_heads_per_gpu(cfg, tp) * cfg.head_dim * kvb
         lat = hw.allreduce_latency_us * 1e-6
-        # Per stage, the constants of stage_step's terms, so that a step costs a few multiplications per stage.
-        self._stages = []
+        # Per stage, the constants of stage_step's terms, as arrays over the stages: a step costs a few vector
+        # operations, whatever the number of stages (one simulated hour of a replica is ~10^5 steps).
+        terms = {k: [] for k in ("w_fixed", "w_emb", "w_expert", "kv", "f_dense", "f_expert", "f_attn", "layers",
+                                 "moe", "overhead")}
         for st in s.stages:
-            self._stages.append(dict(
-                w_fixed=(st.lm_head + st.dense) / tp * wb,  # read once per step
-                w_emb=(cfg.d_model / tp * wb) if st.embedding else 0.0,  # per group token
-                w_expert=st.expert_layer / tp * wb,  # per touched expert per layer
-                kv=st.layers * kv_layer_token,  # per K/V token read (per group)
-                f_dense=2 * (st.lm_head + st.dense) / tp,  # per group token
-                f_expert=2 * st.expert_layer / tp,  # per expert assignment on a rank
-                f_attn=4 * st.layers * cfg.q_dim / tp,  # per query x key pair (per group)
-                layers=st.layers, moe=st.moe_layers, overhead=st.layers * hw.layer_overhead_us * 1e-6))
+            for k, v in dict(
+                    w_fixed=(st.lm_head + st.dense) / tp * wb,  # read once per step
+                    w_emb=(cfg.d_model / tp * wb) if st.embedding else 0.0,  # per group token
+                    w_expert=st.expert_layer / tp * wb,  # per touched expert per layer
+                    kv=st.layers * kv_layer_token,  # per K/V token read (per group)
+                    f_dense=2 * (st.lm_head + st.dense) / tp,  # per group token
+                    f_expert=2 * st.expert_layer / tp,  # per expert assignment on a rank
+                    f_attn=4 * st.layers * cfg.q_dim / tp,  # per query x key pair (per group)
+                    layers=st.layers, moe=st.moe_layers, overhead=st.layers * hw.layer_overhead_us * 1e-6).items():
+                terms[k].append(v)
+        self._S = {k: np.asarray(v, dtype=float) for k, v in terms.items()}
+        self._moe_S = self._S["moe"]
         self._peak, self._w_bw, self._kv_bw, self._lat = peak, w_bw, kv_bw, lat
         self._link = s.link(tp * ep)
         self._hop_link = s.link(tp * ep * pp)
-        self._moe_offsets = np.cumsum([0] + [st["moe"] for st in self._stages])
+        self._moe_offsets = np.cumsum([0] + [st.moe_layers for st in s.stages])
+        # Uniform routing without expert parallelism (the default): only how many experts a layer touches
+        # matters, drawn from its exact distribution (`touched_distribution`) rather than a multinomial per layer.
+        self._uniform = routing is None and ep == 1
+        self._touched_cdf: dict[int, np.ndarray] = {}
         self._n_moe = cfg.n_moe_layers if cfg.is_moe else 0  # a property that counts: once
         self.driver_s = hw.step_overhead_us * 1e-6  # scheduling and sampling once per micro-batch
 
@@ -134,14 +143,25 @@ class HardwareModel:
             z = np.zeros(self.pp)
             return z, z, 0.0
         k = cfg.top_k
+        per_stage = self._moe_S
         if self.expected:
             touched = expert_coverage(cfg.n_expert, k, tokens)
-            per_stage = np.array([st["moe"] for st in self._stages], dtype=float)
             return per_stage * touched / ep, per_stage * tokens * k / ep, touched
-        # Assignments per expert per layer: tokens x k draws (a token's k picks as independent draws, which
-        # overstates the chance of two picks on one expert by ~k/E: a token then touches 1.94 of 16, not 2).
-        counts_LE = (self.rng.multinomial(tokens * k, self.routing) if self.routing.ndim == 2
-                     else self.rng.multinomial(tokens * k, self.routing, size=n_moe))
+        draws = tokens * k  # a token's k picks as independent draws, which overstates the chance of two picks
+        # on one expert by ~k/E: a token then touches 1.94 of 16, not 2.
+        if self._uniform:
+            cdf = self._touched_cdf.get(draws)
+            if cdf is None:
+                cdf = self._touched_cdf[draws] = np.cumsum(touched_distribution(cfg.n_expert, draws))
+            if cdf[-2] < 1e-15:  # every expert touched in every layer, but for odds below 1e-15 per step
+                touched_L = np.full(n_moe, cfg.n_expert)
+            else:
+                touched_L = np.minimum(np.searchsorted(cdf, self.rng.random(n_moe), side="right"), cfg.n_expert)
+            cs_t = np.concatenate([[0], np.cumsum(touched_L)])
+            o = self._moe_offsets
+            return cs_t[o[1:]] - cs_t[o[:-1]], per_stage * draws, float(touched_L.mean())
+        counts_LE = (self.rng.multinomial(draws, self.routing) if self.routing.ndim == 2
+                     else self.rng.multinomial(draws, self.routing, size=n_moe))
         per_rank = counts_LE.reshape(n_moe, ep, -1)
         touched_L = (per_rank > 0).sum(-1).max(-1)  # the slowest rank's distinct experts, per layer
         assign_L = per_rank.sum(-1).max(-1)
@@ -158,19 +178,16 @@ class HardwareModel:
         act = g_tokens * self.cfg.d_model * ACT_BYTES
         comm_layer = _transfer(2 * (tp - 1) / tp * act, self._link, self._lat) if tp > 1 else 0.0
         comm_moe = (_transfer(act * self.cfg.top_k * (ep - 1) / ep / tp, self._link, self._lat) if ep > 1 else 0.0)
-        stage_s, flops, nbytes = [], 0.0, 0.0
-        for i, c in enumerate(self._stages):
-            w_read = c["w_fixed"] + c["w_emb"] * g_tokens + c["w_expert"] * touched_S[i]
-            kv_read = g_kv * c["kv"]
-            f = c["f_dense"] * g_tokens + c["f_expert"] * assign_S[i] + c["f_attn"] * g_attn
-            t = max(f / self._peak, w_read / self._w_bw + kv_read / self._kv_bw)
-            t += 2 * c["layers"] * comm_layer + 2 * c["moe"] * comm_moe + c["overhead"]
-            stage_s.append(t)
-            flops += f
-            nbytes += w_read + kv_read
+        c = self._S
+        w_read = c["w_fixed"] + c["w_emb"] * g_tokens + c["w_expert"] * touched_S
+        kv_read = g_kv * c["kv"]
+        f = c["f_dense"] * g_tokens + c["f_expert"] * assign_S + c["f_attn"] * g_attn
+        t = np.maximum(f / self._peak, w_read / self._w_bw + kv_read / self._kv_bw)
+        t += 2 * comm_layer * c["layers"] + 2 * comm_moe * c["moe"] + c["overhead"]
         hop = _transfer(act / tp, self._hop_link, self.hw.hop_latency_us * 1e-6) if self.pp > 1 else 0.0
         gpus_per_stage = tp * ep
-        return StepCost(stage_s, hop, flops * gpus_per_stage, nbytes * gpus_per_stage, distinct)
+        return StepCost(t.tolist(), hop, float(f.sum()) * gpus_per_stage,
+                        float((w_read + kv_read).sum()) * gpus_per_stage, distinct)
 
     def gap_seconds(self, outputs: int, added: int) -> float:
         return self.driver_s
@@ -179,6 +196,24 @@ class HardwareModel:
         return {"kind": "hardware", "gpu": self.hw.name, "tp": self.tp, "pp": self.pp, "ep": self.ep,
                 "weight_dtype": self.setup.weight_dtype, "kv_dtype": self.setup.kv_dtype,
                 "routing": "expected" if self.expected else "sampled"}
+
+
+def touched_distribution(n_expert: int, draws: int) -> np.ndarray:
+    """P(exactly t of n_expert experts receive at least one of `draws` uniform picks), t = 0..n_expert: the
+    occupancy distribution, by inclusion-exclusion, C(E, t) sum_i (-1)^i C(t, i) ((t - i) / E)^draws
+    (Feller, vol. I, ch. IV). Exact in float64 for E <= 64: the sum's terms are at most C(E, E/2) in size."""
+    E = n_expert
+    if draws == 0:
+        out = np.zeros(E + 1)
+        out[0] = 1.0
+        return out
+    out = np.zeros(E + 1)
+    for t in range(1, E + 1):
+        i = np.arange(t + 1)
+        terms = (-1.0) ** i * np.array([math.comb(t, j) for j in i], dtype=float) * ((t - i) / E) ** draws
+        out[t] = math.comb(E, t) * terms.sum()
+    out = np.clip(out, 0.0, None)
+    return out / out.sum()
 
 
 class ProfileModel:
