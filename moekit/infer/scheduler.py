@@ -129,8 +129,8 @@ class Scheduler:
         i = 0
         while i < len(cands) and budget > 0 and room > 0:
             req = cands[i]
-            n_spec = len(req.spec_token_ids)
-            n = min(len(req.all_token_ids) + n_spec - req.num_computed_tokens, budget)
+            n_spec, n_tok, c = len(req.spec_token_ids), len(req.all_token_ids), req.num_computed_tokens
+            n = min(n_tok + n_spec - c, budget)
             while not self.kv.allocate_slots(req, n):
                 # The newest not in flight and not yet scheduled in this step (cands[i:]), or req itself.
                 victim = cands.pop()
@@ -141,8 +141,8 @@ class Scheduler:
                     break
             if req.status is Status.PREEMPTED:
                 break  # it was the newest; everything older is scheduled
-            spec = req.spec_token_ids[:max(0, n - (len(req.all_token_ids) - req.num_computed_tokens))]
-            out.scheduled.append(Scheduled.of(req, n, spec))
+            spec = req.spec_token_ids[:max(0, n - (n_tok - c))] if n_spec else []
+            out.scheduled.append(Scheduled(req, n, spec, c + n - len(spec) >= n_tok))
             budget -= n
             room -= 1
             i += 1
