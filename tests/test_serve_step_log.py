@@ -49,8 +49,10 @@ def test_step_log_accounts_for_every_token(tmp_path):
     last_t = -1.0
     for k, row in enumerate(rows):
         assert row["t_loop"] >= last_t, f"line {k + 2}: time went back"
-        for rid, prompt_len, _ in row["added"]:
+        for rid, prompt_len, _, queued in row["added"]:
             assert rid not in added
+            # Queued by the HTTP side before the engine thread drained its commands, which precedes the step.
+            assert 0 <= queued <= row.get("t0", queued), "queued for the engine after the step that took it"
             added[rid] = prompt_len
         if "t0" not in row:
             continue

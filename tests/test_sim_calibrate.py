@@ -258,3 +258,49 @@ def test_bad_step_logs_and_flags_are_one_line_errors(tmp_path):
         calibrate.run(args_for("--model", str(tmp_path / "run"), *out, overrides={"n_layer": "1"}))
     with pytest.raises(ValueError, match="drop --tp"):
         calibrate.run(args_for("--model", str(tmp_path / "run"), "--tp", "2", *out))
+
+
+def test_client_latency_is_the_median_of_client_minus_engine_ttft_and_the_simulator_adds_it(tmp_path, capsys):
+    synthetic_log(tmp_path / "steps.jsonl", episodes=12)
+    _, rows = calibrate.read_step_log(tmp_path / "steps.jsonl")
+    # The engine's TTFT, by hand: the iteration that added a request to the end of its first step with logits.
+    added, first = {}, {}
+    for row in rows:
+        for rid, *_ in row.get("added", []):
+            added[rid] = row["t_loop"]
+        for rid, _n, _c, _s, logits in row.get("scheduled", []):
+            if logits:
+                first.setdefault(rid, row["t1"])
+    engine = [first[r] - added[r] for r in added if r in first]
+    assert calibrate.engine_ttfts(rows) == pytest.approx(engine)
+    rng = random.Random(0)
+    detail = [{"arrival": 0.5 * k, "ok": True, "ttft": e + 0.004 + rng.choice([-1, 1]) * rng.random() * 1e-3}
+              for k, e in enumerate(engine)]
+    detail.insert(3, {"arrival": 1.6, "ok": False, "ttft": 0.0})  # a failed request: not the engine's
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(x) + "\n" for x in detail))
+    ns = args_for("--from-step-log", str(tmp_path / "steps.jsonl"), "--client-detail", str(tmp_path / "d.jsonl"),
+                  "--out", str(tmp_path / "p.json"))
+    assert calibrate.run(ns) == 0
+    prof = StepProfile.load(tmp_path / "p.json")
+    assert prof.latency_s == pytest.approx(0.004, abs=1e-3) and "outside the engine" in capsys.readouterr().err
+    # A client that sent fewer (the log's first requests were someone else's, e.g. a test request): the last ones.
+    (tmp_path / "short.jsonl").write_text("".join(json.dumps(x | {"ttft": x["ttft"] - 0.001}) + "\n"
+                                                  for x in detail[-9:]))
+    assert calibrate.profile_from_log(tmp_path / "steps.jsonl", client_detail=tmp_path / "short.jsonl").latency_s \
+        == pytest.approx(0.003, abs=1e-3)
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps(x) + "\n" for x in detail + detail))
+    with pytest.raises(ValueError, match="completed requests, the step log"):
+        calibrate.profile_from_log(tmp_path / "steps.jsonl", client_detail=tmp_path / "long.jsonl")
+
+    # The simulator: a request reaches the engine latency_s after it was sent; TTFT and E2E count from the sending.
+    from moekit.sim.simulator import Deployment, simulate
+    from moekit.sim.steptime import ProfileModel
+    from moekit.sim.workload import SimRequest
+
+    def ttft(latency):
+        p = StepProfile(step=dict.fromkeys(STEP_TERMS, 0.0) | {"intercept": 0.002}, latency_s=latency)
+        run = simulate([SimRequest(0.0, 20, 4), SimRequest(1.0, 20, 4)], lambda i: ProfileModel(p),
+                       Deployment(num_blocks=16))
+        return list(run.results.ttft)
+
+    assert [b - a for a, b in zip(ttft(0.0), ttft(0.01), strict=True)] == pytest.approx([0.01, 0.01], abs=1e-12)

@@ -335,7 +335,7 @@ class AsyncEngine:
             tr = _Tracked(cmd.handle, index, cmd.arrival, len(ids))
             self._tracked[rid] = self._unscheduled[rid] = tr
             if self._log is not None:
-                self._log.added.append([rid, len(ids), params.max_tokens])
+                self._log.added.append([rid, len(ids), params.max_tokens, cmd.arrival - self._log.t_start])
         out.append(partial(_resolve, cmd.future))
 
     def _abort(self, engine: Engine, request_ids: list[str], out: list) -> None:
@@ -407,7 +407,7 @@ class _StepLog:
     engine, when the command that woke it came), t0 / t1 around `engine.step()`. A step line holds the micro-batch
     it completed (Engine.last_step): scheduled [request id, tokens, computed before, draft tokens, logits rows],
     preempted ids, outputs (requests that got tokens) and finished ids; every line its added [id, prompt tokens,
-    max_tokens] and aborted ids. The first line describes the engine (KV pool, scheduler limits) and the model's
+    max_tokens, when the HTTP side queued it for the engine thread] and aborted ids. The first line describes the engine (KV pool, scheduler limits) and the model's
     experts (n_expert, top_k, MoE layers) for the simulator.
     Writes are buffered and flushed about every second and whenever the engine goes idle, so the log costs the step
     loop a json.dumps per step."""

@@ -22,7 +22,10 @@ Two sources:
   between two steps (t0 of a step - t1 of the one before), with the previous step's outputs and the requests added
   in between as features. A gap counts only when the engine stayed busy: some request the log added was neither
   finished nor aborted after the previous step, so the server's loop went straight on (AsyncEngine waits for
-  commands only when it has no request). Idle waits for the next arrival are not overhead.
+  commands only when it has no request). Idle waits for the next arrival are not overhead. With
+  `--client-detail` (the `moekit bench serve --save-detailed` file of the same run), the latency a request spends
+  outside the engine: the median of client TTFT - engine TTFT (`client_latency`), which the simulator adds to
+  every request's arrival.
 
 Both fits are profile.py's non-negative ones (relative error for steps, plain for gaps), with the model's experts
 (n_expert, top_k, MoE layers) for the experts-read term; the first 5% of steps (a fresh engine runs cold: allocator,
@@ -53,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="the profile JSON to write")
     p.add_argument("--from-step-log", metavar="FILE.jsonl",
                    help="fit steps and gaps from this `moekit serve --step-log` instead of a sweep (no model runs)")
+    p.add_argument("--client-detail", metavar="FILE.jsonl",
+                   help="with --from-step-log: `moekit bench serve --save-detailed` of the same run, for the time a "
+                        "request spends outside the engine (HTTP, tokenizing, streaming)")
     p.add_argument("--step-log", metavar="FILE.jsonl", help="write the sweep's own step log (the server's format)")
     p.add_argument("--waves", type=int, default=3, help="passes over the batch x prompt grid (default 3)")
     p.add_argument("--output-len", type=int, default=16, help="tokens each calibration request decodes (default 16)")
@@ -203,8 +209,8 @@ def read_step_log(path: str | Path) -> tuple[dict, list[dict]]:
                 header = row
                 continue
             float(row["t_loop"])
-            for _rid, prompt_len, max_tokens in row.get("added", []):
-                int(prompt_len), int(max_tokens)
+            for _rid, prompt_len, max_tokens, *queued in row.get("added", []):
+                int(prompt_len), int(max_tokens), [float(q) for q in queued]
             if "t0" in row:
                 float(row["t0"]), float(row["t1"]), int(row["outputs"]), list(row["finished"])
                 for _, n, c, _spec, n_logits in row["scheduled"]:
@@ -233,9 +239,51 @@ def gap_samples(rows: list[dict]) -> tuple[list[tuple[int, int]], list[float]]:
     return feats, secs
 
 
-def profile_from_log(path: str | Path, model: str = "", moe: dict | None = None) -> StepProfile:
+def engine_ttfts(rows: list[dict]) -> list[float]:
+    """Seconds from when each request was queued for the engine thread (else the iteration that added it: an older
+    log) to the end of the step that gave its first token, in the order the log added them (requests aborted before
+    a token are left out). The wait for the engine's current step is in it: the simulator models that wait."""
+    added, first = {}, {}
+    for row in rows:
+        for rid, _p, _m, *queued in row.get("added", []):
+            added[rid] = queued[0] if queued else row["t_loop"]
+        for rid, _n, _c, _spec, n_logits in row.get("scheduled", []):
+            if n_logits and rid not in first:
+                first[rid] = row["t1"]
+    return [first[rid] - t for rid, t in added.items() if rid in first]
+
+
+def client_latency(rows: list[dict], detail_path: str | Path) -> tuple[float, int]:
+    """The time a request spends outside the engine as its client sees it (HTTP, tokenization, queues between the
+    HTTP thread and the engine's, streaming back): the median over requests of the client's TTFT (a `moekit bench
+    serve --save-detailed` file of the same run) minus the engine's, the k-th request sent paired with the k-th the
+    log added (one client, arrivals apart: the server adds them in sending order), counting from the end (requests
+    logged before the client's first, such as bench serve's test request, are not its). (seconds, requests paired)."""
+    import numpy as np
+
+    path = Path(detail_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--client-detail {path}: no such file; write it with `moekit bench serve "
+                                "--save-detailed FILE.jsonl` against the server that wrote the step log")
+    try:
+        client = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        client = sorted((float(r["arrival"]), float(r["ttft"])) for r in client if r.get("ok", True))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ValueError(f"--client-detail {path} is not a `moekit bench serve --save-detailed` file") from None
+    engine = engine_ttfts(rows)
+    # bench serve sends a test request before the benchmark: requests the log holds before the client's are those.
+    engine = engine[len(engine) - len(client):] if 0 < len(client) <= len(engine) else engine
+    if len(client) != len(engine) or not engine:
+        raise ValueError(f"--client-detail {path} holds {len(client)} completed requests, the step log "
+                         f"{len(engine)}: give the detail file of the run the server logged (one benchmark per log)")
+    return float(np.median([c - e for (_, c), e in zip(client, engine, strict=True)])), len(engine)
+
+
+def profile_from_log(path: str | Path, model: str = "", moe: dict | None = None,
+                     client_detail: str | Path | None = None) -> StepProfile:
     """The step and gap fits of a server's step log; moe: the model's experts where the log has no header (the
-    sweep's own log), else the header's."""
+    sweep's own log), else the header's; client_detail: the client's view of the same run, for the latency a
+    request spends outside the engine (else 0)."""
     header, rows = read_step_log(path)
     engine, moe = dict(header.get("engine") or {}), header.get("moe", moe or {})
     if engine.get("max_in_flight", 1) > 1:
@@ -254,8 +302,12 @@ def profile_from_log(path: str | Path, model: str = "", moe: dict | None = None)
     device = engine.pop("device", "cpu")
     for key in ("max_in_flight", "num_spec_tokens"):
         engine.pop(key, None)
+    latency = 0.0
+    if client_detail is not None:
+        latency, stats["latency_requests"] = client_latency(rows, client_detail)
+        latency = max(latency, 0.0)
     return StepProfile(step=step, gap=gap, model=model, device=device, source=f"step-log {path}", engine=engine,
-                       moe=moe, fit=stats)
+                       moe=moe, fit=stats, latency_s=latency)
 
 
 # ---- the command ----------------------------------------------------------------------------------------
@@ -294,10 +346,13 @@ def _summary(name: str, coef: dict, stats: dict, what: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if args.from_step_log:
-        prof = profile_from_log(args.from_step_log, model=args.model or "")
+        prof = profile_from_log(args.from_step_log, model=args.model or "", client_detail=args.client_detail)
         prof.save(args.out)
         print(_summary("step", prof.step, prof.fit, "steps"), file=sys.stderr)
         print(_summary("gap", prof.gap, prof.fit["gap"], "gaps"), file=sys.stderr)
+        if args.client_detail:
+            print(f"outside the engine: {prof.latency_s * 1e3:.2f} ms per request (median of "
+                  f"{prof.fit['latency_requests']} requests)", file=sys.stderr)
         print(f"wrote {args.out}", file=sys.stderr)
         return 0
     import torch

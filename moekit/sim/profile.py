@@ -118,6 +118,9 @@ class StepProfile:
     engine: dict = field(default_factory=dict)  # the engine settings measured: num_blocks, block_size, ...
     moe: dict = field(default_factory=dict)  # the model's n_expert, top_k, MoE layers (experts_touched); {}: dense
     fit: dict = field(default_factory=dict)
+    # Seconds a request spends outside the engine, as the client sees it (HTTP, tokenizing, streaming back):
+    # calibrate --client-detail measures it; the simulator delays each arrival by it.
+    latency_s: float = 0.0
 
     def step_seconds(self, seqs: int, tokens: int, kv_tokens: float, attn: float, logits: int) -> float:
         c = self.step
@@ -151,6 +154,9 @@ class StepProfile:
                   [f"gap.{t}" for t in GAP_TERMS if not isinstance(gap.get(t), int | float)]
         if missing:
             raise ValueError(f"--profile {path} lacks coefficients {', '.join(missing)}; {hint}")
+        lat = d.get("latency_s", 0.0)
+        if not isinstance(lat, int | float) or not 0 <= lat < 60:
+            raise ValueError(f"--profile {path}: latency_s must be seconds in [0, 60), got {lat!r}; {hint}")
         moe = d.get("moe") or {}
         if moe and not (all(isinstance(moe.get(x), int) for x in ("n_expert", "top_k", "layers"))
                         and 0 < moe["top_k"] <= moe["n_expert"]):

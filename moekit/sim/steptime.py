@@ -222,6 +222,7 @@ class ProfileModel:
     def __init__(self, profile):
         self.profile = profile
         self.num_stages, self.n_gpus = 1, 1
+        self.latency_s = profile.latency_s  # outside the engine: the simulator adds it to every arrival
 
     def step(self, w: Work) -> StepCost:
         t = self.profile.step_seconds(w.seqs, w.tokens, w.kv_tokens, w.attn, w.logits)
