@@ -304,3 +304,42 @@ def test_client_latency_is_the_median_of_client_minus_engine_ttft_and_the_simula
         return list(run.results.ttft)
 
     assert [b - a for a, b in zip(ttft(0.0), ttft(0.01), strict=True)] == pytest.approx([0.01, 0.01], abs=1e-12)
+
+
+def test_jitter_gives_the_simulated_steps_the_measured_mean_and_spread():
+    """Steps measured with a heavy right tail (1 in 10 is 3x: a shared core): the fit follows the typical step, the
+    jitter quantiles hold the ratios, and the profile model's steps then have the measured mean and p90."""
+    from moekit.sim.profile import jitter_quantiles
+    from moekit.sim.steptime import ProfileModel, Work
+
+    exact = jitter_quantiles([1.0, 2.0, 4.0] * 40, [1.0, 2.0, 4.0] * 40, n=8)  # an exact fit: no jitter
+    assert all(q == [1.0] * 8 for q in exact["quantiles"]) and len(exact["quantiles"]) == 3
+    rng = random.Random(3)
+    tokens = [rng.randint(1, 400) for _ in range(2000)]
+    true = [1e-3 + 2e-5 * n for n in tokens]
+    measured = [t * (3.0 if rng.random() < 0.1 else rng.uniform(0.95, 1.05)) for t in true]
+    coef, _ = fit([(n,) for n in tokens], measured, ("intercept", "tokens"))
+    assert coef["tokens"] == pytest.approx(2e-5, rel=0.05)  # the typical step, not the tail
+    prof = StepProfile(step=dict.fromkeys(STEP_TERMS, 0.0) | coef, jitter=jitter_quantiles(
+        [coef["intercept"] + coef["tokens"] * n for n in tokens], measured))
+    w = Work(1, 200, 200.0, 200 * 100.5, 1)
+    model = ProfileModel(prof, seed=1)
+    draws = np.array([model.step(w).stage_s[0] for _ in range(20000)])
+    typical = 1e-3 + 2e-5 * 200
+    assert draws.mean() == pytest.approx(typical * (0.9 + 0.3), rel=0.05)  # E[ratio] = 0.9 x 1 + 0.1 x 3
+    assert np.percentile(draws, 95) == pytest.approx(3 * typical, rel=0.1)
+    # A pause is not proportional: short steps (1-100 tokens) that stall 1 in 10, long ones (900-1000) that do not;
+    # the long steps' draws come from their own bin.
+    short = [rng.randint(1, 100) for _ in range(1000)]
+    long = [rng.randint(900, 1000) for _ in range(1000)]
+    ms = [(1e-3 + 2e-5 * n) * (3.0 if rng.random() < 0.1 else 1.0) for n in short] + \
+         [(1e-3 + 2e-5 * n) * rng.uniform(0.98, 1.02) for n in long]
+    prof2 = StepProfile(step=dict.fromkeys(STEP_TERMS, 0.0) | {"intercept": 1e-3, "tokens": 2e-5},
+                        jitter=jitter_quantiles([1e-3 + 2e-5 * n for n in short + long], ms))
+    m2 = ProfileModel(prof2, seed=4)
+    long_draws = np.array([m2.step(Work(1, 950, 950.0, 950 * 475.5, 1)).stage_s[0] for _ in range(3000)])
+    short_draws = np.array([m2.step(Work(1, 50, 50.0, 50 * 25.5, 1)).stage_s[0] for _ in range(3000)])
+    assert long_draws.max() < 1.03 * (1e-3 + 2e-5 * 950)
+    assert short_draws.max() == pytest.approx(3 * (1e-3 + 2e-5 * 50), rel=0.05)
+    assert ProfileModel(prof, jitter=False).step(w).stage_s[0] == pytest.approx(prof.step_seconds(1, 200, 200.0,
+                                                                                                   20100.0, 1))

@@ -407,8 +407,8 @@ class _StepLog:
     engine, when the command that woke it came), t0 / t1 around `engine.step()`. A step line holds the micro-batch
     it completed (Engine.last_step): scheduled [request id, tokens, computed before, draft tokens, logits rows],
     preempted ids, outputs (requests that got tokens) and finished ids; every line its added [id, prompt tokens,
-    max_tokens, when the HTTP side queued it for the engine thread] and aborted ids. The first line describes the engine (KV pool, scheduler limits) and the model's
-    experts (n_expert, top_k, MoE layers) for the simulator.
+    max_tokens, when the HTTP side queued it for the engine thread] and aborted ids. The first line describes the
+    engine (KV pool, scheduler limits) and the model's experts (n_expert, top_k, MoE layers) for the simulator.
     Writes are buffered and flushed about every second and whenever the engine goes idle, so the log costs the step
     loop a json.dumps per step."""
 

@@ -41,7 +41,7 @@ import sys
 import time
 from pathlib import Path
 
-from moekit.sim.profile import GAP_TERMS, STEP_TERMS, StepProfile, batch_features, fit, nnls, step_row
+from moekit.sim.profile import GAP_TERMS, STEP_TERMS, StepProfile, batch_features, fit, jitter_quantiles, nnls, step_row
 
 CELL_STEPS = 8  # a cell's prompts fill at most this many full steps of max_num_batched_tokens
 COLD = 20  # 1 / COLD of the steps, the first ones, are left out of the step fit
@@ -190,7 +190,14 @@ def profile_from_records(records: list[dict], moe: dict, **meta) -> StepProfile:
     """The step fit of a sweep's records (gap left at 0)."""
     rows, secs = step_samples(records, moe)
     coef, stats = fit(rows, secs, STEP_TERMS)
-    return StepProfile(step=coef, moe=moe, fit=stats, **meta)
+    return StepProfile(step=coef, moe=moe, fit=stats, jitter=_jitter(coef, rows, secs), **meta)
+
+
+def _jitter(coef: dict, rows: list[tuple], secs: list[float]) -> list[float]:
+    """Quantiles of measured / fitted over the fitted steps."""
+    c = [coef[t] for t in STEP_TERMS]
+    predicted = [c[0] + sum(a * x for a, x in zip(c[1:], row, strict=True)) for row in rows]
+    return jitter_quantiles(predicted, secs)
 
 
 # ---- from a server's step log ---------------------------------------------------------------------------
@@ -307,7 +314,7 @@ def profile_from_log(path: str | Path, model: str = "", moe: dict | None = None,
         latency, stats["latency_requests"] = client_latency(rows, client_detail)
         latency = max(latency, 0.0)
     return StepProfile(step=step, gap=gap, model=model, device=device, source=f"step-log {path}", engine=engine,
-                       moe=moe, fit=stats, latency_s=latency)
+                       moe=moe, fit=stats, latency_s=latency, jitter=_jitter(step, rows_s, secs_s))
 
 
 # ---- the command ----------------------------------------------------------------------------------------

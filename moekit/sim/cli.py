@@ -119,7 +119,7 @@ def step_model(args, seed: int = 0):
     if args.profile:
         from moekit.sim.profile import StepProfile
 
-        return steptime.ProfileModel(StepProfile.load(args.profile))
+        return steptime.ProfileModel(StepProfile.load(args.profile), seed=seed)
     routing = steptime.load_routing(args.routing) if args.routing else None
     return steptime.HardwareModel(args.model, args.gpu, tp=args.tp, pp=args.pp, ep=args.ep,
                                   weight_dtype=args.weight_dtype, kv_dtype=args.kv_dtype,

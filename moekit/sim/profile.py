@@ -107,6 +107,35 @@ def fit(rows: list[tuple], seconds: list[float], terms: tuple[str, ...], *, rela
     return dict(zip(terms, map(float, coef), strict=True)), stats
 
 
+JITTER_QUANTILES, JITTER_BINS = 128, 4
+
+
+def jitter_quantiles(predicted, measured, n: int = JITTER_QUANTILES, bins: int = JITTER_BINS) -> dict:
+    """What a fitted step misses, from a shared core's noise to a garbage-collection pause, for the simulator to
+    draw from: the distribution of measured / predicted step time as n evenly spaced quantiles (the midpoints), in
+    `bins` bins of predicted time with equally many steps each (a 300 ms pause is a 60x ratio on a 5 ms decode and
+    a 3x one on a 100 ms prefill chunk: one ratio distribution for all steps would stretch long steps by short
+    steps' stalls). {"edges": the predicted seconds between bins, "quantiles": per bin}; {} without steps."""
+    pred = np.maximum(np.asarray(predicted, dtype=float), 1e-12)
+    ratio = np.asarray(measured, dtype=float) / pred
+    if not len(ratio):
+        return {}
+    bins = max(1, min(bins, len(ratio) // 32))  # a few dozen steps per bin at least
+    edges = np.quantile(pred, np.arange(1, bins) / bins) if bins > 1 else np.array([])
+    which = np.searchsorted(edges, pred, side="right")
+    mid = (np.arange(n) + 0.5) / n
+    quantiles = [np.quantile(ratio[which == b], mid) if (which == b).any() else np.ones(n) for b in range(bins)]
+    return {"edges": [float(e) for e in edges], "quantiles": [[float(x) for x in q] for q in quantiles]}
+
+
+def draw_jitter(jitter: dict, predicted: float, u: float) -> float:
+    """The ratio for a step predicted at `predicted` seconds, at uniform draw u in [0, 1)."""
+    import bisect
+
+    q = jitter["quantiles"][bisect.bisect_right(jitter["edges"], predicted)]
+    return q[int(u * len(q))]
+
+
 @dataclass
 class StepProfile:
     step: dict[str, float]
@@ -121,6 +150,9 @@ class StepProfile:
     # Seconds a request spends outside the engine, as the client sees it (HTTP, tokenizing, streaming back):
     # calibrate --client-detail measures it; the simulator delays each arrival by it.
     latency_s: float = 0.0
+    # Quantiles of measured / predicted step time by predicted size (`jitter_quantiles`); {} for none. The simulator
+    # multiplies each predicted step by a draw from them: the measured steps' mean and spread, not the fit's median.
+    jitter: dict = field(default_factory=dict)
 
     def step_seconds(self, seqs: int, tokens: int, kv_tokens: float, attn: float, logits: int) -> float:
         c = self.step
@@ -157,6 +189,12 @@ class StepProfile:
         lat = d.get("latency_s", 0.0)
         if not isinstance(lat, int | float) or not 0 <= lat < 60:
             raise ValueError(f"--profile {path}: latency_s must be seconds in [0, 60), got {lat!r}; {hint}")
+        jit = d.get("jitter") or {}
+        edges, qs = jit.get("edges", []), jit.get("quantiles", []) if isinstance(jit, dict) else (None, None)
+        if jit and not (isinstance(edges, list) and isinstance(qs, list) and len(qs) == len(edges) + 1
+                        and all(isinstance(q, list) and q and all(isinstance(x, int | float) and x >= 0 for x in q)
+                                for q in qs)):
+            raise ValueError(f"--profile {path}: jitter must hold edges and one list of ratios more; {hint}")
         moe = d.get("moe") or {}
         if moe and not (all(isinstance(moe.get(x), int) for x in ("n_expert", "top_k", "layers"))
                         and 0 < moe["top_k"] <= moe["n_expert"]):

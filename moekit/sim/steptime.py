@@ -21,6 +21,7 @@ The profile model (moekit/sim/profile.py) is a linear fit of moekit's own engine
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,7 @@ import numpy as np
 from moekit.plan.hardware import GPU, get_gpu
 from moekit.plan.layout import as_config, check_parallel, kv_heads_per_gpu, stages
 from moekit.plan.serve import ACT_BYTES, _fullest, _Setup, _transfer, expert_coverage, stage_memory
+from moekit.sim.profile import draw_jitter
 
 
 @dataclass(slots=True)
@@ -219,13 +221,19 @@ def touched_distribution(n_expert: int, draws: int) -> np.ndarray:
 class ProfileModel:
     """A measured profile of moekit's engine on this machine (one stage: the engine runs in one process)."""
 
-    def __init__(self, profile):
+    def __init__(self, profile, *, jitter: bool = True, seed: int = 0):
         self.profile = profile
         self.num_stages, self.n_gpus = 1, 1
         self.latency_s = profile.latency_s  # outside the engine: the simulator adds it to every arrival
+        # Each step's fitted time times a draw from the measured / fitted ratios: the server's steps are not all
+        # their batch's median (a shared core, a GC pause), and their tail is in its TTFT and TPOT percentiles.
+        self.jitter = profile.jitter if jitter else {}
+        self.rng = random.Random(seed)
 
     def step(self, w: Work) -> StepCost:
         t = self.profile.step_seconds(w.seqs, w.tokens, w.kv_tokens, w.attn, w.logits)
+        if self.jitter:
+            t *= draw_jitter(self.jitter, t, self.rng.random())
         return StepCost([t], 0.0, 0.0, 0.0, 0.0)
 
     def gap_seconds(self, outputs: int, added: int) -> float:
