@@ -92,6 +92,12 @@ def test_hardware_file_on_the_command_line(tmp_path, capsys):
     (["plan", "wall", "--n_layer=3"], "model overrides (--n_layer) apply only to"),
     (["plan", "serve", "--hardware", "/nonexistent.json", "--gpu", "x"], "hardware file /nonexistent.json"),
     (["plan", "serve", "--n_layer=0"], "n_layer must be a positive integer"),
+    # `moekit plan --simulate` (moekit/sim/claims.py); nothing here gets as far as simulating
+    (["plan", "--simulate", "--sim-points", "0"], "--sim-points must be a whole number >= 1, got 0"),
+    (["plan", "--simulate", "--sim-slo", "ttft=10"], "--sim-slo 'ttft=10': give METRIC:MS"),
+    (["plan", "--simulate", "--sim-window", "soon"], "not a number: 'soon'"),
+    (["plan", "--sim-points", "4"], "--sim-points applies only with --simulate"),
+    (["plan", "--simulate", "serve"], "--simulate belongs to the report"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
     try:

@@ -2,6 +2,7 @@
 
     moekit plan                                   # the GPT-4 report (every claim of SPEC sections 1-4)
     moekit plan --model gpt4-vision               # ... and section 5, vision, on a vision config
+    moekit plan --simulate                        # ... and the serving-cost claims under real traffic (minutes)
     moekit plan vision --model gpt4-vision        # vision parameters, FLOPs per image, encoder cache, fine-tune, IO
     moekit plan train --gpu A100-80GB --gpus 25000 --tokens 13T --mfu 0.34
     moekit plan train --model tiny --gpus 2 --tp 1 --pp 1 --zero 3 --optimizer-precision fp32 \
@@ -61,6 +62,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the GPT-4 report as JSON")
     p.add_argument("--model", dest="report_model", metavar="MODEL",
                    help="a vision model (e.g. gpt4-vision): adds the report's section 5, vision, computed on it")
+    sim = p.add_argument_group("--simulate (moekit/sim/claims.py)")
+    sim.add_argument("--simulate", action="store_true",
+                     help="add the $ per 1k claims at the utilization real traffic allows: the Azure conversation "
+                          "trace at the largest load one replica serves within the SLO, and a day's load curve, in the "
+                          "simulator (a few minutes; progress on stderr)")
+    sim.add_argument("--sim-slo", metavar="METRIC:MS,...",
+                     help="SLOs at p90, ms, of ttft, tpot, e2el (default ttft:10000,tpot:1000)")
+    sim.add_argument("--sim-window", type=number, metavar="S",
+                     help="simulated seconds of arrivals per simulation (default: two long requests' lifetimes)")
+    sim.add_argument("--sim-points", type=integer, metavar="N", help="hours of the day simulated (default 4)")
+    sim.add_argument("--sim-iterations", type=integer, metavar="N",
+                     help="bisections of the capacity bracket (default 1)")
+    sim.add_argument("--sim-peak-rate", type=number, metavar="REQ_S", help="the fleet's peak requests/s (default 1000)")
+    sim.add_argument("--sim-trace-duration", type=number, metavar="S",
+                     help="seconds of the trace to replay, repeated as needed (default: all of it)")
+    sim.add_argument("--sim-day-all", action="store_true", default=None,
+                     help="the day's curve on every deployment (default: A100 only)")
     sub = p.add_subparsers(dest="plan_command", metavar="{train,serve,wall,vision,chart}")
     gpu_help = "GPU name, `local`, or a hardware file (default %(default)s)"
 
@@ -276,10 +294,19 @@ def run(args: argparse.Namespace) -> int:
     if args.overrides and cmd not in ("train", "serve", "vision") and not (cmd is None and report_model):
         raise ValueError(f"model overrides ({', '.join('--' + k for k in args.overrides)}) apply only to "
                          "`moekit plan train`, `serve` and `vision`, and to the report's --model")
+    sim_opts = {k: v for k, v in vars(args).items() if k.startswith("sim_") and v is not None}
+    if (args.simulate or sim_opts) and cmd is not None:
+        raise ValueError(f"--simulate belongs to the report: `moekit plan --simulate`, not with `{cmd}`")
+    if sim_opts and not args.simulate:
+        raise ValueError(f"--{next(iter(sim_opts)).replace('_', '-')} applies only with --simulate: add --simulate")
     if cmd is None:
         model = apply_overrides(plan.as_config(report_model), args.overrides) if report_model else None
         r = plan.gpt4_report(model)
-        print(json.dumps(r.to_dict(), indent=2) if args.json else plan.format_report(r))
+        sim = _simulate(sim_opts) if args.simulate else None
+        if args.json:
+            print(json.dumps(r.to_dict() | ({"simulated": sim.to_dict()} if sim else {}), indent=2))
+        else:
+            print(plan.format_report(r) + ("\n" + _sim_claims().format_claims(sim, len(r.claims) + 1) if sim else ""))
         return 0
     if cmd == "vision":
         from moekit.plan.vision import format_vision, vision_plan
@@ -324,6 +351,24 @@ def run(args: argparse.Namespace) -> int:
                 return _print_workers(args, cfg, result)
     print(json.dumps(result.to_dict(), indent=2) if args.json else text(result))
     return 0
+
+
+def _sim_claims():
+    # Lazily, only for --simulate, and by name as moekit/cli.py dispatches the commands: the planner's modules are
+    # pure functions over config and the hardware table (tests/test_imports.py holds moekit.plan off moekit.infer),
+    # while the simulator drives the engine's own scheduler. This command line is the one place that joins them.
+    import importlib
+
+    return importlib.import_module("moekit.sim.claims")
+
+
+def _simulate(opts: dict):
+    """The simulated claims with the --sim-* options given (the rest: SimClaimsConfig's defaults)."""
+    claims = _sim_claims()
+    kw = {k.removeprefix("sim_"): v for k, v in opts.items()}
+    if "slo" in kw:
+        kw["slo"] = claims.parse_slo(kw["slo"])
+    return claims.simulated_claims(claims.SimClaimsConfig(**kw), progress=claims.stderr_progress)
 
 
 def _print_workers(args: argparse.Namespace, cfg, result) -> int:

@@ -24,27 +24,8 @@ import math
 import sys
 
 from moekit.plan.hardware import DTYPE_BYTES
+from moekit.sim.metrics import parse_slo
 from moekit.sim.router import ROUTERS
-
-SLO_METRICS = ("ttft", "tpot", "e2el")
-
-
-def parse_slo(text: str | None) -> dict[str, float]:
-    """'ttft:2000,tpot:300' -> {"ttft": 2000.0, "tpot": 300.0} (milliseconds)."""
-    if not text:
-        return {}
-    out = {}
-    for item in text.split(","):
-        name, sep, value = item.strip().partition(":")
-        try:
-            ms = float(value)
-        except ValueError:
-            ms = -1.0
-        if not sep or name not in SLO_METRICS or not ms > 0 or not math.isfinite(ms):
-            raise ValueError(f"--slo {text!r}: give METRIC:MS[,METRIC:MS] with METRIC one of "
-                             f"{', '.join(SLO_METRICS)} and MS > 0, e.g. ttft:2000,tpot:300")
-        out[name] = ms
-    return out
 
 
 def _rates(text: str) -> list[float]:

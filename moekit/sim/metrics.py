@@ -13,7 +13,29 @@ simulator sees: utilization, KV occupancy, preemptions, expert load and dollars 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+SLO_METRICS = ("ttft", "tpot", "e2el")
+
+
+def parse_slo(text: str | None, flag: str = "--slo", example: str = "ttft:2000,tpot:300") -> dict[str, float]:
+    """'ttft:2000,tpot:300' -> {"ttft": 2000.0, "tpot": 300.0} (milliseconds); a ValueError naming `flag`."""
+    if not text:
+        return {}
+    out = {}
+    for item in text.split(","):
+        name, sep, value = item.strip().partition(":")
+        try:
+            ms = float(value)
+        except ValueError:
+            ms = -1.0
+        if not sep or name not in SLO_METRICS or not ms > 0 or not math.isfinite(ms):
+            raise ValueError(f"{flag} {text!r}: give METRIC:MS[,METRIC:MS] with METRIC one of "
+                             f"{', '.join(SLO_METRICS)} and MS > 0, e.g. {example}")
+        out[name] = ms
+    return out
 
 
 def _stats(name: str, values, percentiles) -> dict:
