@@ -91,6 +91,14 @@ BAD = {
     "tools": (CC, {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools is not supported"),
     "negative max_completion_tokens": (CC, {"max_completion_tokens": -1}, 400, "max_completion_tokens must be"),
     "unknown route": ("/v1/embeddings", {}, 404, "Unknown route POST /v1/embeddings"),
+    # A lone surrogate where the error message echoes the value: the message escapes it instead of failing to
+    # encode (which answered 500 and counted the request twice).
+    "surrogate model": (C, {"model": "\ud800"}, 404, "The model `\\ud800` does not exist"),
+    "surrogate role": (CC, {"messages": [{"role": "\ud800", "content": "hi"}]}, 400, "\\ud800"),
+    "surrogate part type": (CC, {"messages": [{"role": "user", "content": [{"type": "\ud800"}]}]}, 400,
+                            "\\ud800"),
+    "surrogate n": (C, {"n": "\ud800"}, 400, "n must be an integer"),
+    "surrogate seed": (C, {"seed": "\ud800"}, 400, "seed"),
 }
 
 

@@ -36,9 +36,16 @@ class APIError(Exception):
         return error_body(self.status, self.message, self.param, self.code)
 
 
+def safe_text(text: str | None) -> str | None:
+    """`text` with what UTF-8 cannot encode (a lone surrogate such as "\\ud800", which JSON lets a client send)
+    written as a backslash escape: an error message that echoes a client's value must still encode, or the error
+    itself becomes a 500."""
+    return text if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
-                      "param": param, "code": code}}
+    return {"error": {"message": safe_text(message), "type": ERROR_TYPES.get(status, "invalid_request_error"),
+                      "param": safe_text(param), "code": code}}
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -51,4 +58,5 @@ def show(value, limit: int = 60) -> str:
         text = json.dumps(value, ensure_ascii=False)
     except (TypeError, ValueError):
         text = repr(value)
+    text = safe_text(text)
     return text if len(text) <= limit else text[:limit] + "..."
