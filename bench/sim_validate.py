@@ -107,10 +107,7 @@ def simulate(profile: str, detail: Path | None = None, *, requests=None, prefix_
     if requests is None:
         requests = [SimRequest(r.arrival, r.prompt_len, r.output_len, 0 if prefix_len else -1, prefix_len)
                     for r in load_trace(detail)]
-    e = prof.engine
-    dep = Deployment(num_blocks=e["num_blocks"], block_size=e["block_size"], max_num_seqs=e["max_num_seqs"],
-                     max_num_batched_tokens=e["max_num_batched_tokens"], max_model_len=e["max_model_len"],
-                     enable_prefix_caching=e["enable_prefix_caching"])
+    dep = Deployment.of_engine(prof.engine)
     model = ProfileModel(prof)
     return run_sim(requests, lambda i: model, dep).summary()
 

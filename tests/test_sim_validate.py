@@ -38,9 +38,7 @@ def test_simulator_reproduces_the_servers_latency_and_throughput(tmp_path, capsy
 
     prof = calibrate.profile_from_log(log, client_detail=tmp_path / "detail.jsonl")
     assert prof.fit["latency_requests"] == 60 and prof.latency_s > 0
-    e = prof.engine
-    dep = Deployment(num_blocks=e["num_blocks"], block_size=e["block_size"], max_num_seqs=e["max_num_seqs"],
-                     max_num_batched_tokens=e["max_num_batched_tokens"], max_model_len=e["max_model_len"])
+    dep = Deployment.of_engine(prof.engine)
     reqs = load_trace(tmp_path / "detail.jsonl")
     assert [r.output_len for r in reqs] == [json.loads(x)["output_len"] for x in
                                             (tmp_path / "detail.jsonl").read_text().splitlines()]

@@ -36,6 +36,13 @@ class Deployment:
     router: str = "least-loaded"
     max_in_flight: int | None = None  # default: one micro-batch per pipeline stage
 
+    @classmethod
+    def of_engine(cls, engine: dict, **kw) -> Deployment:
+        """The deployment of a server's (or a sweep's) engine settings: a step log's header, a profile's `engine`."""
+        keys = ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
+                "enable_prefix_caching")
+        return cls(**{k: engine[k] for k in keys if k in engine}, **kw)
+
     def blocks(self) -> int:
         if self.num_blocks is not None:
             return self.num_blocks
