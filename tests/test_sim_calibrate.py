@@ -106,7 +106,12 @@ def test_profile_round_trip_and_bad_files(tmp_path):
                                         "gap": dict.fromkeys(GAP_TERMS, 0.0), "moe": {"n_expert": 2, "top_k": 4,
                                                                                      "layers": 1}}),
            "unexpected keyword": json.dumps({"kind": "moekit-step-profile", "step": dict.fromkeys(STEP_TERMS, 0.0),
-                                             "gap": dict.fromkeys(GAP_TERMS, 0.0), "colour": "red"})}
+                                             "gap": dict.fromkeys(GAP_TERMS, 0.0), "colour": "red"}),
+           "latency_s must be seconds": json.dumps({"kind": "moekit-step-profile", "step": dict.fromkeys(
+               STEP_TERMS, 0.0), "gap": dict.fromkeys(GAP_TERMS, 0.0), "latency_s": -1}),
+           "jitter must hold edges": json.dumps({"kind": "moekit-step-profile", "step": dict.fromkeys(
+               STEP_TERMS, 0.0), "gap": dict.fromkeys(GAP_TERMS, 0.0), "jitter": {"edges": [0.1],
+                                                                                       "quantiles": [[1.0]]}})}
     for i, (message, text) in enumerate(bad.items()):
         (tmp_path / f"bad{i}.json").write_text(text)
         with pytest.raises(ValueError, match=message) as e:
