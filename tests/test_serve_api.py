@@ -195,3 +195,74 @@ def test_stream_wire_format_is_server_sent_events_ending_in_done(served):
     chunks = [json.loads(e[6:]) for e in events[:-2]]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == n
     assert {c["id"] for c in chunks} == {headers["x-request-id"]}
+
+
+@torch.no_grad()
+def prompt_logprob_oracle(model, ids: list[int]) -> list[float]:
+    """Each prompt token's logprob given the ones before it, from one forward pass over the whole prompt."""
+    lp_TV = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    return [float(lp_TV[t - 1, ids[t]]) for t in range(1, len(ids))]
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_loglikelihood_evaluation_does(served, client):
+    """lm-evaluation-harness's loglikelihood request: echo, logprobs=1, max_tokens=1 (or 0), token ids as the prompt;
+    it reads token_logprobs[ctxlen:-1]. Every value equals a full forward pass; a cached prefix is recomputed."""
+    model, _ = served
+    prompt = PROMPT * 6  # several 16-token blocks: a cache hit would be possible
+    ids = encode(prompt)
+    want = prompt_logprob_oracle(model, ids)
+    plain = client.completions.create(model="tiny", prompt=ids, max_tokens=2, temperature=0)  # caches the blocks
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=1, temperature=0, echo=True, logprobs=1)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(ids) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert max(abs(a - b) for a, b in zip(lp.token_logprobs[1:len(ids)], want, strict=True)) < 1e-5
+    assert lp.text_offset[:3] == [0, len(lp.tokens[0]), len(lp.tokens[0]) + len(lp.tokens[1])]
+    assert r.choices[0].text == prompt + plain.choices[0].text[:len(r.choices[0].text) - len(prompt)]
+    assert r.usage.prompt_tokens_details.cached_tokens == 0  # recomputed: the cache holds K/V, not logits
+    again = client.completions.create(model="tiny", prompt=ids, max_tokens=1, temperature=0)
+    assert again.usage.prompt_tokens_details.cached_tokens >= 16  # the blocks are still there for others
+
+    none = client.completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True, logprobs=3)
+    c = none.choices[0]
+    assert c.text == prompt and c.finish_reason == "length" and none.usage.completion_tokens == 0
+    assert c.logprobs.token_logprobs[1:] == lp.token_logprobs[1:len(ids)]
+    assert all(len(t) >= 3 for t in c.logprobs.top_logprobs[1:])
+
+    chunks = list(client.completions.create(model="tiny", prompt=ids, max_tokens=4, temperature=0, echo=True,
+                                            logprobs=1, stream=True))
+    whole = client.completions.create(model="tiny", prompt=ids, max_tokens=4, temperature=0, echo=True, logprobs=1)
+    assert "".join(ch.choices[0].text for ch in chunks) == whole.choices[0].text
+    streamed = [v for ch in chunks if ch.choices[0].logprobs for v in ch.choices[0].logprobs.token_logprobs]
+    assert streamed == whole.choices[0].logprobs.token_logprobs
+
+
+def test_tokenize_and_detokenize_as_vllm_defines_them(served, client):
+    port, auth = served[1].port, {"Authorization": f"Bearer {API_KEY}"}
+
+    def post(path: str, body: dict) -> tuple[int, dict]:
+        status, _, data = request(port, "POST", path, body, auth)
+        return status, json.loads(data)
+
+    status, tok = post("/tokenize", {"model": "tiny", "prompt": PROMPT, "return_token_strs": True})
+    assert status == 200 and tok["tokens"] == encode(PROMPT) and tok["count"] == len(encode(PROMPT))
+    assert tok["max_model_len"] == 128 and "".join(tok["token_strs"][1:]) == PROMPT
+    r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=1)
+    assert r.usage.prompt_tokens == tok["count"]  # the count is what the endpoint feeds the model
+    status, bare = post("/tokenize", {"prompt": PROMPT, "add_special_tokens": False})
+    assert status == 200 and bare["tokens"] == encode(PROMPT)[1:] and bare["token_strs"] is None
+    messages = [{"role": "user", "content": "Hi there"}]
+    status, chat = post("/tokenize", {"messages": messages})
+    assert status == 200
+    assert chat["count"] == client.chat.completions.create(model="tiny", messages=messages,
+                                                           max_tokens=1).usage.prompt_tokens
+    status, back = post("/detokenize", {"model": "tiny", "tokens": tok["tokens"]})
+    assert status == 200 and back["prompt"] == "<|endoftext|>" + PROMPT  # special tokens kept, as in vLLM
+
+    for path, body, param, words in [
+            ("/tokenize", {"prompt": "x", "messages": messages}, "prompt", "exactly one of prompt"),
+            ("/tokenize", {"prompt": 5}, "prompt", "prompt must be a string"),
+            ("/tokenize", {"model": "gpt-4", "prompt": "x"}, "model", "does not exist"),
+            ("/detokenize", {"tokens": [1, 100000]}, "tokens", "not a token id"),
+            ("/detokenize", {"tokens": "abc"}, "tokens", "tokens must be an array")]:
+        status, err = post(path, body)
+        assert status in (400, 404) and err["error"]["param"] == param and words in err["error"]["message"], err

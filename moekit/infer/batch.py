@@ -22,9 +22,13 @@ class RunItem:
     num_logits: int  # logits wanted for the last num_logits tokens (0 for a partial prefill chunk)
     request_id: str = ""  # keys the request's encoder-cache entry (images); else for logs and tests
     image_positions: list[int] = field(default_factory=list)  # the request's image markers (positions)
+    # Prompt logprobs: the token that follows each of the first len(prompt_targets) tokens; their logits come
+    # after every item's num_logits rows (so the sampling rows keep their places), prompt_top alternatives each.
+    prompt_targets: list[int] = field(default_factory=list)
+    prompt_top: int = 0
 
 
 @dataclass
 class RunOutput:
-    logits_RV: torch.Tensor  # float32, rows in item order, num_logits rows per item
+    logits_RV: torch.Tensor  # float32, rows in item order, num_logits rows per item; then the prompt-logprob rows
     tokens_per_expert_LE: torch.Tensor | None  # int64 on the CPU; None for a dense model

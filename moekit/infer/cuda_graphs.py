@@ -91,7 +91,8 @@ class DecodeGraphs:
 
     def shape(self, items: list[RunItem]) -> tuple[int, int] | None:
         """(B, Q) for these items, or None when they are not all decode/verification items."""
-        if not all(1 <= len(it.token_ids) <= SHORT_QUERY and it.num_logits == len(it.token_ids) for it in items):
+        if not all(1 <= len(it.token_ids) <= SHORT_QUERY and it.num_logits == len(it.token_ids)
+                   and not it.prompt_targets for it in items):
             return None
         B = self.batch_size(len(items))
         return None if B is None else (B, max(len(it.token_ids) for it in items))

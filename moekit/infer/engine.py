@@ -57,6 +57,9 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None = None
     new_logprobs: list[Logprob] = field(default_factory=list)
+    # With params.prompt_logprobs, on the request's first output: entry j is prompt token j + 1's (the first
+    # prompt token has none: nothing precedes it).
+    prompt_logprobs: list[Logprob] | None = None
 
 
 @dataclass
@@ -71,6 +74,7 @@ class Completion:
     logprobs: list[Logprob]
     num_cached_tokens: int  # prompt tokens served by the prefix cache
     num_preemptions: int
+    prompt_logprobs: list[Logprob] | None = None  # with params.prompt_logprobs: prompt tokens 1.. (see RequestOutput)
 
 
 @dataclass
@@ -206,7 +210,7 @@ class Engine:
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
         gen = torch.Generator().manual_seed(seed)  # on the CPU: the same draws on any device
         req = Request(rid, ids, params, arrival=self._arrivals, eos_token_ids=self.eos_token_ids,
-                      image_positions=positions, cache_salt=salt)
+                      image_positions=positions, cache_salt=salt, read_prefix_cache=params.prompt_logprobs is None)
         return req, gen
 
     def _submit(self, req: Request, generator: torch.Generator, images: Sequence[torch.Tensor] = ()) -> str:
@@ -294,10 +298,16 @@ class Engine:
         for s in sched.scheduled:
             req = s.request
             c = req.num_computed_tokens
-            tokens = req.all_token_ids[c:c + s.num_tokens - len(s.spec_token_ids)] + s.spec_token_ids
+            n = s.num_tokens - len(s.spec_token_ids)
+            tokens = req.all_token_ids[c:c + n] + s.spec_token_ids
+            # Prompt logprobs: positions c .. of this chunk that precede a prompt token (recomputed after a
+            # preemption; _prompt_logprobs keeps the first ones computed).
+            last = req.num_prompt_tokens - 1
+            targets = (req.all_token_ids[c + 1:min(c + n, last) + 1]
+                       if req.params.prompt_logprobs is not None and c < last else [])
             items.append(RunItem(tokens, c, self.kv.block_ids(req.request_id),
                                  len(s.spec_token_ids) + 1 if s.reaches_end else 0, req.request_id,
-                                 req.image_positions))
+                                 req.image_positions, targets, req.params.prompt_logprobs or 0))
         return sched, items
 
     def _busy(self) -> set[str]:
@@ -335,6 +345,8 @@ class Engine:
             cnt.tokens_per_expert = out.tokens_per_expert_LE + (
                 cnt.tokens_per_expert if cnt.tokens_per_expert is not None else 0)
         logits_RV = out.logits_RV
+        if any(it.prompt_targets for it in items):
+            logits_RV = self._prompt_logprobs(sched, items, logits_RV)
         if any(s.request.finished for s in sched.scheduled):  # aborted while its step was in flight: drop it
             rows, r, keep = [], 0, []
             for s, it in zip(sched.scheduled, items, strict=True):
@@ -354,6 +366,23 @@ class Engine:
         if self.proposer is not None:
             self._propose()
         return outputs
+
+    @staticmethod
+    def _prompt_logprobs(sched: SchedulerOutput, items: list[RunItem], logits_RV: torch.Tensor) -> torch.Tensor:
+        """Turn the step's prompt-logprob rows (after the sampling rows) into each request's prompt logprobs; the
+        sampling rows. A chunk recomputed after a preemption adds nothing: those positions are done already."""
+        r = sum(it.num_logits for it in items)
+        sample_RV = logits_RV[:r]
+        for s, it in zip(sched.scheduled, items, strict=True):
+            k = len(it.prompt_targets)
+            if not k:
+                continue
+            req, rows = s.request, logits_RV[r:r + k]
+            r += k
+            have = max(len(req.prompt_logprobs) - it.start, 0)  # entry j is position j's; the chunk starts at start
+            if have < k and not req.finished:
+                req.prompt_logprobs += logprobs(rows[have:], it.prompt_targets[have:], [it.prompt_top] * (k - have))
+        return sample_RV
 
     def _sample(self, sched: SchedulerOutput, items: list[RunItem],
                 logits_RV: torch.Tensor) -> tuple[dict[str, list[int]], dict[str, int]]:
@@ -416,9 +445,10 @@ class Engine:
         hold = 0 if reason else max(req.params.max_stop_len - 1, 0)  # a stop string may be starting
         sent = req.text_sent
         req.text_sent = max(sent, len(req.text) - hold)
+        first = req.params.prompt_logprobs is not None and req.num_output_tokens == len(committed)
         return RequestOutput(req.request_id, committed, req.text[sent:req.text_sent], req.finished,
                              req.finish_reason, req.logprobs[len(req.logprobs) - len(committed):]
-                             if req.params.logprobs is not None else [])
+                             if req.params.logprobs is not None else [], req.prompt_logprobs if first else None)
 
     def _count_spec(self, n_draft: int, n_acc: int) -> None:
         cnt = self.counters
@@ -469,8 +499,9 @@ class Engine:
             if req.num_output_tokens > n_tok or text_end > n_text or req.finished:
                 toks = req.output_token_ids[n_tok:]
                 lps = req.logprobs[n_tok:] if req.params.logprobs is not None else []
+                first = n_tok == 0 and toks and req.params.prompt_logprobs is not None
                 delta = RequestOutput(request_id, toks, req.text[n_text:text_end], req.finished,
-                                      req.finish_reason, lps)
+                                      req.finish_reason, lps, req.prompt_logprobs if first else None)
                 n_tok, n_text = req.num_output_tokens, text_end
                 yield delta
                 if req.finished:
@@ -485,7 +516,8 @@ class Engine:
         if req is None:
             raise ValueError(f"request {request_id!r} is unknown, unfinished or already collected")
         return Completion(req.request_id, req.prompt_token_ids, req.output_token_ids, req.text,
-                          req.finish_reason or "", req.logprobs, req.num_cached_tokens, req.num_preemptions)
+                          req.finish_reason or "", req.logprobs, req.num_cached_tokens, req.num_preemptions,
+                          req.prompt_logprobs if req.params.prompt_logprobs is not None else None)
 
     def generate(self, prompts: Sequence[str | Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None,

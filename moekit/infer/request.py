@@ -45,6 +45,8 @@ class Request:
     cache_salt: bytes | None = None  # roots the prefix-cache hash chain: a hash of the request's images
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     logprobs: list[Logprob] = field(default_factory=list)
+    read_prefix_cache: bool = True  # False for a request whose prompt positions need logits (prompt logprobs)
+    prompt_logprobs: list[Logprob] = field(default_factory=list)  # entry j: prompt token j + 1 given those before
     text: str = ""  # detokenized output, stop string removed
     text_sent: int = 0  # characters of `text` already streamed
     _prefix_offset: int = 0  # incremental detokenization offsets (vLLM detokenizer / HF TextStreamer)

@@ -119,16 +119,19 @@ class ModelRunner:
         if not items:
             raise ValueError("forward needs at least one item")
         dev = self.device
-        offsets, tokens, positions, slots, logit_rows = [], [], [], [], []
+        offsets, tokens, positions, slots, logit_rows, prompt_rows = [], [], [], [], [], []
         for it in items:
             n = len(it.token_ids)
-            if n < 1 or not 0 <= it.num_logits <= n:
-                raise ValueError(f"bad RunItem: {n} tokens, {it.num_logits} logits")
+            if n < 1 or not 0 <= it.num_logits <= n or len(it.prompt_targets) > n:
+                raise ValueError(f"bad RunItem: {n} tokens, {it.num_logits} logits, "
+                                 f"{len(it.prompt_targets)} prompt targets")
             offsets.append(len(tokens))
+            prompt_rows += range(len(tokens), len(tokens) + len(it.prompt_targets))
             tokens += it.token_ids
             positions += range(it.start, it.start + n)
             slots += self._slots(it, range(it.start, it.start + n))
             logit_rows += range(len(tokens) - it.num_logits, len(tokens))
+        logit_rows += prompt_rows
         ctx = self.context(torch.tensor(slots, device=dev), self._groups(items, offsets))
         return (torch.tensor(tokens, device=dev)[None], torch.tensor(positions, device=dev)[None], ctx,
                 torch.tensor(logit_rows, dtype=torch.long, device=dev))

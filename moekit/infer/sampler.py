@@ -39,6 +39,10 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # return the sampled token's logprob and this many alternatives
+    # Return each prompt token's logprob (given the tokens before it) and this many alternatives: vLLM's
+    # `prompt_logprobs`, what `echo` with `logprobs` needs (loglikelihood evaluation). Such a request does not read
+    # the prefix cache: a cached block holds K/V, not the logits of its positions, so they are recomputed.
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> ValueError:
@@ -67,8 +71,10 @@ class SamplingParams:
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "a list of non-empty strings")
         self.stop_token_ids = [int(t) for t in self.stop_token_ids]
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise bad("logprobs", f"in [0, {MAX_LOGPROBS}] or None")
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(self, name)
+            if n is not None and (not isinstance(n, int) or not 0 <= n <= MAX_LOGPROBS):
+                raise bad(name, f"an integer in [0, {MAX_LOGPROBS}] or None")
 
     @property
     def greedy(self) -> bool:

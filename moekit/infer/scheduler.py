@@ -155,7 +155,7 @@ class Scheduler:
         while (self.waiting and budget > 0 and room > 0
                and len(self.running) < self.config.max_num_seqs):
             req = self.waiting[0]
-            hits, n_hit = self.kv.get_computed_blocks(req)
+            hits, n_hit = self.kv.get_computed_blocks(req) if req.read_prefix_cache else ([], 0)
             n = min(req.num_tokens - n_hit, budget)
             if not self.kv.allocate_slots(req, n, hits):
                 self.kv_bound = True

@@ -48,7 +48,8 @@ from moekit.serve.responses import Responder, TokenText
 
 log = logging.getLogger("moekit.serve")
 DRAIN_CAP = 64 * 1024 * 1024  # an oversized body is read (and dropped) up to this, so the 413 reaches the client
-ROUTES = "GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health, GET /metrics"
+ROUTES = ("GET /v1/models, POST /v1/completions, POST /v1/chat/completions, POST /tokenize, POST /detokenize, "
+          "GET /health, GET /metrics")
 
 
 def _sse(obj: dict) -> str:
@@ -173,6 +174,40 @@ class OpenAIServer:
     async def chat_completions(self, request: Request) -> Response:
         return await self._generate(request, chat=True)
 
+    # ---- vLLM's tokenizer endpoints (evaluation harnesses count context lengths with them) ----------------
+    def _codec(self):
+        codec = self.engine.engine.codec
+        if codec is None:
+            raise bad_request("this model has no tokenizer: there is nothing to tokenize with")
+        return codec
+
+    async def tokenize(self, request: Request) -> Response:
+        """POST /tokenize {prompt | messages, add_special_tokens, return_token_strs}: {count, max_model_len, tokens,
+        token_strs}. By default the ids are exactly what /v1/completions (prompt) or /v1/chat/completions (messages,
+        rendered by the chat template) would feed the model."""
+        self._auth(request)
+        self.engine.check_ready()
+        limits = self._limits_now()
+        req = protocol.parse_tokenize(protocol.parse_json(await self._read_body(request)), limits)
+        codec = self._codec()
+        text = req.prompt
+        if req.messages is not None:
+            try:
+                text = self.template.render(req.messages)
+            except ValueError as e:
+                raise bad_request(str(e), "messages") from None
+        ids = (codec.encode(text) if req.add_special_tokens
+               else codec.tokenizer.encode(text, add_special_tokens=False).ids)
+        return JSONResponse({"count": len(ids), "max_model_len": limits.max_model_len, "tokens": ids,
+                             "token_strs": [self._token_text(i) for i in ids] if req.return_token_strs else None})
+
+    async def detokenize(self, request: Request) -> Response:
+        """POST /detokenize {tokens}: {prompt}, special tokens included (vLLM's: the inverse of /tokenize)."""
+        self._auth(request)
+        self.engine.check_ready()
+        ids = protocol.parse_detokenize(protocol.parse_json(await self._read_body(request)), self._limits_now())
+        return JSONResponse({"prompt": self._codec().tokenizer.decode(ids, skip_special_tokens=False)})
+
     # ---- generation --------------------------------------------------------------------------------
     async def _encode(self, prompt, param: str) -> list[int]:
         if isinstance(prompt, list):
@@ -226,7 +261,8 @@ class OpenAIServer:
         seed = req.params.seed
         items = []
         for ids in prompt_ids:
-            params = dataclasses.replace(req.params, max_tokens=self._max_tokens(req, len(ids), param))
+            # max_tokens 0 (echo, logprobs of the prompt): one token is sampled and dropped (responses.py)
+            params = dataclasses.replace(req.params, max_tokens=max(1, self._max_tokens(req, len(ids), param)))
             # n choices of one seeded request get seeds seed, seed + 1, ... (vLLM's parallel sampling)
             items += [(ids, params if seed is None or i == 0 else dataclasses.replace(params, seed=seed + i))
                       for i in range(req.n)]
@@ -235,7 +271,7 @@ class OpenAIServer:
         if req.echo:
             codec = self.engine.engine.codec
             echo = [p if isinstance(p, str) else codec.decode(p) if codec else "" for p in req.prompts]
-        responder = Responder(req, rid, int(time.time()), self._token_text, echo)
+        responder = Responder(req, rid, int(time.time()), self._token_text, echo, prompt_ids)
         # Every engine request of a chat request (its n choices) reads the same images.
         handle = await (self.engine.submit(items, rid, images=req.images) if req.images
                         else self.engine.submit(items, rid))
@@ -324,6 +360,8 @@ def build_app(cfg: ServeConfig, load: Callable[[], Engine], template: ChatTempla
     app.add_api_route("/v1/models/{model_id:path}", server.model, methods=["GET"])
     app.add_api_route("/v1/completions", server.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
+    app.add_api_route("/tokenize", server.tokenize, methods=["POST"])
+    app.add_api_route("/detokenize", server.detokenize, methods=["POST"])
 
     def error_response(status: int, body: dict, headers: dict | None = None) -> JSONResponse:
         server.metrics.errors.labels(str(status)).inc()

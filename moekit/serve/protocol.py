@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from moekit.config import VisionConfig
 from moekit.infer.sampler import MAX_LOGPROBS, SamplingParams
@@ -165,12 +165,12 @@ def _sampling(body: dict, limits: Limits, logprobs: int | None) -> SamplingParam
         raise bad_request(str(e)) from None
 
 
-def _common(body: dict, limits: Limits, n_prompts: int) -> dict:
+def _common(body: dict, limits: Limits, n_prompts: int, min_tokens: int = 1) -> dict:
     n = _integer(body, "n", 1, 1, limits.max_n)
     if n * n_prompts > limits.max_n:
         raise bad_request(f"n x the number of prompts is {n * n_prompts}; this server returns at most "
                           f"{limits.max_n} choices per request", "n")
-    max_tokens = _integer(body, "max_tokens", None, 1)
+    max_tokens = _integer(body, "max_tokens", None, min_tokens)
     stream = _boolean(body, "stream", False)
     opts = body.get("stream_options")
     if opts is not None:
@@ -215,18 +215,18 @@ def parse_completion(body: dict, limits: Limits) -> GenerateRequest:
     prompts = _prompts(body.get("prompt"), limits.vocab_size)
     if limits.vision is not None:
         _no_image_markers(prompts, limits.vision)
-    common = _common(body, limits, len(prompts))
+    # max_tokens 0: no output, only what echo and logprobs say about the prompt (OpenAI's minimum is 0)
+    common = _common(body, limits, len(prompts), min_tokens=0)
     _unsupported(body, "suffix", ("",), "it does not insert text")
     if body.get("best_of") not in (None, common["n"]):
         raise bad_request(f"best_of must equal n ({common['n']}) on this server, got {show(body.get('best_of'))}",
                           "best_of")
     logprobs = _integer(body, "logprobs", None, 0, MAX_LOGPROBS)
     echo = _boolean(body, "echo", False)
-    if echo and logprobs is not None:
-        raise bad_request("echo with logprobs needs the prompt's logprobs, which this server does not compute: "
-                          "use one of them", "echo")
-    return GenerateRequest(False, model, prompts, None, _sampling(body, limits, logprobs), logprobs=logprobs,
-                           echo=echo, **common)
+    params = _sampling(body, limits, logprobs)
+    if echo and logprobs is not None:  # the prompt's tokens get logprobs too (lm-evaluation-harness's loglikelihood)
+        params = replace(params, prompt_logprobs=logprobs)
+    return GenerateRequest(False, model, prompts, None, params, logprobs=logprobs, echo=echo, **common)
 
 
 def parse_chat(body: dict, limits: Limits) -> GenerateRequest:
@@ -305,3 +305,39 @@ def _messages(v, parser: ContentParser) -> list[dict]:
                               f"{p}.content")
         out.append({"role": role, "content": _text(content, f"{p}.content")})
     return out
+
+
+# ---- vLLM's /tokenize and /detokenize ----------------------------------------------------------------
+@dataclass
+class TokenizeRequest:
+    model: str
+    prompt: str | None  # or messages, rendered as /v1/chat/completions renders them
+    messages: list[dict] | None
+    add_special_tokens: bool  # True: the ids the endpoints feed the model (a moekit run's <|endoftext|> first)
+    return_token_strs: bool
+
+
+def parse_tokenize(body: dict, limits: Limits) -> TokenizeRequest:
+    """vLLM's TokenizeCompletionRequest {prompt} or TokenizeChatRequest {messages}, with add_special_tokens and
+    return_token_strs."""
+    model = _check_model(body, limits)
+    if (body.get("prompt") is None) == (body.get("messages") is None):
+        raise bad_request('give exactly one of prompt (a string) or messages (as for /v1/chat/completions)', "prompt")
+    prompt = messages = None
+    if body.get("prompt") is not None:
+        if not isinstance(body["prompt"], str):
+            raise bad_request(f"prompt must be a string, got {show(body['prompt'])}", "prompt")
+        prompt = _text(body["prompt"], "prompt")
+    else:
+        messages = _messages(body["messages"], ContentParser(limits.vision, model))
+    return TokenizeRequest(model, prompt, messages, _boolean(body, "add_special_tokens", True),
+                           _boolean(body, "return_token_strs", False))
+
+
+def parse_detokenize(body: dict, limits: Limits) -> list[int]:
+    """vLLM's DetokenizeRequest {model, tokens}: the token ids."""
+    _check_model(body, limits)
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list):
+        raise bad_request(f"tokens must be an array of token ids, got {show(tokens)}", "tokens")
+    return _token_ids(tokens, "tokens", limits.vocab_size)

@@ -12,6 +12,10 @@ Shapes follow OpenAI's API reference:
   choices, `prompt_tokens_details.cached_tokens` from the prefix cache.
 Logprobs are clamped at -9999 because JSON has no -Infinity (vLLM does the same). In the legacy
 layout the sampled token is added to `top_logprobs` when it is not among the top N, as vLLM does.
+With `echo` and `logprobs` the prompt's tokens come first (the first one's logprob and alternatives are
+null: nothing precedes it), their text offsets counted from the start of the prompt; streamed, the prompt's text
+and its logprobs wait for the first output so that they travel in one chunk. `max_tokens` 0 returns no output:
+the engine samples one token (the prompt's logprobs come from that prefill) and it is dropped here.
 """
 
 from __future__ import annotations
@@ -56,11 +60,15 @@ class Responder:
     """Accumulates the choices of one HTTP request and renders them as OpenAI objects."""
 
     def __init__(self, req: GenerateRequest, response_id: str, created: int, token_text: TokenText,
-                 echo_texts: list[str] | None = None):
+                 echo_texts: list[str] | None = None, prompt_ids: list[list[int]] | None = None):
         self.req, self.id, self.created, self.tt = req, response_id, created, token_text
         n_choices = req.n * len(req.prompts)
         self.echo = [echo_texts[i // req.n] for i in range(n_choices)] if echo_texts else [""] * n_choices
         self.choices = [_Choice(i, self.echo[i]) for i in range(n_choices)]
+        self.prompt_ids = prompt_ids or []  # per prompt: the prompt's logprobs name its tokens
+        self.no_output = req.max_tokens == 0
+        # Streamed echo with logprobs: the prompt's text goes out with its logprobs, on the first output.
+        self.echo_pending = [bool(e) and req.logprobs is not None and req.stream for e in self.echo]
         self.object = "chat.completion" if req.chat else "text_completion"
 
     # ---- logprobs ----------------------------------------------------------------------------------
@@ -83,6 +91,27 @@ class Responder:
             out["top_logprobs"].append(top)
             out["text_offset"].append(choice.offset)
             choice.offset += len(tok)
+        return out
+
+    def _prompt_logprobs(self, prompt_ids: list[int], lps: list[Logprob]) -> dict:
+        """The legacy layout of the prompt's tokens: the first has no logprob (nothing precedes it)."""
+        tt = self.tt
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        offset = 0
+        for i, tok_id in enumerate(prompt_ids):
+            tok = tt(tok_id)
+            out["tokens"].append(tok)
+            out["text_offset"].append(offset)
+            offset += len(tok)
+            if i == 0:
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+                continue
+            lp = lps[i - 1]
+            top = {tt(t): _lp(v) for t, v in lp.top}
+            top.setdefault(tok, _lp(lp.logprob))
+            out["token_logprobs"].append(_lp(lp.logprob))
+            out["top_logprobs"].append(top)
         return out
 
     def _keep_logprobs(self, choice: _Choice, delta: dict | None) -> None:
@@ -108,18 +137,30 @@ class Responder:
         out: RequestOutput | None = ev.output
         if out is None:
             return None
+        head_text, head = "", None
+        if out.prompt_logprobs is not None and self.echo[ev.index] and self.req.logprobs is not None:
+            head = self._prompt_logprobs(self.prompt_ids[ev.index // self.req.n], out.prompt_logprobs)
+            self._keep_logprobs(choice, head)
+            if self.echo_pending[ev.index]:
+                head_text, self.echo_pending[ev.index] = self.echo[ev.index], False
+        if self.no_output:
+            if ev.final is not None:
+                choice.finish_reason = "length"
+            return (head_text, head) if head is not None or ev.final is not None else None
         lps = self._logprobs(choice, out.new_logprobs) if out.new_token_ids else None
         self._keep_logprobs(choice, lps)
         choice.text += out.new_text
-        if not out.new_text and lps is None and ev.final is None:
+        if head is not None:
+            lps = head if lps is None else {k: head[k] + v for k, v in lps.items()}
+        if not out.new_text and not head_text and lps is None and ev.final is None:
             return None  # tokens whose text is held back (a stop string may be starting, or half a character)
-        return out.new_text, lps
+        return head_text + out.new_text, lps
 
     def usage(self) -> dict:
         finals = [c.final for c in self.choices if c.final is not None]
         firsts = [c.final for c in self.choices[::self.req.n] if c.final is not None]  # one per prompt
         prompt = sum(f.num_prompt_tokens for f in firsts)
-        completion = sum(f.num_output_tokens for f in finals)
+        completion = 0 if self.no_output else sum(f.num_output_tokens for f in finals)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "prompt_tokens_details": {"cached_tokens": sum(f.num_cached_tokens for f in firsts)}}
 
@@ -147,7 +188,7 @@ class Responder:
         if self.req.chat:
             return [self._chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                   "finish_reason": None}]) for c in self.choices]
-        if any(self.echo):
+        if any(self.echo) and not any(self.echo_pending):
             return [self._chunk([{"index": c.index, "text": self.echo[c.index], "logprobs": None,
                                   "finish_reason": None}]) for c in self.choices]
         return []
