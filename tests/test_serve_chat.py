@@ -8,7 +8,7 @@ import openai
 import pytest
 from test_serve_utils import InProcessServer, ascii_tokenizer, encode, tiny_engine
 
-from moekit.serve.chat import DEFAULT_STOP, ChatTemplate, load_chat_template, render_default
+from moekit.serve.chat import DEFAULT_JINJA, DEFAULT_STOP, ChatTemplate, load_chat_template, render_default
 
 # Zephyr-style, with the role check of Llama-2's template (raise_exception on non-alternating roles).
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}"
@@ -74,3 +74,16 @@ def test_default_template_stops_at_the_next_user_turn():
         assert chat.choices[0].message.content == cut
         assert chat.choices[0].finish_reason == ("stop" if "\n\nUser:" in plain.choices[0].text
                                                  else plain.choices[0].finish_reason)
+
+
+def test_the_default_template_in_jinja_renders_as_the_default():
+    """GET /tokenizer_info hands clients the default template as Jinja: it must render exactly what we render."""
+    conversations = [
+        [{"role": "user", "content": "Hi"}],
+        [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi {{ x }}\n\nthere"},
+         {"role": "assistant", "content": "Hello!"}, {"role": "developer", "content": "be kind"},
+         {"role": "tool", "content": "42"}, {"role": "user", "content": "What is 2+2? {% raw %}"}],
+    ]
+    jinja = ChatTemplate(DEFAULT_JINJA)
+    for messages in conversations:
+        assert jinja.render(messages) == render_default(messages)

@@ -48,6 +48,14 @@ def render_default(messages: list[dict]) -> str:
     return "\n\n".join(turns + ["Assistant:"])
 
 
+# The default template in Jinja, for clients that render prompts themselves from GET /tokenizer_info (vLLM's
+# endpoint; lm-evaluation-harness's remote tokenizer): with add_generation_prompt it renders what render_default does.
+DEFAULT_JINJA = (
+    "{%- set names = " + json.dumps(ROLE_NAMES) + " -%}"
+    "{%- for m in messages -%}{{ names[m['role']] ~ ': ' ~ m['content'] ~ '\\n\\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}Assistant:{%- endif -%}")
+
+
 @dataclass
 class ChatTemplate:
     source: str | None = None  # Jinja text; None: the default template
