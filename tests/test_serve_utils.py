@@ -44,13 +44,15 @@ def encode(text: str) -> list[int]:
 class ServerProcess:
     """`moekit serve` on a free loopback port (--port 0; the port is read from its log)."""
 
-    def __init__(self, run_dir: Path, log_path: Path, *extra: str, launcher: tuple[str, ...] = ()):
-        """launcher: what runs `-m moekit.cli` instead of this Python (e.g. torchrun's module and its flags)."""
+    def __init__(self, run_dir: Path, log_path: Path, *extra: str, launcher: tuple[str, ...] = (),
+                 threads: int | None = 1):
+        """launcher: what runs `-m moekit.cli` instead of this Python (e.g. torchrun's module and its flags);
+        threads: --threads (None: the server's default)."""
         self.log_path = log_path
         self.log = open(log_path, "wb")
         cmd = [sys.executable, *launcher, "-m", "moekit.cli", "serve", "--model", str(run_dir),
-               "--served-model-name", "tiny", "--port", "0", "--threads", "1", "--kv-cache-gb", "0.02",
-               "--log-interval", "0", "--no-access-log", *extra]
+               "--served-model-name", "tiny", "--port", "0", "--kv-cache-gb", "0.02",
+               "--log-interval", "0", "--no-access-log", *(("--threads", str(threads)) if threads else ()), *extra]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ,
                                                                                            "PYTHONUNBUFFERED": "1"})
         self.port = self._wait_ready()

@@ -1,0 +1,68 @@
+"""moekit/cpu.py: the cores a process may use, the busy ones from /proc/stat, and the thread default."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from moekit import cpu
+
+STAT_BEFORE = """cpu  100 0 100 800 0 0 0 0 0 0
+cpu0 50 0 50 400 0 0 0 0 0 0
+cpu1 50 0 50 400 0 0 0 0 0 0
+intr 12345
+"""
+# cpu0 fully busy for 100 jiffies (user), cpu1 a quarter busy (system + steal), iowait counts as idle.
+STAT_AFTER = """cpu  250 0 125 875 0 0 0 0 0 0
+cpu0 150 0 50 400 0 0 0 0 0 0
+cpu1 50 0 70 455 20 0 0 5 0 0
+intr 12399
+"""
+
+
+def write(tmp_path, text):
+    f = tmp_path / "stat"
+    f.write_text(text)
+    return str(f)
+
+
+def test_busy_cores_between_two_snapshots(tmp_path):
+    before = cpu._cpu_times(write(tmp_path, STAT_BEFORE))
+    after = cpu._cpu_times(write(tmp_path, STAT_AFTER))
+    assert before == {0: (100, 500), 1: (100, 500)}
+    assert cpu.busy_between(before, after, [0]) == pytest.approx(1.0)
+    assert cpu.busy_between(before, after, [1]) == pytest.approx(25 / 100)
+    assert cpu.busy_between(before, after, [0, 1, 7]) == pytest.approx(1.25)  # a cpu not in the file counts 0
+
+
+def test_default_threads_leave_the_reserve_and_the_busy_cores(monkeypatch):
+    monkeypatch.setattr(cpu, "usable_cores", lambda: 8)
+    assert cpu.default_threads() == 8
+    assert cpu.default_threads(reserve=1) == 7
+    assert cpu.default_threads(reserve=1, busy=2.4) == 5
+    assert cpu.default_threads(reserve=1, busy=30) == 1  # never below one
+    assert cpu.oversubscribed(7, reserve=1, busy=0.2) is None
+    why = cpu.oversubscribed(7, reserve=1, busy=2.0)
+    assert why and "2.0 core(s) busy" in why and "the 8 core(s)" in why
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="needs Linux CPU affinity")
+def test_usable_cores_follow_the_affinity_mask():
+    """A process pinned to one core (as a container or taskset would) gets one thread, not the machine's count."""
+    code = "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); from moekit import cpu; " \
+           "print(cpu.usable_cores(), cpu.default_threads())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["1", "1"]
+    assert cpu.usable_cores() == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs /proc/stat")
+def test_a_busy_loop_is_seen_as_a_busy_core():
+    """A process spinning on one core of the set shows up as about one busy core (other load only adds)."""
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        assert cpu.busy_cores(0.5) >= 0.7
+    finally:
+        hog.kill()
+        hog.wait()
