@@ -92,15 +92,19 @@ class ChatTemplate:
         except TemplateError as e:
             raise ValueError(f"the chat template from {self.origin} does not compile: {e}") from None
 
-    def render(self, messages: list[dict]) -> str:
-        """The prompt text; ValueError (a 400 for the client) if the template rejects the messages."""
+    def render(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        """The prompt text; ValueError (a 400 for the client) if the template rejects the messages. `tools`: the
+        request's functions, which a template that defines tool calls reads as `tools` (moekit/serve/tools.py)."""
         if self._compiled is None:
+            if tools:
+                raise ValueError("the default chat template has no tool calls")
             return render_default(messages)
         from jinja2 import TemplateError
 
+        extra = {"tools": tools} if tools else {}
         try:
             text = self._compiled.render(messages=messages, bos_token=self.bos_token, eos_token=self.eos_token,
-                                         add_generation_prompt=True)
+                                         add_generation_prompt=True, **extra)
         except TemplateError as e:
             raise ValueError(f"the model's chat template rejected these messages: {e}") from None
         if self.bos_token and text.startswith(self.bos_token):
