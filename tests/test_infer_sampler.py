@@ -96,7 +96,7 @@ def test_logprobs_rank_and_top_alternatives():
     ({"presence_penalty": 3}, r"presence_penalty must be in \[-2, 2\]"),
     ({"repetition_penalty": 0}, "repetition_penalty must be > 0"),
     ({"stop": [""]}, "stop must be a list of non-empty strings"),
-    ({"logprobs": 21}, r"logprobs must be in \[0, 20\]"),
+    ({"logprobs": 21}, r"logprobs must be an integer in \[0, 20\]"),
     ({"seed": -1}, "seed must be a non-negative integer"),
 ])
 def test_sampling_params_validation(kwargs, message):

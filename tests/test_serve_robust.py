@@ -73,7 +73,7 @@ BAD = {
     "stream not bool": (C, {"stream": "yes"}, 400, "stream must be true or false"),
     "stream_options without stream": (C, {"stream_options": {"include_usage": True}}, 400, "only allowed when stream"),
     "presence_penalty 3": (C, {"presence_penalty": 3}, 400, "presence_penalty must be a number in [-2, 2]"),
-    "logit_bias": (C, {"logit_bias": {"5": 10}}, 400, "logit_bias is not supported"),
+    "logit_bias out of the vocabulary": (C, {"logit_bias": {"100000": 10}}, 400, "not a token id of this model"),
     "suffix": (C, {"suffix": "end"}, 400, "suffix is not supported"),
     "unknown model": (C, {"model": "gpt-4"}, 404, "The model `gpt-4` does not exist"),
     "model not a string": (C, {"model": 5}, 400, "model must be a string"),

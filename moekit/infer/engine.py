@@ -36,6 +36,7 @@ from moekit.infer import speculative
 from moekit.infer.batch import RunItem, RunOutput
 from moekit.infer.cuda_graphs import DecodeGraphs
 from moekit.infer.encoder_cache import EncoderCache, check_images
+from moekit.infer.grammar import Grammars, new_bitmask
 from moekit.infer.kv_cache import KVCacheManager, PagedKVCache, num_blocks_for
 from moekit.infer.request import Request
 from moekit.infer.runner import ModelRunner
@@ -171,6 +172,7 @@ class Engine:
         # Tensor state of unfinished requests, beside them so that Request stays plain data.
         self.generators: dict[str, torch.Generator] = {}  # each request draws from its own (sampler.py)
         self.draft_probs: dict[str, torch.Tensor] = {}  # (K, V) the draft's q of the pending drafts
+        self.grammars: Grammars | None = None  # structured output: made on the first constrained request
         self.encoder_cache = EncoderCache()  # images' cross-attention K/V per request (encoder_cache.py)
         if cfg.has_vision and executor is not None:
             raise ValueError("a vision model is served in one process for now: drop --tp/--pp")
@@ -200,6 +202,19 @@ class Engine:
                              "(prompt + output): shorten the prompt")
         if params.stop and self.codec is None:
             raise ValueError("stop strings need a tokenizer to detokenize the output; use stop_token_ids")
+        if params.logit_bias and max(params.logit_bias) >= self.cfg.vocab_size:
+            raise ValueError(f"logit_bias holds token id {max(params.logit_bias)}, which is not in this model's "
+                             f"vocabulary: ids are in [0, {self.cfg.vocab_size})")
+        matcher = None
+        if params.constraint is not None:
+            if self.codec is None:
+                raise ValueError("structured output needs the model's tokenizer (its vocabulary's text)")
+            if self.grammars is None:  # on the first constrained request: imports xgrammar
+                self.grammars = Grammars(self.codec.tokenizer, self.cfg.vocab_size, self.eos_token_ids)
+            try:  # compiled once per constraint (cached); ValueError: what the grammar engine said
+                matcher = self.grammars.matcher(params.constraint)
+            except ValueError as e:
+                raise ValueError(f"the {params.constraint.kind} constraint cannot be compiled: {e}") from None
         rid = request_id if request_id is not None else f"req-{self._arrivals}"
         if rid in self.requests or rid in self.finished:
             raise ValueError(f"request id {rid!r} is already in use")
@@ -211,6 +226,7 @@ class Engine:
         gen = torch.Generator().manual_seed(seed)  # on the CPU: the same draws on any device
         req = Request(rid, ids, params, arrival=self._arrivals, eos_token_ids=self.eos_token_ids,
                       image_positions=positions, cache_salt=salt, read_prefix_cache=params.prompt_logprobs is None)
+        req.grammar = matcher
         return req, gen
 
     def _submit(self, req: Request, generator: torch.Generator, images: Sequence[torch.Tensor] = ()) -> str:
@@ -249,6 +265,7 @@ class Engine:
             req.finish_reason = reason
         self.generators.pop(req.request_id, None)
         self.draft_probs.pop(req.request_id, None)
+        req.grammar = None  # its matcher's memory goes now, not when the result is collected
         self.encoder_cache.free(req.request_id)
         if self.proposer is not None:
             self.proposer.free(req)
@@ -400,10 +417,16 @@ class Engine:
             history = req.output_token_ids if req.params.has_penalties else []  # only penalties read it
             gen = self.generators[req.request_id]
             for i in range(it.num_logits):
-                rows.append(Row(req.params, gen, req.prompt_token_ids, history + spec[:i]))
+                rows.append(Row(req.params, gen, req.prompt_token_ids, history + spec[:i], req.grammar is not None))
         if not rows:
             return {}, first_row
-        probs_RV = target_probs(logits_RV, rows)
+        bitmask_RW = None
+        if any(r.masked for r in rows):  # one packed grammar mask for the step; a request's rows: its drafts' prefixes
+            bitmask_RW = new_bitmask(len(rows), self.cfg.vocab_size)
+            for s in sched.scheduled:
+                if s.request.grammar is not None and s.request.request_id in first_row:
+                    s.request.grammar.fill_rows(bitmask_RW, first_row[s.request.request_id], s.spec_token_ids)
+        probs_RV = target_probs(logits_RV, rows, bitmask_RW)
         chosen = dict(zip(plain, choose(probs_RV[plain], [rows[i] for i in plain]), strict=True)) if plain else {}
         sampled = {}
         for s in sched.scheduled:
@@ -430,6 +453,12 @@ class Engine:
             req.logprobs += logprobs(logits_RV[r0:r0 + len(committed)], committed,
                                      [req.params.logprobs] * len(committed))
         self.counters.generated_tokens += len(committed)
+        if req.grammar is not None and not reason:
+            for t in committed:  # each came from a masked row, so the grammar takes it (unless it already ended)
+                if not req.grammar.accept(t) and not req.grammar.ended:
+                    raise RuntimeError(f"request {req.request_id}: token {t} is outside its grammar")
+            if req.grammar.finished:  # it accepts nothing more but EOS: the output is complete (vLLM: "stop")
+                reason = "stop"
         if self.codec is not None:
             new_text = req.detokenize(self.codec.decode)
             if req.params.stop and req.check_stop_strings(new_text):

@@ -8,7 +8,9 @@ draft tokens ride along in `spec_token_ids` until the target has checked them.
 
 Plain data, no tensors (DESIGN.md principle 5): the scheduler, the KV manager and a simulator read
 and change it without a model. The engine keeps each request's torch.Generator and its drafts'
-distributions beside it, keyed by request id.
+distributions beside it, keyed by request id. The one exception, a structured-output request's grammar
+matcher (`grammar`), travels with the request, since the engine and the drafter both advance it; the
+scheduler and the simulator never touch it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # annotations only: importing this module imports no torch
+    from moekit.infer.grammar import Matcher
     from moekit.infer.sampler import Logprob, SamplingParams
 
 
@@ -43,6 +46,9 @@ class Request:
     num_preemptions: int = 0
     image_positions: list[int] = field(default_factory=list)  # where the prompt's image markers sit
     cache_salt: bytes | None = None  # roots the prefix-cache hash chain: a hash of the request's images
+    # Structured output: where the committed output stands in the request's grammar (the engine's and the drafter's
+    # business; the scheduler never reads it). None: unconstrained.
+    grammar: Matcher | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     logprobs: list[Logprob] = field(default_factory=list)
     read_prefix_cache: bool = True  # False for a request whose prompt positions need logits (prompt logprobs)

@@ -2,10 +2,13 @@
 
     params = SamplingParams(temperature=0.7, top_p=0.9, max_tokens=64, seed=1, stop=["\\n\\n"])
 
-The order of operations is vLLM v1's (vllm/v1/sample/sampler.py): penalties on the raw logits
-(repetition over prompt + output, as Keskar et al. 2019 / Hugging Face; presence and frequency
-over the output, as OpenAI), then greedy argmax or: temperature, min-p (Nguyen et al. 2024),
-top-k, top-p (Holtzman et al. 2020), softmax, one draw. Each request draws from its own CPU
+The order of operations is vLLM v1's (vllm/v1/sample/sampler.py): logit_bias (OpenAI: added to the
+token's logit), penalties on the raw logits (repetition over prompt + output, as Keskar et al.
+2019 / Hugging Face; presence and frequency over the output, as OpenAI), the token mask of a
+structured-output request's grammar (grammar.py: -inf on the tokens it refuses; one packed mask for
+the step's rows), then greedy argmax or: temperature, min-p (Nguyen et al. 2024), top-k, top-p
+(Holtzman et al. 2020), softmax, one draw. The mask comes before every truncation, so that greedy
+and sampled outputs both obey it. Each request draws from its own CPU
 `torch.Generator`, seeded from `seed`, so the same seed gives the same text whatever else is in
 the batch; a draw is the inverse CDF of one uniform, so a whole batch is sampled with one device
 sync. Logprobs are those of the raw model distribution (vLLM's default "raw_logprobs"), with the
@@ -20,8 +23,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moekit.infer.grammar import Constraint, apply_bitmask
+
 GREEDY_EPS = 1e-5  # temperatures below this are greedy (vLLM _SAMPLING_EPS)
 MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs
+MAX_LOGIT_BIAS = 100  # OpenAI's range of a logit_bias value: [-100, 100]
 
 
 @dataclass
@@ -43,6 +49,8 @@ class SamplingParams:
     # `prompt_logprobs`, what `echo` with `logprobs` needs (loglikelihood evaluation). Such a request does not read
     # the prefix cache: a cached block holds K/V, not the logits of its positions, so they are recomputed.
     prompt_logprobs: int | None = None
+    constraint: Constraint | None = None  # structured output: the output must match it (grammar.py)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI)
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> ValueError:
@@ -75,6 +83,11 @@ class SamplingParams:
             n = getattr(self, name)
             if n is not None and (not isinstance(n, int) or not 0 <= n <= MAX_LOGPROBS):
                 raise bad(name, f"an integer in [0, {MAX_LOGPROBS}] or None")
+        if self.constraint is not None and not isinstance(self.constraint, Constraint):
+            raise bad("constraint", "a moekit.infer.grammar.Constraint or None")
+        self.logit_bias = {int(t): float(b) for t, b in dict(self.logit_bias).items()}
+        if any(t < 0 or not -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS for t, b in self.logit_bias.items()):
+            raise bad("logit_bias", f"a map of token ids >= 0 to numbers in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}]")
 
     @property
     def greedy(self) -> bool:
@@ -105,6 +118,22 @@ class Row:
     generator: torch.Generator | None
     prompt_ids: list[int]
     output_ids: list[int]  # output before this position, draft tokens already checked included
+    masked: bool = False  # its logits go through its row of the step's grammar bitmask (structured output)
+
+
+def apply_logit_bias(logits_RV: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+    """OpenAI's logit_bias: each row's biases added to its tokens' logits, one scatter for the batch (out of place)."""
+    r_idx, t_idx, vals = [], [], []
+    for i, r in enumerate(rows):
+        for t, b in r.params.logit_bias.items():
+            r_idx.append(i)
+            t_idx.append(t)
+            vals.append(b)
+    if not vals:
+        return logits_RV
+    dev = logits_RV.device
+    index = (torch.tensor(r_idx, device=dev), torch.tensor(t_idx, device=dev))
+    return logits_RV.index_put(index, torch.tensor(vals, dtype=logits_RV.dtype, device=dev), accumulate=True)
 
 
 def apply_penalties(logits_RV: torch.Tensor, rows: list[Row]) -> torch.Tensor:
@@ -142,13 +171,20 @@ def _top_k_top_p(logits_RV: torch.Tensor, k_R: torch.Tensor, p_R: torch.Tensor) 
     return torch.empty_like(logits_RV).scatter_(-1, order_RV, sorted_RV)
 
 
-def target_probs(logits_RV: torch.Tensor, rows: list[Row]) -> torch.Tensor:
-    """The distribution each row samples from (float32), after penalties and every truncation.
+def target_probs(logits_RV: torch.Tensor, rows: list[Row], bitmask_RW: torch.Tensor | None = None) -> torch.Tensor:
+    """The distribution each row samples from (float32), after logit bias, penalties, the grammar mask and every
+    truncation. bitmask_RW: the step's packed grammar masks (grammar.new_bitmask), one per row; only the rows
+    marked `masked` read theirs.
 
     Greedy rows get a one-hot on the argmax, so that this is the exact law of `sample`'s output.
     Which steps apply is decided from the parameters on the host: no device sync.
     """
-    logits_RV = apply_penalties(logits_RV.float(), rows)
+    logits_RV = apply_penalties(apply_logit_bias(logits_RV.float(), rows), rows)
+    masked = [i for i, r in enumerate(rows) if r.masked]
+    if masked:
+        if bitmask_RW is None:
+            raise ValueError("rows are marked masked but no grammar bitmask was given")
+        logits_RV = apply_bitmask(logits_RV, bitmask_RW, masked)
     dev, V = logits_RV.device, logits_RV.shape[-1]
     if any(not r.params.greedy and r.params.temperature != 1 for r in rows):
         temps = torch.tensor([1.0 if r.params.greedy else r.params.temperature for r in rows], device=dev)

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from moekit.infer.batch import RunItem
+from moekit.infer.grammar import new_bitmask
 from moekit.infer.kv_cache import KVCacheManager, PagedKVCache
 from moekit.infer.request import Request
 from moekit.infer.runner import ModelRunner
@@ -131,7 +132,7 @@ class DraftProposer:
         generator); the draft's distribution q_KV of each request's drafts, None for greedy ones (verify
         compares them with the argmax) and ones left without drafts."""
         q_probs: list[torch.Tensor | None] = [None] * len(reqs)
-        live, items = [], []
+        live, items, advanced = [], [], []
         for i, (req, k, gen) in enumerate(zip(reqs, ks, generators, strict=True)):
             req.spec_token_ids = []
             st = self.states.setdefault(req.request_id, _DraftState(req.request_id, req.all_token_ids))
@@ -148,21 +149,38 @@ class DraftProposer:
             logits_RV = self.runner.forward(items).logits_RV
             # The draft samples with the request's own parameters and penalties (its drafts so far count
             # as output), so that a draft equal to the target would always be accepted.
+            # A structured-output request drafts under its grammar too (the matcher steps through its drafts and
+            # is rolled back below), or nearly every draft would be refused; q stays the law the draft drew from.
             rows = [Row(req.params, gen, req.prompt_token_ids,
-                        req.output_token_ids + req.spec_token_ids if req.params.has_penalties else [])
+                        req.output_token_ids + req.spec_token_ids if req.params.has_penalties else [],
+                        req.grammar is not None)
                     for _, req, gen, *_ in live]
-            q_RV = target_probs(logits_RV, rows)
+            bitmask_RW = None
+            if any(r.masked for r in rows):
+                bitmask_RW = new_bitmask(len(rows), logits_RV.shape[-1])
+                for r, (_, req, *_) in enumerate(live):
+                    if req.grammar is not None:
+                        req.grammar.fill(bitmask_RW, r)
+            q_RV = target_probs(logits_RV, rows, bitmask_RW)
             items, still = [], []
             for r, ((i, req, gen, k, st, qs), d) in enumerate(zip(live, choose(q_RV, rows), strict=True)):
                 req.spec_token_ids.append(d)
                 qs.append(q_RV[r])
-                if len(req.spec_token_ids) < k:
+                more = True
+                if req.grammar is not None:  # a draft that ends the grammar ends the drafting
+                    more = req.grammar.accept(d)
+                    if more:
+                        advanced.append(req)
+                    more = more and not req.grammar.finished
+                if len(req.spec_token_ids) < k and more:
                     items.append(RunItem([d], st.num_computed_tokens, self.kv.block_ids(req.request_id), 1))
                     st.num_computed_tokens += 1
                     still.append((i, req, gen, k, st, qs))
                 elif not req.params.greedy:
                     q_probs[i] = torch.stack(qs)
             live = still
+        for req in advanced:  # the grammars back to the committed output
+            req.grammar.rollback(1)
         return q_probs
 
     def rollback(self, req: Request) -> None:

@@ -5,8 +5,9 @@ Completions); vLLM's extra sampling parameters (top_k, min_p, repetition_penalty
 stop_token_ids) are accepted too, as vLLM's server does. Every bad value is a 400 whose message
 names the parameter, the rule and the value received, and whose `param` is the parameter's name.
 Unknown fields are ignored (vLLM does the same, so clients that send newer fields keep working);
-known features this server lacks (tools, logit_bias, suffix, ...) are a 400 rather than silently
-ignored, because ignoring them would change the answer. Chat messages of a vision model may hold
+known features this server lacks (tools, suffix, ...) are a 400 rather than silently
+ignored, because ignoring them would change the answer. Structured output (`response_format`, vLLM's
+`guided_*`) and `logit_bias` are parsed by structured.py. Chat messages of a vision model may hold
 image parts (vision_parts.py): they become `<image>` markers in the text and `GenerateRequest.images`.
 """
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from moekit.config import VisionConfig
 from moekit.infer.sampler import MAX_LOGPROBS, SamplingParams
 from moekit.serve.errors import APIError, bad_request, show
+from moekit.serve.structured import parse_constraint, parse_logit_bias
 from moekit.serve.vision_parts import IMAGE_MARKER, ContentParser, check_image_count, check_no_marker
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -145,6 +147,7 @@ def _sampling(body: dict, limits: Limits, logprobs: int | None) -> SamplingParam
     stop_token_ids = body.get("stop_token_ids")
     if stop_token_ids is not None and not isinstance(stop_token_ids, list):
         raise bad_request(f"stop_token_ids must be an array of token ids, got {show(stop_token_ids)}", "stop_token_ids")
+    constraint, logit_bias = parse_constraint(body), parse_logit_bias(body, limits.vocab_size)
     try:
         return SamplingParams(
             max_tokens=1,  # resolved per prompt
@@ -160,6 +163,8 @@ def _sampling(body: dict, limits: Limits, logprobs: int | None) -> SamplingParam
             stop_token_ids=_token_ids(stop_token_ids or [], "stop_token_ids", limits.vocab_size),
             ignore_eos=_boolean(body, "ignore_eos", False),
             logprobs=logprobs,
+            constraint=constraint,
+            logit_bias=logit_bias,
         )
     except ValueError as e:  # SamplingParams' own checks; the getters above should catch everything first
         raise bad_request(str(e)) from None
@@ -180,7 +185,6 @@ def _common(body: dict, limits: Limits, n_prompts: int, min_tokens: int = 1) -> 
             raise bad_request(f"stream_options must be an object such as {{\"include_usage\": true}}, got {show(opts)}",
                               "stream_options")
     include_usage = _boolean(opts or {}, "include_usage", False)
-    _unsupported(body, "logit_bias", ({},), "it has no logit bias")
     return dict(n=n, max_tokens=max_tokens, stream=stream, include_usage=include_usage)
 
 
@@ -239,7 +243,6 @@ def parse_chat(body: dict, limits: Limits) -> GenerateRequest:
     for name, allowed in (("tools", ([],)), ("tool_choice", ("none",)), ("functions", ([],)),
                           ("function_call", ("none",)), ("prediction", ()), ("audio", ())):
         _unsupported(body, name, allowed, "it has no tool calls or audio")
-    _unsupported(body, "response_format", ({"type": "text"},), "it has no structured output")
     _unsupported(body, "modalities", (["text"],), "it writes text only")
     want = _boolean(body, "logprobs", False)
     top = _integer(body, "top_logprobs", None, 0, MAX_LOGPROBS)
