@@ -13,7 +13,7 @@ import torch
 from conftest import greedy_reference
 from test_serve_utils import API_KEY, ServerProcess, ascii_tokenizer, encode, request, write_run
 
-from moekit.serve.chat import render_default
+from moekit.serve.chat import ChatTemplate, render_default
 
 PROMPT = "def main(args):\n    "
 
@@ -216,7 +216,10 @@ def test_echo_with_logprobs_scores_the_prompt_as_loglikelihood_evaluation_does(s
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(ids) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     assert max(abs(a - b) for a, b in zip(lp.token_logprobs[1:len(ids)], want, strict=True)) < 1e-5
-    assert lp.text_offset[:3] == [0, len(lp.tokens[0]), len(lp.tokens[0]) + len(lp.tokens[1])]
+    text = r.choices[0].text
+    assert lp.text_offset[:2] == [0, 0]  # <|endoftext|> is a token of the prompt but not of the echoed text
+    for tok, off in zip(lp.tokens[1:], lp.text_offset[1:], strict=True):  # each offset points at its token's text
+        assert text[off:off + len(tok)] == tok
     assert r.choices[0].text == prompt + plain.choices[0].text[:len(r.choices[0].text) - len(prompt)]
     assert r.usage.prompt_tokens_details.cached_tokens == 0  # recomputed: the cache holds K/V, not logits
     again = client.completions.create(model="tiny", prompt=ids, max_tokens=1, temperature=0)
@@ -255,6 +258,10 @@ def test_tokenize_and_detokenize_as_vllm_defines_them(served, client):
     assert status == 200
     assert chat["count"] == client.chat.completions.create(model="tiny", messages=messages,
                                                            max_tokens=1).usage.prompt_tokens
+    status, _, raw = request(port, "GET", "/tokenizer_info", None, auth)
+    info = json.loads(raw)
+    assert status == 200 and info["eos_token"] == info["bos_token"] == "<|endoftext|>"
+    assert ChatTemplate(info["chat_template"]).render(messages) == render_default(messages)  # renders as we do
     status, back = post("/detokenize", {"model": "tiny", "tokens": tok["tokens"]})
     assert status == 200 and back["prompt"] == "<|endoftext|>" + PROMPT  # special tokens kept, as in vLLM
 

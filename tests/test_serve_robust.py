@@ -87,7 +87,8 @@ BAD = {
     "image part": (CC, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
                    400, '"image_url" parts are not supported'),
     "top_logprobs alone": (CC, {"top_logprobs": 2}, 400, "top_logprobs needs logprobs: true"),
-    "tools": (CC, {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools is not supported"),
+    "tools with the default template": (CC, {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+                                       "does not define tool calls"),
     "negative max_completion_tokens": (CC, {"max_completion_tokens": -1}, 400, "max_completion_tokens must be"),
     "unknown route": ("/v1/embeddings", {}, 404, "Unknown route POST /v1/embeddings"),
     # A lone surrogate where the error message echoes the value: the message escapes it instead of failing to
@@ -196,3 +197,46 @@ def test_64_concurrent_streaming_clients_then_idle_with_flat_memory(server):
         rss.append(server.rss_kb())
     assert rss[1] - rss[0] < RSS_GROWTH_BOUND_KB, f"resident memory grew from {rss[0]} kB to {rss[1]} kB"
     assert m["moekit_time_to_first_token_seconds_count"] >= 384 and m["moekit_e2e_request_latency_seconds_count"] >= 384
+
+
+def test_a_bug_is_one_500_with_a_request_id_counted_once_and_the_server_keeps_serving():
+    """The exception handler of last resort: a bug inside a route (here the tokenizer raising) answers 500 in
+    OpenAI's shape with an id that is also in the log and the header, counts one error, and serves on."""
+    from test_serve_utils import InProcessServer, parse_metrics, tiny_engine
+
+    class BrokenCodec:  # the engine's codec, except that it raises on one prompt
+        def __init__(self, codec):
+            self.codec = codec
+
+        def __getattr__(self, name):
+            return getattr(self.codec, name)
+
+        def encode(self, text: str) -> list[int]:
+            if "BOOM" in text:
+                raise RuntimeError("tokenizer exploded on a secret \ud800 value")
+            return self.codec.encode(text)
+
+    def load():
+        engine = tiny_engine()
+        engine.codec = BrokenCodec(engine.codec)
+        return engine
+
+    def errors(port: int) -> dict:
+        m = parse_metrics(request(port, "GET", "/metrics")[2].decode())
+        return {k: v for k, v in m.items() if k.startswith("moekit_request_errors_total")}
+
+    with InProcessServer(load) as s:
+        s.wait_ready()  # (its polls of /health while loading count as 503s)
+        before = errors(s.port)
+        status, headers, raw = request(s.port, "POST", "/v1/completions",
+                                       {"model": "tiny", "prompt": "BOOM", "max_tokens": 2})
+        err = json.loads(raw)["error"]
+        assert status == 500 and err["code"] == "internal_error" and err["type"] == "server_error"
+        rid = headers["x-request-id"]
+        assert rid.startswith("err-") and rid in err["message"] and "RuntimeError" in err["message"]
+        assert "secret" not in err["message"]  # the exception's text stays in the log
+        after = errors(s.port)
+        grew = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+        assert grew == {'moekit_request_errors_total{status="500"}': 1.0}, grew
+        ok = request(s.port, "POST", "/v1/completions", {"model": "tiny", "prompt": "fine", "max_tokens": 2})
+        assert ok[0] == 200

@@ -3,10 +3,12 @@
     app = build_app(ServeConfig(model="runs/tiny"), load=lambda: Engine(...))
     uvicorn.run(app, host="127.0.0.1", port=8000)        # `moekit serve` does this (cli.py)
 
-Routes: GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST /v1/chat/completions (the
-/v1 routes need `Authorization: Bearer KEY` when the server has a key), GET /health (200 when
-ready, 503 while loading, shutting down or after an engine failure), GET /metrics (Prometheus),
-GET /version. Every error, unknown routes included, is `{"error": {message, type, param, code}}`.
+Routes: GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST /v1/chat/completions, and vLLM's
+POST /tokenize, POST /detokenize, GET /tokenizer_info (these need `Authorization: Bearer KEY` when the server
+has a key), GET /health (200 when ready, 503 while loading, shutting down or after an engine failure),
+GET /metrics (Prometheus), GET /version, GET /openapi.json and /docs (the request bodies typed by openapi.py).
+Every error, unknown routes included, is `{"error": {message, type, param, code}}`; a bug answers 500 with an id
+that the log's traceback carries too.
 
 A request goes: key (401, compared in constant time with `hmac.compare_digest`) -> state (503)
 -> body size (413, checked on Content-Length before reading and while reading) -> JSON and
@@ -38,9 +40,9 @@ from starlette.requests import ClientDisconnect
 
 import moekit
 from moekit.infer.engine import Engine
-from moekit.serve import protocol
+from moekit.serve import openapi, protocol, tools
 from moekit.serve.async_engine import AsyncEngine, Handle
-from moekit.serve.chat import ChatTemplate
+from moekit.serve.chat import DEFAULT_JINJA, ChatTemplate
 from moekit.serve.config import ServeConfig
 from moekit.serve.errors import APIError, bad_request, error_body
 from moekit.serve.metrics import ServerMetrics
@@ -49,7 +51,7 @@ from moekit.serve.responses import Responder, TokenText
 log = logging.getLogger("moekit.serve")
 DRAIN_CAP = 64 * 1024 * 1024  # an oversized body is read (and dropped) up to this, so the 413 reaches the client
 ROUTES = ("GET /v1/models, POST /v1/completions, POST /v1/chat/completions, POST /tokenize, POST /detokenize, "
-          "GET /health, GET /metrics")
+          "GET /tokenizer_info, GET /health, GET /metrics")
 
 
 def _sse(obj: dict) -> str:
@@ -85,6 +87,8 @@ class OpenAIServer:
         self.metrics = ServerMetrics(lambda: self.engine.snapshot, lambda: self.engine.state)
         self.engine.metrics = self.metrics
         self._limits: protocol.Limits | None = None
+        # How "auto" tool calls are found in the output: --tool-call-parser, else the format the template teaches.
+        self.tool_parser = cfg.tool_call_parser or tools.detect_parser(template.source)
         self._token_text: TokenText | None = None
 
     def drain(self) -> None:
@@ -201,6 +205,20 @@ class OpenAIServer:
         return JSONResponse({"count": len(ids), "max_model_len": limits.max_model_len, "tokens": ids,
                              "token_strs": [self._token_text(i) for i in ids] if req.return_token_strs else None})
 
+    async def tokenizer_info(self, request: Request) -> Response:
+        """GET /tokenizer_info (vLLM's): the special tokens and the chat template, so that a client (lm-evaluation-
+        harness's remote tokenizer) can tokenize with /tokenize and render chats as this server does."""
+        self._auth(request)
+        self.engine.check_ready()
+        codec, limits = self._codec(), self._limits_now()
+        bos = codec.bos_token_id if codec.bos_token_id is not None else (codec.prefix_ids or (None,))[0]
+        eos = codec.eos_token_ids[0] if codec.eos_token_ids else None
+        name = codec.tokenizer.id_to_token
+        return JSONResponse({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": limits.max_model_len,
+                             "eos_token": name(eos) if eos is not None else None,
+                             "bos_token": name(bos) if bos is not None else None, "pad_token": None,
+                             "chat_template": self.template.source or DEFAULT_JINJA})
+
     async def detokenize(self, request: Request) -> Response:
         """POST /detokenize {tokens}: {prompt}, special tokens included (vLLM's: the inverse of /tokenize)."""
         self._auth(request)
@@ -248,8 +266,9 @@ class OpenAIServer:
             req = protocol.parse_chat(body, limits) if chat else protocol.parse_completion(body, limits)
         param = "messages" if chat else "prompt"
         if chat:
+            functions = self._tools_for(req)
             try:
-                req.prompts = [self.template.render(req.messages)]
+                req.prompts = [self.template.render(req.messages, functions)]
             except ValueError as e:
                 raise bad_request(str(e), "messages") from None
             if self.template.stop:
@@ -271,7 +290,7 @@ class OpenAIServer:
         if req.echo:
             codec = self.engine.engine.codec
             echo = [p if isinstance(p, str) else codec.decode(p) if codec else "" for p in req.prompts]
-        responder = Responder(req, rid, int(time.time()), self._token_text, echo, prompt_ids)
+        responder = Responder(req, rid, int(time.time()), self._token_text, echo, prompt_ids, self.tool_parser)
         # Every engine request of a chat request (its n choices) reads the same images.
         handle = await (self.engine.submit(items, rid, images=req.images) if req.images
                         else self.engine.submit(items, rid))
@@ -280,6 +299,17 @@ class OpenAIServer:
             return _EventStream(self._stream(handle, responder), handle,
                                 {**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await self._collect(request, handle, responder, headers)
+
+    def _tools_for(self, req: protocol.GenerateRequest) -> list[dict] | None:
+        """The functions the chat template is given; a 400 when the request has tools and the template cannot
+        call them (it never reads `tools`: moekit's plain-text default, or a model without tool calls)."""
+        if req.tools is None:
+            return None
+        if not tools.defines_tools(self.template.source):
+            raise bad_request(f"this model's chat template ({self.template.origin}) does not define tool calls, so "
+                              "the model cannot call tools: send the request without tools, or serve the model with "
+                              "a --chat-template that reads `tools` (Hugging Face's convention)", "tools")
+        return req.tools.tools
 
     @staticmethod
     def _check_markers(prompt_ids: list[list[int]], images: list, vision) -> None:
@@ -350,22 +380,31 @@ def build_app(cfg: ServeConfig, load: Callable[[], Engine], template: ChatTempla
         yield
         await server.engine.stop()
 
-    app = FastAPI(title="moekit", version=moekit.__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    # /openapi.json and /docs (FastAPI's own), with the request bodies typed by openapi.py
+    app = FastAPI(title="moekit", version=moekit.__version__, lifespan=lifespan, redoc_url=None,
+                  description="An OpenAI-compatible server (moekit serve); every error is "
+                              '`{"error": {message, type, param, code}}`.')
     app.state.server = server
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/metrics", server.metrics_route, methods=["GET"])
     app.add_api_route("/version", lambda: {"version": moekit.__version__}, methods=["GET"])
-    app.add_api_route("/v1/models", server.models, methods=["GET"])
-    app.add_api_route("/v1/models/{model_id:path}", server.model, methods=["GET"])
-    app.add_api_route("/v1/completions", server.completions, methods=["POST"])
-    app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
-    app.add_api_route("/tokenize", server.tokenize, methods=["POST"])
-    app.add_api_route("/detokenize", server.detokenize, methods=["POST"])
+    app.add_api_route("/v1/models", server.models, methods=["GET"], **openapi.route_docs("/v1/models"))
+    app.add_api_route("/v1/models/{model_id:path}", server.model, methods=["GET"],
+                      **openapi.route_docs("/v1/models/{model_id}"))
+    app.add_api_route("/v1/completions", server.completions, methods=["POST"],
+                      **openapi.route_docs("/v1/completions"))
+    app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"],
+                      **openapi.route_docs("/v1/chat/completions"))
+    app.add_api_route("/tokenize", server.tokenize, methods=["POST"], **openapi.route_docs("/tokenize"))
+    app.add_api_route("/detokenize", server.detokenize, methods=["POST"], **openapi.route_docs("/detokenize"))
+    app.add_api_route("/tokenizer_info", server.tokenizer_info, methods=["GET"],
+                      **openapi.route_docs("/tokenizer_info"))
+    openapi.install(app)
 
     def error_response(status: int, body: dict, headers: dict | None = None) -> JSONResponse:
-        server.metrics.errors.labels(str(status)).inc()
-        return JSONResponse(body, status_code=status, headers=headers)
+        response = JSONResponse(body, status_code=status, headers=headers)  # rendered first: an error answer that
+        server.metrics.errors.labels(str(status)).inc()  # cannot be encoded ends as the one 500 below, counted once
+        return response
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:
@@ -377,10 +416,12 @@ def build_app(cfg: ServeConfig, load: Callable[[], Engine], template: ChatTempla
         if e.status_code == 404:
             return error_response(404, error_body(404, f"Unknown route {where}; this server has {ROUTES}",
                                                   code="unknown_url"))
-        if e.status_code == 405:
-            return error_response(405, error_body(405, f"{where} is not allowed; this server has {ROUTES}",
-                                                  code="method_not_allowed"))
-        return error_response(e.status_code, error_body(e.status_code, str(e.detail)))
+        if e.status_code == 405:  # Starlette's 405 names the route's methods in Allow (RFC 9110 section 15.5.6)
+            allow = (e.headers or {}).get("Allow", "")
+            return error_response(405, error_body(405, f"{where} is not allowed (this route takes {allow or '?'}); "
+                                                       f"this server has {ROUTES}", code="method_not_allowed"),
+                                  {"Allow": allow} if allow else None)
+        return error_response(e.status_code, error_body(e.status_code, str(e.detail)), e.headers)
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, e: ClientDisconnect) -> Response:
@@ -388,8 +429,12 @@ def build_app(cfg: ServeConfig, load: Callable[[], Engine], template: ChatTempla
 
     @app.exception_handler(Exception)
     async def internal(request: Request, e: Exception) -> JSONResponse:  # a bug: say so, keep serving
-        log.exception("internal error on %s %s", request.method, request.url.path)
-        return error_response(500, error_body(500, f"Internal server error ({type(e).__name__}: {e}); please "
-                                                   "report it", code="internal_error"))
+        # The last resort: the traceback goes to the log under an id the client gets too, so that a report can be
+        # matched to it; the message carries the exception's type only (its text may echo anything).
+        rid = f"err-{uuid.uuid4().hex[:16]}"
+        log.exception("internal error %s on %s %s", rid, request.method, request.url.path)
+        return error_response(500, error_body(500, f"Internal server error ({type(e).__name__}); please report it "
+                                                   f"with the request id {rid}", code="internal_error"),
+                              {"X-Request-Id": rid})
 
     return app

@@ -12,6 +12,8 @@ thread while the server already answers (/health and every endpoint: 503 until i
 SIGTERM or Ctrl-C drains: new requests get 503, requests in flight finish (for at most
 --drain-timeout seconds, then they are cancelled), the engine stops, and the process exits 0.
 Logs go to standard error: uvicorn's access log, and one engine stats line per --log-interval.
+A client that stalls mid-request is answered 408 and dropped (--header-timeout, --body-timeout), and open
+connections are capped (--max-connections, then 503): moekit/serve/http.py.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import uvicorn
 from moekit.infer.build import add_engine_arguments, build_engine
 from moekit.infer.engine import Engine
 from moekit.serve.config import MAX_N, ServeConfig
+from moekit.serve.tools import PARSERS
 
 log = logging.getLogger("moekit.serve")
 
@@ -47,10 +50,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ssl-keyfile", help="the certificate's private key (PEM)")
     g = p.add_argument_group("engine")
     add_engine_arguments(g)
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: the usable cores less one for the HTTP loop and less those "
+                        "other work keeps busy at start-up)")
     a = p.add_argument_group("API")
     a.add_argument("--chat-template", metavar="FILE|TEMPLATE|default",
                    help="Jinja chat template (default: the model's, else the plain-text default of moekit.serve.chat)")
+    a.add_argument("--tool-call-parser", choices=PARSERS,
+                   help="the format of the model's tool calls, for tool_choice auto (default: guessed from the chat "
+                        "template: <tool_call> hermes, [TOOL_CALLS] mistral, <|python_tag|> llama3_json)")
     a.add_argument("--max-tokens-default", type=int, default=256,
                    help="max_tokens of a request that sets none (default 256, capped by the context left)")
     a.add_argument("--max-n", type=int, default=MAX_N, help=f"choices per request, n x prompts (default {MAX_N})")
@@ -58,6 +66,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests waiting for a running slot before new ones get 429 (default 1024)")
     a.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024,
                    help="largest request body; larger ones get 413 (default 8 MiB)")
+    c = p.add_argument_group("connections")
+    c.add_argument("--header-timeout", type=float, default=20.0,
+                   help="seconds a request's headers may take from their first byte; then 408 (default 20)")
+    c.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds without a byte of a request body before 408 and close (default 30)")
+    c.add_argument("--max-connections", type=int, default=2048,
+                   help="open connections beyond which requests get 503 (default 2048)")
     o = p.add_argument_group("operation")
     o.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds in-flight requests may take to finish before they are cancelled (30)")
@@ -113,6 +128,7 @@ def _listen(host: str, port: int) -> socket.socket:
 def run(args: argparse.Namespace) -> int:
     from moekit.serve.app import build_app
     from moekit.serve.chat import load_chat_template
+    from moekit.serve.http import raise_open_file_limit, uvicorn_config
 
     if args.overrides:
         raise ValueError(f"moekit serve takes no model overrides (got --{', --'.join(args.overrides)})")
@@ -132,13 +148,10 @@ def run(args: argparse.Namespace) -> int:
 
         worker_spec(cfg)  # a layout that cannot serve this model: one line, exit 2, before any worker starts
     template = load_chat_template(cfg.model, cfg.chat_template)
-    if cfg.threads:
-        import torch
-
-        torch.set_num_threads(cfg.threads)
     load = engine_loader(cfg)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _set_threads(cfg.threads)
     sock = _listen(cfg.host, cfg.port)
     host, port = sock.getsockname()[:2]
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
@@ -147,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
         if f and not Path(f).is_file():
             raise FileNotFoundError(f"{f}: no such file")
     app = build_app(cfg, load, template)
-    server = _Server(uvicorn.Config(app, log_level=args.log_level, access_log=cfg.access_log,
+    raise_open_file_limit(cfg.max_connections)
+    server = _Server(uvicorn_config(app, cfg, log_level=args.log_level, access_log=cfg.access_log,
                                     timeout_graceful_shutdown=cfg.drain_timeout, lifespan="on",
                                     ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile),
                      app.state.server)
@@ -169,6 +183,23 @@ def run(args: argparse.Namespace) -> int:
         return 1
     log.info("moekit serve: stopped")
     return 0
+
+
+def _set_threads(threads: int | None) -> None:
+    """torch's intra-op threads: --threads, else the cores this process may use less one for the event loop and
+    less those other work keeps busy now (moekit/cpu.py); a warning when that oversubscribes the cores."""
+    import torch
+
+    from moekit import cpu
+
+    busy = cpu.busy_cores(0.2)
+    n = threads or cpu.default_threads(reserve=1, busy=busy)
+    torch.set_num_threads(n)
+    why = cpu.oversubscribed(n, reserve=1, busy=busy)
+    if why:
+        log.warning("the CPU is oversubscribed: %s", why)
+    log.info("torch threads: %d (%s; %d usable cores, %s busy with other work)", n,
+             "--threads" if threads else "default", cpu.usable_cores(), "?" if busy is None else f"{busy:.1f}")
 
 
 class _Server(uvicorn.Server):

@@ -5,7 +5,7 @@ Completions); vLLM's extra sampling parameters (top_k, min_p, repetition_penalty
 stop_token_ids) are accepted too, as vLLM's server does. Every bad value is a 400 whose message
 names the parameter, the rule and the value received, and whose `param` is the parameter's name.
 Unknown fields are ignored (vLLM does the same, so clients that send newer fields keep working);
-known features this server lacks (tools, suffix, ...) are a 400 rather than silently
+known features this server lacks (suffix, audio, ...) are a 400 rather than silently
 ignored, because ignoring them would change the answer. Structured output (`response_format`, vLLM's
 `guided_*`) and `logit_bias` are parsed by structured.py. Chat messages of a vision model may hold
 image parts (vision_parts.py): they become `<image>` markers in the text and `GenerateRequest.images`.
@@ -18,9 +18,11 @@ import math
 from dataclasses import dataclass, field, replace
 
 from moekit.config import VisionConfig
+from moekit.infer import grammar
 from moekit.infer.sampler import MAX_LOGPROBS, SamplingParams
 from moekit.serve.errors import APIError, bad_request, show
 from moekit.serve.structured import parse_constraint, parse_logit_bias
+from moekit.serve.tools import ToolSpec, parse_tools, template_message
 from moekit.serve.vision_parts import IMAGE_MARKER, ContentParser, check_image_count, check_no_marker
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -53,6 +55,7 @@ class GenerateRequest:
     logprobs: int | None  # alternatives per token when logprobs are asked for, else None
     echo: bool = False
     images: list = field(default_factory=list)  # chat: (3, S, S) pixels, one per `<image>` marker, in order
+    tools: ToolSpec | None = None  # chat: the functions the model may call, and tool_choice (tools.py)
 
 
 # ---- typed getters: JSON null means "the default", as in OpenAI's API ------------------------------
@@ -65,6 +68,8 @@ def _integer(body: dict, name: str, default, lo: int, hi: int | None = None):
     if v is None:
         return default
     rule = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+    if isinstance(v, float) and v.is_integer():  # JSON Schema's integers include 2.0 (vLLM takes it too)
+        v = int(v)
     if not _is_int(v) or v < lo or (hi is not None and v > hi):
         raise bad_request(f"{name} must be {rule}, got {show(v)}", name)
     return v
@@ -240,17 +245,29 @@ def parse_chat(body: dict, limits: Limits) -> GenerateRequest:
     if body.get("max_completion_tokens") is not None:  # the newer name of max_tokens (OpenAI)
         body = {**body, "max_tokens": _integer(body, "max_completion_tokens", None, 1)}
     common = _common(body, limits, 1)
-    for name, allowed in (("tools", ([],)), ("tool_choice", ("none",)), ("functions", ([],)),
-                          ("function_call", ("none",)), ("prediction", ()), ("audio", ())):
-        _unsupported(body, name, allowed, "it has no tool calls or audio")
+    for name, allowed in (("functions", ([],)), ("function_call", ("none",)), ("prediction", ()), ("audio", ())):
+        _unsupported(body, name, allowed, "it has no legacy function calls (use tools), predicted outputs or audio")
     _unsupported(body, "modalities", (["text"],), "it writes text only")
     want = _boolean(body, "logprobs", False)
     top = _integer(body, "top_logprobs", None, 0, MAX_LOGPROBS)
     if top is not None and not want:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
     logprobs = (top or 0) if want else None
-    return GenerateRequest(True, model, [], messages, _sampling(body, limits, logprobs), logprobs=logprobs,
-                           images=parser.images, **common)
+    params, spec = _sampling(body, limits, logprobs), parse_tools(body)
+    schema = spec.schema() if spec is not None else None
+    if schema is not None:  # tool_choice "required" or a named function: the output is constrained to the call
+        if params.constraint is not None:
+            raise bad_request(f"tool_choice {show(body.get('tool_choice'))} constrains the output to a tool call "
+                              "already: drop response_format (or the guided_* parameter)", "tool_choice")
+        c = grammar.Constraint("json_schema", json.dumps(schema, ensure_ascii=True))
+        try:
+            grammar.check(c)
+        except ValueError as e:
+            raise bad_request(f"the tools' parameters cannot be used as a JSON schema for tool_choice "
+                              f"{show(body.get('tool_choice'))}: {e}", "tools") from None
+        params = replace(params, constraint=c)
+    return GenerateRequest(True, model, [], messages, params, logprobs=logprobs, images=parser.images, tools=spec,
+                           **common)
 
 
 def _prompts(v, vocab_size: int) -> list:
@@ -292,9 +309,7 @@ def _messages(v, parser: ContentParser) -> list[dict]:
         role = m.get("role")
         if role not in ROLES:
             raise bad_request(f"{p}.role must be one of {', '.join(ROLES)}; got {show(role)}", f"{p}.role")
-        if m.get("tool_calls"):
-            raise bad_request(f"{p}.tool_calls is not supported by this server (it has no tool calls)",
-                              f"{p}.tool_calls")
+        calls = template_message(m, p)  # an assistant's earlier tool_calls, a tool message's tool_call_id
         content = m.get("content")
         if content is None and role == "assistant":
             content = ""
@@ -306,7 +321,7 @@ def _messages(v, parser: ContentParser) -> list[dict]:
             parts = "text parts" if parser.vision is None else "text and image_url parts"
             raise bad_request(f"{p}.content must be a string or an array of {parts}, got {show(content)}",
                               f"{p}.content")
-        out.append({"role": role, "content": _text(content, f"{p}.content")})
+        out.append({"role": role, "content": _text(content, f"{p}.content"), **calls})
     return out
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from moekit.infer.engine import RequestOutput
 from moekit.infer.sampler import Logprob
+from moekit.serve import tools
 from moekit.serve.async_engine import Event
 from moekit.serve.errors import APIError
 from moekit.serve.protocol import GenerateRequest
@@ -33,7 +34,7 @@ class TokenText:
     """Token id -> its text (special tokens included), cached: logprobs name up to 21 tokens per position."""
 
     def __init__(self, codec):
-        self.codec, self.cache = codec, {}
+        self.codec, self.cache, self.widths = codec, {}, {}
 
     def __call__(self, token_id: int) -> str:
         text = self.cache.get(token_id)
@@ -42,6 +43,22 @@ class TokenText:
             if len(self.cache) < 1_000_000:
                 self.cache[token_id] = text
         return text
+
+    def width(self, token_id: int) -> int:
+        """Characters the token adds to the response's text (`text_offset` steps): a special token's name is in
+        `tokens` but not in the text, which is decoded without them."""
+        w = self.widths.get(token_id)
+        if w is None:
+            w = len(self.codec.tokenizer.decode([token_id], skip_special_tokens=True)) if self.codec else len(
+                str(token_id))
+            if len(self.widths) < 1_000_000:
+                self.widths[token_id] = w
+        return w
+
+
+def _with_refusal(logprobs: dict | None) -> dict | None:
+    """Chat logprobs as OpenAI's schema requires them: {content, refusal} (refusal: null, nothing is refused)."""
+    return None if logprobs is None else {**logprobs, "refusal": None}
 
 
 def _lp(x: float) -> float:
@@ -60,13 +77,17 @@ class Responder:
     """Accumulates the choices of one HTTP request and renders them as OpenAI objects."""
 
     def __init__(self, req: GenerateRequest, response_id: str, created: int, token_text: TokenText,
-                 echo_texts: list[str] | None = None, prompt_ids: list[list[int]] | None = None):
+                 echo_texts: list[str] | None = None, prompt_ids: list[list[int]] | None = None,
+                 tool_parser: str | None = None):
         self.req, self.id, self.created, self.tt = req, response_id, created, token_text
         n_choices = req.n * len(req.prompts)
         self.echo = [echo_texts[i // req.n] for i in range(n_choices)] if echo_texts else [""] * n_choices
         self.choices = [_Choice(i, self.echo[i]) for i in range(n_choices)]
         self.prompt_ids = prompt_ids or []  # per prompt: the prompt's logprobs name its tokens
         self.no_output = req.max_tokens == 0
+        # Tools (tools.py): the output becomes tool calls once it is complete, so with a stream the text is held
+        # back and sent at the end, as content or as tool_calls (one delta; OpenAI's stream shape allows it).
+        self.tools, self.tool_parser = (req.tools if req.tools and req.tools.choice != "none" else None), tool_parser
         # Streamed echo with logprobs: the prompt's text goes out with its logprobs, on the first output.
         self.echo_pending = [bool(e) and req.logprobs is not None and req.stream for e in self.echo]
         self.object = "chat.completion" if req.chat else "text_completion"
@@ -90,7 +111,7 @@ class Responder:
             out["token_logprobs"].append(_lp(lp.logprob))
             out["top_logprobs"].append(top)
             out["text_offset"].append(choice.offset)
-            choice.offset += len(tok)
+            choice.offset += tt.width(lp.token_id)
         return out
 
     def _prompt_logprobs(self, prompt_ids: list[int], lps: list[Logprob]) -> dict:
@@ -102,7 +123,7 @@ class Responder:
             tok = tt(tok_id)
             out["tokens"].append(tok)
             out["text_offset"].append(offset)
-            offset += len(tok)
+            offset += tt.width(tok_id)
             if i == 0:
                 out["token_logprobs"].append(None)
                 out["top_logprobs"].append(None)
@@ -150,6 +171,11 @@ class Responder:
         lps = self._logprobs(choice, out.new_logprobs) if out.new_token_ids else None
         self._keep_logprobs(choice, lps)
         choice.text += out.new_text
+        if self.tools is not None:  # held until the end (see __init__)
+            if ev.final is None:
+                return None if lps is None else ("", lps)
+            message, _ = self._message(choice)
+            return message.get("content") or "", lps
         if head is not None:
             lps = head if lps is None else {k: head[k] + v for k, v in lps.items()}
         if not out.new_text and not head_text and lps is None and ev.final is None:
@@ -165,10 +191,20 @@ class Responder:
                 "prompt_tokens_details": {"cached_tokens": sum(f.num_cached_tokens for f in firsts)}}
 
     # ---- whole responses --------------------------------------------------------------------------
+    def _message(self, c: _Choice) -> tuple[dict, str | None]:
+        """A chat choice's message fields ({content, tool_calls?}) and finish reason."""
+        if self.tools is None or c.finish_reason is None:
+            return {"content": c.text}, c.finish_reason
+        return tools.finish(self.tools, self.tool_parser, c.text, c.finish_reason)
+
     def response(self) -> dict:
         if self.req.chat:
-            choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                        "logprobs": c.logprobs, "finish_reason": c.finish_reason} for c in self.choices]
+            choices = []
+            for c in self.choices:
+                message, reason = self._message(c)
+                # `refusal` is required (nullable) in OpenAI's ChatCompletionResponseMessage and a choice's logprobs
+                choices.append({"index": c.index, "message": {"role": "assistant", **message, "refusal": None},
+                                "logprobs": _with_refusal(c.logprobs), "finish_reason": reason})
         else:
             choices = [{"index": c.index, "text": c.text, "logprobs": c.logprobs, "finish_reason": c.finish_reason}
                        for c in self.choices]
@@ -197,7 +233,12 @@ class Responder:
         reason = self.choices[index].finish_reason
         if self.req.chat:
             delta = {"content": text} if text else {}
-            return self._chunk([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}])
+            if self.tools is not None and reason is not None:
+                message, reason = self._message(self.choices[index])
+                if message.get("tool_calls"):
+                    delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
+            return self._chunk([{"index": index, "delta": delta, "logprobs": _with_refusal(logprobs),
+                                 "finish_reason": reason}])
         return self._chunk([{"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}])
 
     def usage_chunk(self) -> dict:
