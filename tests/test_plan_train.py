@@ -79,7 +79,7 @@ def test_the_pipeline_bubble_explains_part_of_the_low_mfu():
     (dict(n_gpus=64), "cannot hold one replica"),
     (dict(tp=5), "tensor-parallel degree 5 does not divide the 168 attention heads"),
     (dict(ep=3), "expert-parallel degree 3 must divide"),
-    (dict(recompute="some"), "--recompute must be one of none, full"),
+    (dict(recompute="some"), "--recompute must be one of none, selective, full"),
     (dict(gpu="V100"), "unknown GPU 'V100'; known:"),
 ])
 def test_bad_training_input(kwargs, message):

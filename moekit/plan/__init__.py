@@ -9,7 +9,8 @@
 
 Pure functions over `moekit.config` and the hardware table (`hardware.py`), returning dataclasses;
 `moekit plan ...` (`cli.py`) is a thin layer over them. Files: hardware.py (GPUs as data),
-layout.py (pipeline stages, sharding), train.py, serve.py, wall.py, vision.py (SPEC section 5), report.py,
+layout.py (pipeline stages, sharding), train.py (+ step_time.py, gemm.py: the step from its parts;
+calibrate_train.py: its fit on published runs), serve.py, wall.py, vision.py (SPEC section 5), report.py,
 charts.py. It imports no engine or trainer: `moekit bench hardware` (moekit/bench_hardware.py) measures a
 machine's entry.
 """
@@ -21,11 +22,12 @@ from moekit.plan.layout import as_config, stages
 from moekit.plan.report import Claim, Report, format_report, gpt4_report
 from moekit.plan.serve import ServePlan, expert_coverage, serve
 from moekit.plan.shards import rank_bytes
+from moekit.plan.step_time import StepTime, step_time
 from moekit.plan.train import TrainPlan, train
 from moekit.plan.vision import VisionPlan, vision_plan
 from moekit.plan.wall import Wall, article_h100, max_tokens_per_s, wall
 
 __all__ = ["GPU", "TABLE", "Claim", "Report", "ServePlan", "TrainPlan", "Wall", "article_h100", "as_config",
            "expert_coverage", "format_report", "get_gpu", "gpt4_report", "known_gpus", "load_hardware_file",
-           "local_hardware_path", "max_tokens_per_s", "rank_bytes", "serve", "stages", "step_collectives", "train",
-           "VisionPlan", "vision_plan", "wall", "write_charts"]
+           "local_hardware_path", "max_tokens_per_s", "rank_bytes", "serve", "stages", "step_collectives", "step_time",
+           "StepTime", "train", "VisionPlan", "vision_plan", "wall", "write_charts"]

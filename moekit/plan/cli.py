@@ -4,7 +4,9 @@
     moekit plan --model gpt4-vision               # ... and section 5, vision, on a vision config
     moekit plan --simulate                        # ... and the serving-cost claims under real traffic (minutes)
     moekit plan vision --model gpt4-vision        # vision parameters, FLOPs per image, encoder cache, fine-tune, IO
-    moekit plan train --gpu A100-80GB --gpus 25000 --tokens 13T --mfu 0.34
+    moekit plan train --gpu A100-80GB --gpus 25000 --tokens 13T --mfu 0.34    # the article's MFU, given
+    moekit plan train --gpu H100 --gpus 512 --tp 4 --pp 8 --schedule interleaved --recompute selective  # MFU predicted
+    moekit plan calibration                       # the training-time model against published runs
     moekit plan train --model tiny --gpus 2 --tp 1 --pp 1 --zero 3 --optimizer-precision fp32 \
         --batch-tokens 256 --seq-len 64 --micro-batch 2 --recompute none    # per-rank bytes, collectives
     moekit plan serve --model gpt4 --gpu H100 --weight-dtype fp8 --kv-dtype fp8 --context 6144
@@ -79,7 +81,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="seconds of the trace to replay, repeated as needed (default: all of it)")
     sim.add_argument("--sim-day-all", action="store_true", default=None,
                      help="the day's curve on every deployment (default: A100 only)")
-    sub = p.add_subparsers(dest="plan_command", metavar="{train,serve,wall,vision,chart}")
+    sub = p.add_subparsers(dest="plan_command", metavar="{train,serve,wall,vision,chart,calibration}")
     gpu_help = "GPU name, `local`, or a hardware file (default %(default)s)"
 
     t = sub.add_parser("train", help="FLOPs, days or MFU, dollars, memory per GPU, pipeline bubble")
@@ -88,7 +90,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--gpus", type=integer, default=25_000, help="number of GPUs (default 25,000)")
     t.add_argument("--tokens", type=number, default=13e12, help="training tokens (default 13T)")
     when = t.add_mutually_exclusive_group()
-    when.add_argument("--mfu", type=float, help="model FLOPs utilization, 0-1 (default 0.34): gives the time")
+    when.add_argument("--mfu", type=float,
+                      help="model FLOPs utilization, 0-1: gives the time (default: both predicted from the step's "
+                           "parts, moekit/plan/step_time.py; the article's is 0.34)")
     when.add_argument("--days", type=float, help="wall-clock days: gives the MFU")
     t.add_argument("--tp", type=integer, default=8, help="tensor-parallel degree (default 8)")
     t.add_argument("--pp", type=integer, default=15, help="pipeline-parallel degree (default 15)")
@@ -98,7 +102,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--batch-tokens", type=number, default=60e6, help="tokens per step (default 60M)")
     t.add_argument("--seq-len", type=integer, help="training sequence length (default: the model's)")
     t.add_argument("--micro-batch", type=integer, default=1, help="sequences per micro-batch (default 1)")
-    t.add_argument("--recompute", default="full", choices=["none", "full"], help="activation recomputation")
+    t.add_argument("--recompute", default="full", choices=["none", "selective", "full"],
+                   help="activation recomputation (default full; selective: Korthikanti et al. 2022)")
+    t.add_argument("--schedule", default="1f1b", choices=["gpipe", "1f1b", "interleaved", "interleaved-1f1b",
+                                                          "zero-bubble"], help="pipeline schedule (default 1f1b)")
+    t.add_argument("--stages-per-rank", type=integer, default=1,
+                   help="pipeline stages per rank (interleaved: 2 or more, default 2; zero-bubble: 2)")
+    t.add_argument("--attention", default="flash", choices=["flash", "unfused"],
+                   help="attention kernel: FlashAttention (default) or softmax over stored scores (Megatron 2021)")
     t.add_argument("--no-sequence-parallel", dest="sequence_parallel", action="store_false",
                    help="keep d_model-sized activations whole on every tensor-parallel GPU")
     t.add_argument("--dtype", default="bf16", help="the peak that MFU is measured against (default bf16)")
@@ -167,6 +178,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c = sub.add_parser("chart", help="write the planner's PNG charts")
     c.add_argument("--out", default="moekit-charts", help="directory for the PNGs (default ./moekit-charts)")
 
+    k = sub.add_parser("calibration", help="the training-time model's predictions vs published runs, and its fit")
+    k.add_argument("--file", help="calibration rows, JSONL (default calibration/train.jsonl of the repository)")
+    k.add_argument("--json", action="store_true", help="print the full result as JSON")
+
 
 def _count(x: float) -> str:
     for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
@@ -203,8 +218,10 @@ def format_train(p) -> str:
         f"{experts}, ZeRO-{p.zero_stage}, {_count(p.tokens)} tokens",
         f"  FLOPs                {p.flops:.3g}   ({p.flops_per_token / 1e9:,.1f} GFLOP per token = 6 x "
         f"active; attention {attention} {p.attention_flops_per_token / 1e9:,.1f})",
-        f"  MFU                  {p.mfu:.1%} of {p.peak_flops / 1e12:,.0f} TFLOP/s {p.dtype}",
+        f"  MFU                  {p.mfu:.1%} of {p.peak_flops / 1e12:,.0f} TFLOP/s {p.dtype} "
+        f"({_MFU_SOURCE[p.mfu_source]})",
         f"  time                 {p.days:,.1f} days",
+        *_step_lines(p),
         f"  GPU-hours            {p.gpu_hours:,.0f}",
         f"  cost                 {_money(p.cost, 0)}",
         f"  memory per GPU       {_gb(m.total)} of {_gb(m.capacity)} (stage {m.stage}: weights "
@@ -215,6 +232,25 @@ def format_train(p) -> str:
         f"  tokens per expert    {_count(p.tokens_per_expert)} per {_count(p.batch_tokens)}-token batch",
     ]
     return "\n".join(lines + _rank_lines(p) + [f"  note: {n}" for n in p.notes])
+
+
+_MFU_SOURCE = {"predicted": "predicted from the step's parts", "given": "given by --mfu", "days": "from --days"}
+_PART_NAMES = {"matmul": "matmul", "attention": "attention", "memory_bound": "memory-bound ops", "overhead": "overhead",
+               "recompute": "recompute", "bubble": "bubble", "tp_comm": "TP comm", "ep_comm": "EP comm",
+               "pp_comm": "PP comm", "dp_comm": "DP comm", "optimizer": "optimizer"}
+
+
+def _step_lines(p) -> list[str]:
+    """The predicted step and the share of each of its parts (moekit/plan/step_time.py)."""
+    st = p.step
+    if st is None:
+        return []
+    shares = st.shares()
+    parts = ", ".join(f"{_PART_NAMES[k]} {v:.1%}" + (f" (GEMMs at {st.gemm_efficiency:.0%} of peak)" if k == "matmul"
+                                                     else "") for k, v in shares.items() if v >= 0.0005)
+    sched = p.schedule + (f" x {p.stages_per_rank} stages per rank" if p.stages_per_rank > 1 else "")
+    return [f"  step                 {_seconds(st.seconds)} ({sched}, recompute {p.recompute}, {p.attention} "
+            f"attention): {parts}"]
 
 
 def _rank_lines(p) -> list[str]:
@@ -321,6 +357,12 @@ def run(args: argparse.Namespace) -> int:
         for path in plan.write_charts(args.out):
             print(path)
         return 0
+    if cmd == "calibration":
+        from moekit.plan.calibrate_train import ROWS_PATH, calibration, format_calibration
+
+        c = calibration(args.file or ROWS_PATH)
+        print(json.dumps(c.to_dict(), indent=2) if args.json else format_calibration(c))
+        return 0
     files = tuple(args.hardware)
     if cmd == "wall":
         result = plan.wall(args.gpu, args.gpus, args.tps, weight_dtype=args.weight_dtype,
@@ -335,7 +377,8 @@ def run(args: argparse.Namespace) -> int:
                                 seq_len=args.seq_len, micro_batch=args.micro_batch, recompute=args.recompute,
                                 sequence_parallel=args.sequence_parallel, dtype=args.dtype,
                                 price_per_hour=args.price_per_hour, include_attention=args.include_attention,
-                                hardware_files=files, optimizer_precision=args.optimizer_precision)
+                                hardware_files=files, optimizer_precision=args.optimizer_precision,
+                                schedule=args.schedule, stages_per_rank=args.stages_per_rank, attention=args.attention)
             text = format_train
         else:
             result = plan.serve(cfg, args.gpu, n_gpus=args.gpus, tp=args.tp, pp=args.pp, ep=args.ep,

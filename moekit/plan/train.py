@@ -8,7 +8,10 @@ Formulas (SPEC section 6 unless cited):
 - model FLOPs = 6 x N x D, N = active parameters that enter a matmul (`moekit.counts`), D = tokens.
   This is what MFU counts. The attention term, 3 x 4 x layers x seq_len x attention width per token
   (PaLM, Chowdhery et al. 2022, appendix B), is reported beside it and counted only on request.
-- time = FLOPs / (GPUs x peak x MFU), or MFU = FLOPs / (GPUs x peak x time); $ = GPU-hours x $/hour.
+- time: by default predicted from the step's parts (moekit/plan/step_time.py: matmuls at their shapes' efficiency,
+  attention, memory-bound ops, recomputation, the pipeline bubble, exposed communication, the optimizer), and
+  MFU = FLOPs / (GPUs x peak x time) is an output; `mfu=` gives time = FLOPs / (GPUs x peak x MFU) instead (the
+  article's way), `days=` the MFU. $ = GPU-hours x $/hour.
 - memory per GPU under tensor (tp) x pipeline (pp) x data (dp) parallelism, experts split over
   ep ranks of the data-parallel group (DeepSpeed-MoE / Megatron-LM: expert data parallelism dp/ep):
   bf16 weights (2 B), bf16 gradients (2 B) and Adam states (fp32 master weights, m, v: 12 B), of
@@ -39,15 +42,20 @@ from dataclasses import asdict, dataclass, field
 
 from moekit.config import ModelConfig
 from moekit.counts import flops_per_token
+from moekit.plan.activations import activation_bytes
 from moekit.plan.comm import StepComm, step_collectives
 from moekit.plan.hardware import GPU, get_gpu
-from moekit.plan.layout import Stage, as_config, check_parallel, kv_heads_per_gpu, stages
+from moekit.plan.layout import Stage, as_config, check_parallel, stages
 from moekit.plan.shards import PRECISIONS, Precision, RankBytes, get_precision, rank_bytes
+from moekit.plan.step_time import StepConstants, StepTime, step_time
 
-RECOMPUTE = ("none", "full")
+RECOMPUTE = ("none", "selective", "full")
+# moekit/parallel/stages.py SCHEDULES (not imported: the planner imports no torch code); "interleaved" is short for
+# interleaved-1f1b. Interleaved runs stages_per_rank >= 2 stages per rank (default 2), zero-bubble (ZB-V) exactly 2.
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zero-bubble")
 # "mixed": the article's 2 + 2 + 12 B per parameter (ZeRO paper section 3.1, K = 12); "fp32": moekit's 4 + 4 + 8.
 OPTIMIZER_PRECISIONS = tuple(PRECISIONS)
-DEFAULT_MFU = 0.34  # the middle of the article's 32-36% (SPEC section 3)
+ARTICLE_MFU = 0.34  # the middle of the article's 32-36% (SPEC section 3): what --mfu 0.34 reproduces
 
 
 @dataclass
@@ -106,6 +114,11 @@ class TrainPlan:
     tokens_per_expert: float
     layers_per_stage: list[int]
     notes: list[str] = field(default_factory=list)
+    mfu_source: str = "predicted"  # "predicted" (from `step`), "given" (--mfu) or "days" (--days)
+    step: StepTime | None = None  # the predicted step and its parts (None when --mfu or --days set the time)
+    schedule: str = "1f1b"
+    stages_per_rank: int = 1
+    attention: str = "flash"
 
     @property
     def days(self) -> float:
@@ -144,19 +157,6 @@ def pipeline_bubble(pp: int, m: int, schedule: str = "1f1b", v: int = 1, w_share
     raise ValueError(f"unknown pipeline schedule {schedule!r}")
 
 
-def activation_bytes(cfg: ModelConfig, moe_layer: bool, tp: int, sequence_parallel: bool) -> float:
-    """Bytes autograd keeps for one token of one layer on one GPU (bf16, FlashAttention)."""
-    h, f = cfg.d_model, (cfg.d_ff if moe_layer else cfg.dense_d_ff)
-    kv = kv_heads_per_gpu(cfg, tp) * cfg.head_dim  # replicated when fewer KV heads than tp
-    hidden = (4 if cfg.mlp == "swiglu" else 2) * f  # gelu: fc1 out, gelu out; swiglu: w1, w3, silu, product
-    k = cfg.top_k if moe_layer else 1
-    # d_model-sized tensors: both norms' input and output, and for MoE the k gathered copies and outputs.
-    wide = 4 * h + (2 * k * h if moe_layer else 0)
-    split = (2 * cfg.q_dim + k * hidden) / tp + 2 * kv  # Q, attention output, MLP hidden; K and V
-    router = 2 * cfg.n_expert if moe_layer else 0  # fp32 logits, counted in bf16 units
-    return 2 * ((wide / tp if sequence_parallel else wide) + split + router)
-
-
 def _stage_memory(cfg: ModelConfig, st: Stage, *, tp: int, dp: int, ep: int, zero: int, in_flight: int,
                   tokens_per_micro: int, recompute: str, sp: bool, capacity: float,
                   prec: Precision = PRECISIONS["mixed"]) -> TrainMemory:
@@ -176,7 +176,7 @@ def _stage_memory(cfg: ModelConfig, st: Stage, *, tp: int, dp: int, ep: int, zer
     if recompute == "full":  # each layer's input, plus one layer recomputed at a time
         layer_input = 2 * cfg.d_model / (tp if sp else 1)
         acts = (in_flight * st.layers * layer_input + per_token_layer) * tokens_per_micro
-    else:
+    else:  # none, and selective: it drops only the s x s scores (Korthikanti 2022), which FlashAttention never stores
         acts = in_flight * st.layers * per_token_layer * tokens_per_micro
     if st.lm_head:  # fp32 logits of one micro-batch for the loss, split over the vocabulary by tp
         acts += 4 * cfg.vocab_size / tp * tokens_per_micro
@@ -190,12 +190,15 @@ def train(model: ModelConfig | str = "gpt4", gpu: GPU | str = "A100-80GB", n_gpu
           seq_len: int | None = None, micro_batch: int = 1, recompute: str = "full",
           sequence_parallel: bool = True, dtype: str = "bf16", price_per_hour: float | None = None,
           include_attention: bool = False, hardware_files: tuple = (),
-          optimizer_precision: str = "mixed", schedule: str = "1f1b", stages_per_rank: int = 1) -> TrainPlan:
-    """Plan a training run. Give `mfu` (time follows) or `days` (MFU follows); neither = 34% MFU.
+          optimizer_precision: str = "mixed", schedule: str = "1f1b", stages_per_rank: int = 1,
+          attention: str = "flash", constants: StepConstants | None = None) -> TrainPlan:
+    """Plan a training run. Give `mfu` (time follows) or `days` (MFU follows); neither: the time is predicted from
+    the step's parts (moekit/plan/step_time.py, its fitted `constants` unless given) and MFU follows.
 
     Defaults are the article's GPT-4 run (SPEC section 3): 13T tokens, 8-way tensor x 15-way pipeline,
     ZeRO stage 1, 60M-token batches of 8k sequences, $1 per A100-hour. `schedule` and `stages_per_rank` are the
     pipeline's (moekit train --schedule, --stages-per-rank): its bubble, and which stages each rank holds.
+    `attention`: "flash" (FlashAttention) or "unfused" (softmax over stored s x s scores, Megatron before 2022).
     """
     cfg = as_config(model)
     hw = get_gpu(gpu, hardware_files)
@@ -211,6 +214,16 @@ def train(model: ModelConfig | str = "gpt4", gpu: GPU | str = "A100-80GB", n_gpu
     prec = get_precision(optimizer_precision)
     if recompute not in RECOMPUTE:
         raise ValueError(f"--recompute must be one of {', '.join(RECOMPUTE)}, got {recompute!r}")
+    schedule = "interleaved-1f1b" if schedule == "interleaved" else schedule
+    if schedule not in SCHEDULES:
+        raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)} (or interleaved), got {schedule!r}")
+    if isinstance(stages_per_rank, bool) or not isinstance(stages_per_rank, int) or stages_per_rank < 1:
+        raise ValueError(f"--stages-per-rank must be a positive integer, got {stages_per_rank!r}")
+    if schedule == "zero-bubble" or (schedule == "interleaved-1f1b" and stages_per_rank == 1):
+        stages_per_rank = 2  # ZB-V holds exactly 2 stages per rank; interleaving at least 2
+    elif schedule in ("gpipe", "1f1b") and stages_per_rank != 1:
+        raise ValueError(f"--schedule {schedule} runs one stage per rank (--stages-per-rank {stages_per_rank} "
+                         "given): use --schedule interleaved or zero-bubble")
     if mfu is not None and days is not None:
         raise ValueError("give --mfu or --days, not both: one follows from the other")
     if mfu is not None and not 0 < mfu <= 1:
@@ -245,12 +258,10 @@ def train(model: ModelConfig | str = "gpt4", gpu: GPU | str = "A100-80GB", n_gpu
         if mfu > 1:
             raise ValueError(f"{days} days on {n_gpus:,} {hw.name} would need {mfu:.0%} MFU: impossible, "
                              "give more days or GPUs")
-    else:
-        if mfu is None:
-            mfu = DEFAULT_MFU
-            notes.append(f"MFU {DEFAULT_MFU:.0%} assumed (the article's 32-36%); pass --mfu or --days")
+    elif mfu is not None:
         seconds = flops / (n_gpus * peak * mfu)
-    gpu_hours = n_gpus * seconds / 3600
+    else:
+        seconds = None  # predicted below, once the pipeline and the memory are known
 
     # Pipeline: micro-batches per step per replica, the 1F1B bubble.
     sequences = batch_tokens / seq_len
@@ -284,6 +295,17 @@ def train(model: ModelConfig | str = "gpt4", gpu: GPU | str = "A100-80GB", n_gpu
                                    sequence_parallel=sequence_parallel, recompute=recompute, pp=pp,
                                    stage=memory.stage, ep=ep, **pipeline)
     comm_seconds = _link_seconds(collectives, hw, tp=tp)
+    step, source = None, "given" if mfu is not None else "days"
+    if seconds is None:  # MFU as an output: the step from its parts (moekit/plan/step_time.py)
+        step = step_time(cfg, hw, tp=tp, pp=pp, dp=dp, ep=ep, zero=zero_stage, micro_batches=m,
+                         micro_batch=micro_batch, seq_len=seq_len, recompute=recompute,
+                         sequence_parallel=sequence_parallel, attention=attention, precision=optimizer_precision,
+                         optimizer_bytes=max(x.optimizer for x in mems), bubble=bubble, constants=constants,
+                         **pipeline)
+        seconds = tokens / (dp * m * tokens_per_micro) * step.seconds  # a step is m micro-batches per replica
+        mfu, source = flops / (n_gpus * peak * seconds), "predicted"
+        notes.append("MFU predicted from the step's parts (moekit/plan/step_time.py); --mfu or --days set it instead")
+    gpu_hours = n_gpus * seconds / 3600
     return TrainPlan(
         model=cfg.name, gpu=hw.name, n_gpus=n_gpus, tokens=tokens, tp=tp, pp=pp, dp=dp, ep=ep,
         zero_stage=zero_stage, seq_len=seq_len, micro_batch=micro_batch, batch_tokens=batch_tokens,
@@ -293,7 +315,8 @@ def train(model: ModelConfig | str = "gpt4", gpu: GPU | str = "A100-80GB", n_gpu
         memory=memory, optimizer_precision=optimizer_precision, ranks=ranks, collectives=collectives,
         comm_seconds=comm_seconds, micro_batches=m, bubble=bubble,
         tokens_per_expert=batch_tokens * cfg.top_k / cfg.n_expert,
-        layers_per_stage=[st.layers for st in layout], notes=notes)
+        layers_per_stage=[st.layers for st in layout], notes=notes, mfu_source=source, step=step,
+        schedule=schedule, stages_per_rank=stages_per_rank, attention=attention)
 
 
 def _link_seconds(comm: StepComm, hw: GPU, *, tp: int) -> float | None:
@@ -314,4 +337,5 @@ def _link_seconds(comm: StepComm, hw: GPU, *, tp: int) -> float | None:
     return sum(bytes_ / (links[g] * 1e9) for g, bytes_ in wire.items())
 
 
-__all__ = ["OPTIMIZER_PRECISIONS", "TrainMemory", "TrainPlan", "activation_bytes", "pipeline_bubble", "train"]
+__all__ = ["ARTICLE_MFU", "OPTIMIZER_PRECISIONS", "RECOMPUTE", "SCHEDULES", "TrainMemory", "TrainPlan",
+           "activation_bytes", "pipeline_bubble", "train"]
