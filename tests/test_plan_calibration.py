@@ -103,9 +103,9 @@ def test_bad_calibration_files(tmp_path):
 def test_moekit_plan_calibration_prints_every_row(capsys, committed):
     assert main(["plan", "calibration"]) == 0
     out = capsys.readouterr().out
-    assert "fit rows" in out and "held-out rows" in out and out.count("median |error|") == 2
+    assert "fit rows" in out and "held-out rows" in out and out.count("median |error|") == 4  # + serving's two
     assert all(r.name in out for r in committed.rows)
-    assert out == format_calibration(committed) + "\n"
+    assert out.startswith(format_calibration(committed) + "\n\nserving-time model")  # then the serving table
     assert main(["plan", "calibration", "--json", "--file", str(ROWS_PATH)]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["median_abs_error"]["held-out"] == pytest.approx(committed.median("held-out"))

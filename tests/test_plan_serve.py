@@ -113,17 +113,24 @@ def test_bad_serving_input(kwargs, message):
 
 
 def test_engine_overhead_adds_per_layer_and_per_step_time():
-    """A measured entry's software overhead (moekit/bench_hardware.py) adds layers x layer_overhead_us to each
-    stage's step and step_overhead_us once per token; the datasheet entries have none."""
+    """An entry's software overhead fields (moekit/bench_hardware.py measures them) add layers x layer_overhead_us to
+    each stage's step and step_overhead_us once per token. The datasheet entries have none of their own: planned as
+    the article does (roofline=True) they get no floor; planned from their parts (the default) the fitted floors of
+    moekit/plan/serve_time.py, with the entry's own fields on top."""
     from moekit.plan.hardware import get_gpu
 
     h200 = get_gpu("H200")
     slow = h200.replace(layer_overhead_us=100.0, step_overhead_us=50.0)
-    kw = dict(n_gpus=1, tp=1, pp=1, batch=1, context=512)
+    kw = dict(n_gpus=1, tp=1, pp=1, batch=1, context=512, roofline=True)
     base, over = serve("gpt4-mini", h200, **kw), serve("gpt4-mini", slow, **kw)
     assert base.decode.overhead_s == 0 and over.decode.overhead_s == pytest.approx(8 * 100e-6)
     assert over.token_seconds == pytest.approx(base.token_seconds + 8 * 100e-6 + 50e-6)
     assert over.tokens_per_s_per_user < base.tokens_per_s_per_user / 10  # a small model is latency-bound
     # With 2 pipeline stages each stage pays for its own 4 layers.
-    two = serve("gpt4-mini", slow, n_gpus=2, tp=1, pp=2, batch=1, context=512, micro_batches=1)
+    two = serve("gpt4-mini", slow, n_gpus=2, tp=1, pp=2, batch=1, context=512, micro_batches=1, roofline=True)
     assert two.decode.overhead_s == pytest.approx(4 * 100e-6)
+    kw["roofline"] = False
+    parts, parts_slow = serve("gpt4-mini", h200, **kw), serve("gpt4-mini", slow, **kw)
+    assert parts.decode.overhead_s > 0
+    assert parts_slow.decode.overhead_s == pytest.approx(parts.decode.overhead_s + 8 * 100e-6)
+    assert parts_slow.token_seconds == pytest.approx(parts.token_seconds + 8 * 100e-6 + 50e-6)

@@ -108,7 +108,8 @@ def test_simulator_at_steady_load_matches_the_planners_closed_form():
                      max_model_len=8192)
     run = simulate(reqs, lambda i: m, dep)
     s = run.summary()
-    plan = serve("gpt4", "A100-80GB", tp=8, pp=16, batch=batch, context=prompt + output // 2, prompt_len=prompt)
+    plan = serve("gpt4", "A100-80GB", tp=8, pp=16, batch=batch, context=prompt + output // 2, prompt_len=prompt,
+                 roofline=True)  # the simulator steps serve.py's roofline, not serve_time.py's floors
     assert s["completed"] == len(reqs) and s["sim"]["preemptions"] == 0
     assert s["sim"]["mean_batch_seqs"] == pytest.approx(batch, rel=0.05)
     assert s["median_tpot_ms"] / 1000 == pytest.approx(plan.token_seconds, rel=0.10)

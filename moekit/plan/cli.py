@@ -6,7 +6,7 @@
     moekit plan vision --model gpt4-vision        # vision parameters, FLOPs per image, encoder cache, fine-tune, IO
     moekit plan train --gpu A100-80GB --gpus 25000 --tokens 13T --mfu 0.34    # the article's MFU, given
     moekit plan train --gpu H100 --gpus 512 --tp 4 --pp 8 --schedule interleaved --recompute selective  # MFU predicted
-    moekit plan calibration                       # the training-time model against published runs
+    moekit plan calibration                       # the training- and serving-time models against published figures
     moekit plan train --model tiny --gpus 2 --tp 1 --pp 1 --zero 3 --optimizer-precision fp32 \
         --batch-tokens 256 --seq-len 64 --micro-batch 2 --recompute none    # per-rank bytes, collectives
     moekit plan serve --model gpt4 --gpu H100 --weight-dtype fp8 --kv-dtype fp8 --context 6144
@@ -145,7 +145,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--utilization", type=float, default=1.0,
                    help="busy fraction of the cluster's time (default 1)")
     s.add_argument("--memory-fraction", type=float, default=0.9, help="usable fraction of HBM (default 0.9)")
-    s.add_argument("--prefill-chunk", type=integer, default=2048, help="prefill chunk tokens (default 2048)")
+    s.add_argument("--prefill-chunk", type=integer, default=2048,
+                   help="prefill tokens per step (default 2048): a chunk of one prompt, or short prompts packed")
+    s.add_argument("--roofline", action="store_true",
+                   help="plan a datasheet GPU as the article does: flat kernel efficiencies, no launch/dispatch floors")
     # An opt-in flag rather than a section printed whenever --tp/--pp are given: the default model is GPT-4 at
     # 8 x 16 (16 more lines), and the figures are moekit's own processes, not the GPU deployment modelled above.
     s.add_argument("--workers", action="store_true",
@@ -178,8 +181,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c = sub.add_parser("chart", help="write the planner's PNG charts")
     c.add_argument("--out", default="moekit-charts", help="directory for the PNGs (default ./moekit-charts)")
 
-    k = sub.add_parser("calibration", help="the training-time model's predictions vs published runs, and its fit")
+    k = sub.add_parser("calibration", help="the training- and serving-time models' predictions vs published "
+                                           "measurements, and their fits")
     k.add_argument("--file", help="calibration rows, JSONL (default calibration/train.jsonl of the repository)")
+    k.add_argument("--serve-file", help="serving rows, JSONL (default calibration/serve.jsonl of the repository)")
     k.add_argument("--json", action="store_true", help="print the full result as JSON")
 
 
@@ -358,10 +363,13 @@ def run(args: argparse.Namespace) -> int:
             print(path)
         return 0
     if cmd == "calibration":
+        from moekit.plan.calibrate_serve import ROWS_PATH as SERVE_ROWS
+        from moekit.plan.calibrate_serve import format_serve_calibration, serve_calibration
         from moekit.plan.calibrate_train import ROWS_PATH, calibration, format_calibration
 
-        c = calibration(args.file or ROWS_PATH)
-        print(json.dumps(c.to_dict(), indent=2) if args.json else format_calibration(c))
+        c, sc = calibration(args.file or ROWS_PATH), serve_calibration(args.serve_file or SERVE_ROWS)
+        print(json.dumps(c.to_dict() | {"serve": sc.to_dict()}, indent=2) if args.json
+              else format_calibration(c) + "\n\n" + format_serve_calibration(sc))
         return 0
     files = tuple(args.hardware)
     if cmd == "wall":
@@ -388,7 +396,7 @@ def run(args: argparse.Namespace) -> int:
                                 micro_batches=args.micro_batches,
                                 price_per_hour=args.price_per_hour, utilization=args.utilization,
                                 memory_fraction=args.memory_fraction, prefill_chunk=args.prefill_chunk,
-                                hardware_files=files)
+                                hardware_files=files, roofline=args.roofline)
             text = format_serve
             if args.workers:  # moekit's own worker processes, exactly (moekit/plan/serve_workers.py)
                 return _print_workers(args, cfg, result)

@@ -57,6 +57,11 @@ class GPU:
     # bounds a small model (gpt4-mini on a CPU: ~0.6 ms per layer of eager PyTorch).
     layer_overhead_us: float = 0.0
     step_overhead_us: float = 0.0
+    # The part of that overhead that grows with the batch: per expert a MoE layer runs (the sorted path launches
+    # one matmul group per expert the batch touches: MoE dispatch) and per sequence in a step (sampling, block
+    # tables, the scheduler's bookkeeping).
+    expert_overhead_us: float = 0.0
+    seq_overhead_us: float = 0.0
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -68,7 +73,7 @@ class GPU:
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise ValueError(f"{where}: {key} must be a positive number, got {value!r}")
         for key in ("nvlink_gb_s", "internode_gb_s", "allreduce_latency_us", "hop_latency_us", "layer_overhead_us",
-                    "step_overhead_us"):
+                    "step_overhead_us", "expert_overhead_us", "seq_overhead_us"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                 raise ValueError(f"{where}: {key} must be a number >= 0, got {value!r}")

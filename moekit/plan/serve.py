@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from moekit.config import ModelConfig
 from moekit.plan.hardware import DTYPE_BYTES, GPU, get_gpu
 from moekit.plan.layout import Stage, as_config, check_parallel, kv_heads_per_gpu, stages
+from moekit.plan.serve_time import is_measured, load_serve_constants
 
 ACT_BYTES = 2  # activations travel and are stored in bf16
 
@@ -158,6 +160,9 @@ class _Setup:
     micro_batches: int
     prefill_chunk: int
     memory_fraction: float
+    # The datasheet-GPU model (moekit/plan/serve_time.py ServeConstants) or None: the plain roofline, with the
+    # hardware entry's own figures as they are (a measured entry; the simulator's oracle).
+    timing: Any = None
 
     @property
     def w_bytes(self) -> float:
@@ -184,6 +189,8 @@ def _transfer(nbytes: float, bandwidth: float, latency_s: float) -> float:
 
 def stage_step(s: _Setup, st: Stage, seqs: float, new_tokens: int, context: float) -> StageStep:
     """Time of one micro-batch of `seqs` sequences on stage `st`, each adding `new_tokens` after `context`."""
+    if s.timing is not None:  # a datasheet GPU: floors and efficiencies from their parts (serve_time.py)
+        return s.timing.stage_step(s, st, seqs, new_tokens, context)
     cfg, hw, tp, ep = s.cfg, s.hw, s.tp, s.ep
     tokens = seqs * new_tokens  # in the whole stage (all ep groups)
     group_tokens = tokens / ep  # attention and dense layers: each group runs its own sequences
@@ -211,8 +218,10 @@ def stage_step(s: _Setup, st: Stage, seqs: float, new_tokens: int, context: floa
         comm += 2 * st.moe_layers * _transfer(act * cfg.top_k * (ep - 1) / ep / tp, s.link(tp * ep), lat)
     # The next stage gets the activations, each tp rank sending 1/tp (Megatron's scatter/gather).
     hop = _transfer(act / tp, s.link(tp * ep * s.pp), hw.hop_latency_us * 1e-6) if s.pp > 1 else 0.0
+    # Launches per layer, and MoE dispatch per expert each MoE layer runs (the entry's measured figures).
+    overhead = (st.layers * hw.layer_overhead_us + st.moe_layers * touched * hw.expert_overhead_us) * 1e-6
     return StageStep(stage=st.index, compute_s=compute_s, memory_s=memory_s, comm_s=comm, hop_s=hop,
-                     flops=flops, bytes=w_read + kv_read, overhead_s=st.layers * hw.layer_overhead_us * 1e-6)
+                     flops=flops, bytes=w_read + kv_read, overhead_s=overhead)
 
 
 def stage_memory(s: _Setup, st: Stage, batch: float) -> ServeMemory:
@@ -249,7 +258,10 @@ def _decode(s: _Setup, batch: int) -> tuple[StageStep, float, float]:
     steps = [stage_step(s, st, batch, 1, s.context) for st in s.stages]
     slowest = max(steps, key=lambda x: x.seconds)
     period = max(s.micro_batches * slowest.seconds, sum(x.seconds + x.hop_s for x in steps))
-    period += s.hw.step_overhead_us * 1e-6  # scheduling and sampling, once per token
+    if s.timing is not None:  # the fitted per-step floor plus the entry's own fields (serve_time.py)
+        period += s.timing.step_s(s.hw, batch)
+    else:  # scheduling and sampling once per token, and per sequence in the step (the entry's measured figures)
+        period += (s.hw.step_overhead_us + batch * s.hw.seq_overhead_us) * 1e-6
     bytes_read = s.micro_batches * sum(x.bytes for x in steps) * s.tp * s.ep
     return slowest, period, bytes_read
 
@@ -264,10 +276,14 @@ def serve(model: ModelConfig | str = "gpt4", gpu: GPU | str = "H100", *, n_gpus:
           compute_dtype: str | None = None, context: int | None = None, prompt_len: int | None = None,
           batch: int | None = None, target_tps: float | None = None, micro_batches: int | None = None,
           price_per_hour: float | None = None, utilization: float = 1.0, memory_fraction: float = 0.9,
-          prefill_chunk: int = 2048, hardware_files: tuple = ()) -> ServePlan:
+          prefill_chunk: int = 2048, hardware_files: tuple = (), serve_constants: Any = None,
+          roofline: bool = False) -> ServePlan:
     """Plan serving `model` on `gpu`. Batch: `batch`, or the largest meeting `target_tps` tokens/s per
     user, or (neither) the largest that fits. Defaults: GPT-4's 8-way tensor x 16-way pipeline (SPEC 4).
 
+    A datasheet GPU is planned from its parts (moekit/plan/serve_time.py; `serve_constants` replaces its fitted
+    constants); `roofline=True` plans it as the article does instead: max(peak x flops_efficiency, bandwidth x
+    bandwidth_efficiency) + communication, no floors. A measured entry is always planned with its own figures.
     Raises ValueError (one line, says what to change) for degrees that do not fit the model, weights
     or a batch that do not fit memory, and targets no batch can reach.
     """
@@ -308,7 +324,8 @@ def serve(model: ModelConfig | str = "gpt4", gpu: GPU | str = "H100", *, n_gpus:
         notes.append(f"context {context:,} exceeds {cfg.name}'s max_seq_len {cfg.max_seq_len:,}")
     s = _Setup(cfg=cfg, hw=hw, stages=stages(cfg, pp), tp=tp, pp=pp, ep=ep, weight_dtype=weight_dtype,
                kv_dtype=kv_dtype, compute_dtype=compute_dtype, context=context, micro_batches=micro_batches,
-               prefill_chunk=min(prefill_chunk, prompt_len), memory_fraction=memory_fraction)
+               prefill_chunk=min(prefill_chunk, prompt_len), memory_fraction=memory_fraction,
+               timing=None if roofline or is_measured(hw) else (serve_constants or load_serve_constants()))
 
     fit = max_batch(s)
     empty = _fullest(s, 0)
@@ -354,13 +371,21 @@ def serve(model: ModelConfig | str = "gpt4", gpu: GPU | str = "H100", *, n_gpus:
     mfu = tps * 2 * matmul_active / (n_gpus * hw.peak_flops(compute_dtype))
     mbu = replicas * bytes_read / period / (n_gpus * hw.bandwidth)
 
-    # Prefill: chunks of `prefill_chunk` tokens of one prompt, at the prompt's mean context, pipelined.
+    # Prefill: chunks of `prefill_chunk` tokens of one prompt, at the prompt's mean context, pipelined; the time
+    # to first token is one prompt's, alone. Throughput batches prompts: a step holds up to `prefill_chunk`
+    # tokens (vLLM's max_num_batched_tokens), so prompts shorter than it run several to a step.
     chunk = s.prefill_chunk
     n_chunks = math.ceil(prompt_len / chunk)
     pre = [stage_step(s, st, 1, chunk, max(0, prompt_len / 2 - chunk / 2)) for st in s.stages]
     pre_slowest = max(pre, key=lambda x: x.seconds)
     ttft = (n_chunks - 1) * pre_slowest.seconds + sum(x.seconds + x.hop_s for x in pre)
-    input_tps = replicas * chunk / max(pre_slowest.seconds, pre_slowest.hop_s)
+    packed = max(1, prefill_chunk // prompt_len)  # whole prompts per step
+    if packed > 1:
+        batched = [stage_step(s, st, packed, prompt_len, 0) for st in s.stages]
+        step = max(batched, key=lambda x: x.seconds)
+        input_tps = replicas * packed * prompt_len / max(step.seconds, step.hop_s)
+    else:
+        input_tps = replicas * chunk / max(pre_slowest.seconds, pre_slowest.hop_s)
 
     price = hw.price_per_hour if price_per_hour is None else price_per_hour
     if price is not None and price < 0:
