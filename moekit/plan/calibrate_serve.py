@@ -24,14 +24,13 @@ import argparse
 import datetime
 import json
 import math
-import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from moekit.config import ModelConfig
-from moekit.plan.calibrate_train import nelder_mead
+from moekit.plan.calibrate_train import Calibration, nelder_mead, read_rows
 from moekit.plan.serve import serve
 from moekit.plan.serve_time import CONSTANTS_PATH, ServeConstants, load_serve_constants
 from moekit.util import atomic_write_text
@@ -63,47 +62,14 @@ class ServeRow:
         return self.predicted / self.published - 1
 
 
-@dataclass
-class ServeCalibration:
-    rows: list[ServeRow]
-    constants: ServeConstants
-    path: str = ""
-    notes: list[str] = field(default_factory=list)
-
-    def split(self, which: str) -> list[ServeRow]:
-        return [r for r in self.rows if r.split == which]
-
-    def median(self, which: str) -> float:
-        return statistics.median(abs(r.error) for r in self.split(which))
-
-    def to_dict(self) -> dict:
-        return {"path": self.path, "constants": self.constants.to_dict(),
-                "median_abs_error": {s: self.median(s) for s in SPLITS},
-                "rows": [dict(vars(r), error=r.error) for r in self.rows]}
+# The same container as training's: rows with `split` and `error`, the constants, their medians.
+ServeCalibration = Calibration
 
 
 def load_rows(path: str | Path = ROWS_PATH) -> list[dict]:
-    """The rows of a serving calibration file, each checked for the fields the prediction needs."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"calibration file {p} does not exist: pass calibration/serve.jsonl")
-    rows = []
-    for i, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p} line {i} is not JSON: {e}") from None
-        missing = [k for k in ("name", "split", "source", "metric", "published", "gpu", "tp", "batch", "input_len",
-                               "output_len", "weight_dtype", "kv_dtype", "model") if k not in r]
-        if missing:
-            raise ValueError(f"{p} line {i} lacks {', '.join(missing)}: see calibration/README.md")
-        if r["metric"] not in METRICS or r["split"] not in SPLITS:
-            raise ValueError(f"{p} line {i}: metric must be one of {', '.join(METRICS)} and split one of "
-                             f"{', '.join(SPLITS)}")
-        rows.append(r)
-    return rows
+    """The serving calibration rows, each checked for the fields the prediction needs."""
+    return read_rows(path, ("name", "split", "source", "metric", "published", "gpu", "tp", "batch", "input_len",
+                            "output_len", "weight_dtype", "kv_dtype", "model"), METRICS, "calibration/serve.jsonl")
 
 
 def _model(r: dict) -> ModelConfig | str:

@@ -59,6 +59,8 @@ class Row:
 
 @dataclass
 class Calibration:
+    """Rows with their errors and the constants that predicted them (training's Row/StepConstants, or serving's)."""
+
     rows: list[Row]
     constants: StepConstants
     path: str = ""
@@ -77,11 +79,12 @@ class Calibration:
                 "rows": [dict(vars(r), error=r.error) for r in self.rows]}
 
 
-def load_rows(path: str | Path = ROWS_PATH) -> list[dict]:
-    """The calibration rows of a JSONL file, each checked for the fields the prediction needs."""
+def read_rows(path: str | Path, required: tuple[str, ...], metrics: tuple[str, ...], hint: str) -> list[dict]:
+    """The rows of a calibration JSONL file, each checked for `required` fields, a known metric and split (the
+    training and the serving tables share the format: calibration/README.md)."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"calibration file {p} does not exist: pass --file calibration/train.jsonl")
+        raise FileNotFoundError(f"calibration file {p} does not exist: pass {hint}")
     rows = []
     for i, line in enumerate(p.read_text().splitlines(), 1):
         if not line.strip():
@@ -90,15 +93,20 @@ def load_rows(path: str | Path = ROWS_PATH) -> list[dict]:
             r = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{p} line {i} is not JSON: {e}") from None
-        missing = [k for k in ("name", "split", "source", "metric", "published", "gpu", "n_gpus", "tp", "pp",
-                               "seq_len", "global_batch", "model") if k not in r]
+        missing = [k for k in required if k not in r]
         if missing:
             raise ValueError(f"{p} line {i} lacks {', '.join(missing)}: see calibration/README.md")
-        if r["metric"] not in METRICS or r["split"] not in SPLITS:
-            raise ValueError(f"{p} line {i}: metric must be one of {', '.join(METRICS)} and split one of "
+        if r["metric"] not in metrics or r["split"] not in SPLITS:
+            raise ValueError(f"{p} line {i}: metric must be one of {', '.join(metrics)} and split one of "
                              f"{', '.join(SPLITS)}")
         rows.append(r)
     return rows
+
+
+def load_rows(path: str | Path = ROWS_PATH) -> list[dict]:
+    """The training calibration rows, each checked for the fields the prediction needs."""
+    return read_rows(path, ("name", "split", "source", "metric", "published", "gpu", "n_gpus", "tp", "pp", "seq_len",
+                            "global_batch", "model"), METRICS, "--file calibration/train.jsonl")
 
 
 def _config(r: dict) -> ModelConfig:
