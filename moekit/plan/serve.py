@@ -38,37 +38,9 @@ from moekit.config import ModelConfig
 from moekit.plan.hardware import DTYPE_BYTES, GPU, get_gpu
 from moekit.plan.layout import Stage, as_config, check_parallel, kv_heads_per_gpu, stages
 from moekit.plan.serve_time import is_measured, load_serve_constants
+from moekit.plan.stage_step import StageStep, expert_coverage, transfer
 
 ACT_BYTES = 2  # activations travel and are stored in bf16
-
-
-def expert_coverage(n_expert: int, top_k: int, tokens: float) -> float:
-    """Expected distinct experts `tokens` tokens touch in one layer under uniform random top-k routing.
-
-    A token's k experts are a uniform k-subset, so it misses a given expert with probability
-    1 - k/E exactly; tokens route independently, so the expert stays untouched with (1 - k/E)^B.
-    """
-    if n_expert <= 1:
-        return float(n_expert)
-    return n_expert * (1 - (1 - top_k / n_expert) ** tokens)
-
-
-@dataclass
-class StageStep:
-    """One stage's time for one micro-batch (decode: one token per sequence; prefill: one chunk)."""
-
-    stage: int
-    compute_s: float
-    memory_s: float
-    comm_s: float
-    hop_s: float
-    flops: float  # per GPU
-    bytes: float  # read from HBM per GPU
-    overhead_s: float = 0.0  # launches and dispatch: layers x the hardware entry's layer_overhead_us
-
-    @property
-    def seconds(self) -> float:
-        return max(self.compute_s, self.memory_s) + self.comm_s + self.overhead_s
 
 
 @dataclass
@@ -178,15 +150,6 @@ class _Setup:
         return (self.hw.nvlink_gb_s if inside else self.hw.internode_gb_s) * 1e9
 
 
-def _transfer(nbytes: float, bandwidth: float, latency_s: float) -> float:
-    if nbytes <= 0:
-        return 0.0
-    if bandwidth <= 0:
-        raise ValueError("the hardware entry has no link bandwidth (nvlink_gb_s / internode_gb_s) for "
-                         "multi-GPU serving: add it to the hardware file")
-    return nbytes / bandwidth + latency_s
-
-
 def stage_step(s: _Setup, st: Stage, seqs: float, new_tokens: int, context: float) -> StageStep:
     """Time of one micro-batch of `seqs` sequences on stage `st`, each adding `new_tokens` after `context`."""
     if s.timing is not None:  # a datasheet GPU: floors and efficiencies from their parts (serve_time.py)
@@ -213,11 +176,11 @@ def stage_step(s: _Setup, st: Stage, seqs: float, new_tokens: int, context: floa
     act = group_tokens * cfg.d_model * ACT_BYTES
     comm = 0.0
     if tp > 1:
-        comm += 2 * st.layers * _transfer(2 * (tp - 1) / tp * act, s.link(tp * ep), lat)
+        comm += 2 * st.layers * transfer(2 * (tp - 1) / tp * act, s.link(tp * ep), lat)
     if ep > 1:
-        comm += 2 * st.moe_layers * _transfer(act * cfg.top_k * (ep - 1) / ep / tp, s.link(tp * ep), lat)
+        comm += 2 * st.moe_layers * transfer(act * cfg.top_k * (ep - 1) / ep / tp, s.link(tp * ep), lat)
     # The next stage gets the activations, each tp rank sending 1/tp (Megatron's scatter/gather).
-    hop = _transfer(act / tp, s.link(tp * ep * s.pp), hw.hop_latency_us * 1e-6) if s.pp > 1 else 0.0
+    hop = transfer(act / tp, s.link(tp * ep * s.pp), hw.hop_latency_us * 1e-6) if s.pp > 1 else 0.0
     # Launches per layer, and MoE dispatch per expert each MoE layer runs (the entry's measured figures).
     overhead = (st.layers * hw.layer_overhead_us + st.moe_layers * touched * hw.expert_overhead_us) * 1e-6
     return StageStep(stage=st.index, compute_s=compute_s, memory_s=memory_s, comm_s=comm, hop_s=hop,

@@ -41,6 +41,7 @@ from pathlib import Path
 from moekit.plan.gemm import MAMF, ceiling, flash_efficiency, generation, wave_efficiency
 from moekit.plan.hardware import GPU
 from moekit.plan.layout import Stage, kv_heads_per_gpu
+from moekit.plan.stage_step import StageStep, expert_coverage, transfer
 
 CONSTANTS_PATH = Path(__file__).with_name("serve_constants.json")
 PARTITION = 512  # tokens per paged-attention partition (vLLM csrc/attention paged_attention_v2: PARTITION_SIZE 512)
@@ -100,7 +101,6 @@ class ServeConstants:
 
     def stage_step(self, s, st: Stage, seqs: float, new_tokens: int, context: float):
         """serve.stage_step's counterpart for a datasheet GPU (`s` is serve's _Setup)."""
-        from moekit.plan.serve import StageStep, _transfer, expert_coverage
 
         cfg, hw, tp, ep = s.cfg, s.hw, s.tp, s.ep
         tokens = seqs * new_tokens
@@ -134,11 +134,11 @@ class ServeConstants:
         act = group_tokens * cfg.d_model * ACT_BYTES
         comm = 0.0
         if tp > 1:
-            comm += 2 * st.layers * _transfer(2 * (tp - 1) / tp * act, s.link(tp * ep), lat)
+            comm += 2 * st.layers * transfer(2 * (tp - 1) / tp * act, s.link(tp * ep), lat)
         if ep > 1:
-            comm += 2 * st.moe_layers * _transfer(act * cfg.top_k * (ep - 1) / ep / tp, s.link(tp * ep),
+            comm += 2 * st.moe_layers * transfer(act * cfg.top_k * (ep - 1) / ep / tp, s.link(tp * ep),
                                                   self.allreduce_s(2 * ep))
-        hop = _transfer(act / tp, s.link(tp * ep * s.pp), hw.hop_latency_us * 1e-6) if s.pp > 1 else 0.0
+        hop = transfer(act / tp, s.link(tp * ep * s.pp), hw.hop_latency_us * 1e-6) if s.pp > 1 else 0.0
         overhead = (st.layers * (self.launch_us + hw.layer_overhead_us)
                     + st.moe_layers * touched * (self.expert_us + hw.expert_overhead_us)) * 1e-6
         flops = dense_flops + expert_flops + attn_flops

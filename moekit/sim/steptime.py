@@ -28,7 +28,8 @@ import numpy as np
 
 from moekit.plan.hardware import GPU, get_gpu
 from moekit.plan.layout import as_config, check_parallel, kv_heads_per_gpu, stages
-from moekit.plan.serve import ACT_BYTES, _fullest, _Setup, _transfer, expert_coverage, stage_memory
+from moekit.plan.serve import ACT_BYTES, _fullest, _Setup, stage_memory
+from moekit.plan.stage_step import expert_coverage, transfer
 from moekit.sim.profile import draw_jitter
 
 
@@ -178,15 +179,15 @@ class HardwareModel:
         g_tokens, g_kv, g_attn = w.tokens / ep, w.kv_tokens / ep, w.attn / ep
         touched_S, assign_S, distinct = self._expert_terms(w.tokens)
         act = g_tokens * self.cfg.d_model * ACT_BYTES
-        comm_layer = _transfer(2 * (tp - 1) / tp * act, self._link, self._lat) if tp > 1 else 0.0
-        comm_moe = (_transfer(act * self.cfg.top_k * (ep - 1) / ep / tp, self._link, self._lat) if ep > 1 else 0.0)
+        comm_layer = transfer(2 * (tp - 1) / tp * act, self._link, self._lat) if tp > 1 else 0.0
+        comm_moe = (transfer(act * self.cfg.top_k * (ep - 1) / ep / tp, self._link, self._lat) if ep > 1 else 0.0)
         c = self._S
         w_read = c["w_fixed"] + c["w_emb"] * g_tokens + c["w_expert"] * touched_S
         kv_read = g_kv * c["kv"]
         f = c["f_dense"] * g_tokens + c["f_expert"] * assign_S + c["f_attn"] * g_attn
         t = np.maximum(f / self._peak, w_read / self._w_bw + kv_read / self._kv_bw)
         t += 2 * comm_layer * c["layers"] + 2 * comm_moe * c["moe"] + c["overhead"]
-        hop = _transfer(act / tp, self._hop_link, self.hw.hop_latency_us * 1e-6) if self.pp > 1 else 0.0
+        hop = transfer(act / tp, self._hop_link, self.hw.hop_latency_us * 1e-6) if self.pp > 1 else 0.0
         gpus_per_stage = tp * ep
         return StepCost(t.tolist(), hop, float(f.sum()) * gpus_per_stage,
                         float((w_read + kv_read).sum()) * gpus_per_stage, distinct)
