@@ -16,8 +16,9 @@ Prints one JSON object:
   moekit/hf.py) at batch 1 and at the largest concurrency. Mixtral experts are SwiGLU, so when the
   preset's MLP is GELU this section runs a SwiGLU variant of the same shape, for both sides;
 - on a GPU, batch-1 decode without CUDA graphs (`enforce_eager`), to show what they buy;
-- the planner's batch-1 prediction (moekit.plan.serve) from this machine as `moekit bench hardware`
-  measures it, engine overhead included, against the measurement; on a GPU also the datasheet bound.
+- the planner's prediction (moekit.plan.serve) of each batch-1 decode and of the decode at each concurrency above 1,
+  from this machine as `moekit bench hardware` measures it in the same run (the engine's weight-read bandwidth and
+  overheads per weight format), measured / predicted beside it; on a GPU also the datasheet bound.
 Random weights are fine for speed; greedy decoding runs for a fixed number of tokens (ignore_eos).
 """
 
@@ -155,24 +156,33 @@ def bench_hf(cfg, device: torch.device, batch: list[list[int]], tokens: int) -> 
     return out
 
 
-def planner(cfg, device: torch.device, batch1: dict, context: int) -> dict:
-    """The planner's batch-1 prediction for each dtype measured above, from this machine's entry as
-    `moekit bench hardware` measures it (bandwidths, FLOP/s and moekit's engine overhead), next to the
-    measurement; on a GPU also the datasheet bound (no overhead) when the table knows the GPU."""
+def planner(cfg, device: torch.device, batch1: dict, batched: dict, context: int) -> dict:
+    """The planner's prediction of each decode measured above (batch 1 per weight format; the main dtype at each
+    concurrency, decode tokens/s after every first token) from this machine's entry as `moekit bench hardware`
+    measures it in this same run (the engine's weight-read bandwidth and overheads per format, with this preset's
+    shapes: moekit/engine_profile.py), next to the measurement; on a GPU also the datasheet bound (no overhead)
+    when the table knows the GPU."""
     from moekit.bench_hardware import measure
     from moekit.plan.hardware import get_gpu
     from moekit.plan.serve import serve
 
-    entry = measure(str(device))
-    out = {"hardware": {k: getattr(entry, k) for k in ("hbm_gb_s", "gemv_gb_s", "layer_overhead_us",
-                                                       "step_overhead_us")}}
-    for name, r in batch1.items():
+    entry = measure(str(device), model=cfg.name)
+    out = {"hardware": {k: getattr(entry, k) for k in ("hbm_gb_s", "gemv_gb_s", "tflops", "overhead_by_dtype")}}
+
+    def plan(name: str, batch: int):
         compute = "bf16" if name == "bf16" or (name == "int8" and resolve_dtype("auto", device, "int8")
                                               == torch.bfloat16) else "fp32"
-        p = serve(cfg, gpu=entry, n_gpus=1, tp=1, pp=1, weight_dtype=name, kv_dtype=compute,
-                  compute_dtype=compute, batch=1, context=context)
-        out[name] = {"predicted_tok_s": round(p.tokens_per_s_per_user, 2), "measured_tok_s": r["decode_tok_s"],
-                     "measured_over_predicted": round(r["decode_tok_s"] / p.tokens_per_s_per_user, 3)}
+        return serve(cfg, gpu=entry, n_gpus=1, tp=1, pp=1, weight_dtype=name, kv_dtype=compute,
+                     compute_dtype=compute, batch=batch, context=context)
+
+    def row(measured: float, predicted: float) -> dict:
+        return {"predicted_tok_s": round(predicted, 2), "measured_tok_s": measured,
+                "measured_over_predicted": round(measured / predicted, 3)}
+
+    for name, r in batch1.items():
+        out[name] = row(r["decode_tok_s"], plan(name, 1).tokens_per_s_per_user)
+    for c, r in batched["decode_tok_s"].items():
+        out[f"{batched['dtype']}_concurrency{c}"] = row(r, plan(batched["dtype"], int(c)).tokens_per_s)
     if device.type == "cuda":
         try:
             name = torch.cuda.get_device_name(device).replace("NVIDIA ", "").split()[0]
@@ -238,10 +248,11 @@ def main() -> int:
     main_dtype = "bf16" if device.type == "cuda" else "fp32"
     model = models.get(main_dtype) or build(cfg, main_dtype, device)
     res["throughput_dtype"] = main_dtype
-    res["throughput_tok_s"] = {}
+    res["throughput_tok_s"], res["throughput_decode_tok_s"] = {}, {}
     for c in conc:
         r = best_of(make_engine(model), prompts(cfg, c, args.prompt_len, seed=c), args.tokens, device, repeats=2)
         res["throughput_tok_s"][str(c)] = round(r["tok_s"], 2)
+        res["throughput_decode_tok_s"][str(c)] = round(r["decode_tok_s"], 2)  # after every first token
         print(f"concurrency {c}: {r['tok_s']:.1f} tok/s", file=sys.stderr)
     base = res["throughput_tok_s"].get("1")
     if base:
@@ -269,7 +280,9 @@ def main() -> int:
         except ImportError as e:
             res["transformers"] = {"skipped": f"transformers is not installed ({e})"}
     if not args.no_plan:
-        res["planner"] = planner(cfg, device, b1, args.prompt_len + args.tokens // 2)
+        batched = {"dtype": main_dtype, "decode_tok_s": {c: v for c, v in res["throughput_decode_tok_s"].items()
+                                                         if c != "1"}}
+        res["planner"] = planner(cfg, device, b1, batched, args.prompt_len + args.tokens // 2)
     print(json.dumps(res, indent=2))
     return 0
 

@@ -84,6 +84,15 @@ def test_toml_and_json_files_round_trip(tmp_path):
      r"\(0, 1\]"),
     ('{"name": "x", "memory_gb": 1, "hbm_gb_s": 1, "tflops": {"bf16": 1}, "layer_overhead_us": -3}',
      "layer_overhead_us must be a number >= 0"),
+    ('{"name": "x", "memory_gb": 1, "hbm_gb_s": 1, "tflops": {"bf16": 1}, "batched_gemv_gb_s": {"fp32": {"1": 3}}}',
+     "must map token counts > 1"),
+    ('{"name": "x", "memory_gb": 1, "hbm_gb_s": 1, "tflops": {"bf16": 1}, "batched_gemv_gb_s": {"fp32": {"8": 0}}}',
+     r"batched_gemv_gb_s.fp32.8 must be a positive number"),
+    ('{"name": "x", "memory_gb": 1, "hbm_gb_s": 1, "tflops": {"bf16": 1}, "overhead_by_dtype": {"int8": {"layer": 1}}}',
+     "must have exactly the keys layer, step, expert, seq"),
+    ('{"name": "x", "memory_gb": 1, "hbm_gb_s": 1, "tflops": {"bf16": 1}, "overhead_by_dtype": '
+     '{"int8": {"layer": 1, "step": 1, "expert": -1, "seq": 0}}}',
+     "overhead_by_dtype.int8.expert must be a number >= 0"),
     ("{not json", "is not valid JSON"),
 ])
 def test_bad_hardware_files_say_what_is_wrong(tmp_path, text, message):
@@ -107,17 +116,26 @@ def test_bench_hardware_writes_the_table_format(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     entry = load_hardware_file(out)[0]
     assert entry.to_dict() == printed["hardware"] and printed["written"] == str(out)
-    assert set(entry.tflops) == {"fp32", "bf16"} and set(entry.gemv_gb_s) == {"fp32", "bf16"}
+    assert set(entry.tflops) == {"fp32", "bf16"} and set(entry.gemv_gb_s) == {"fp32", "bf16", "int8"}
+    assert set(entry.batched_gemv_gb_s) == {"fp32", "bf16", "int8"}
+    assert all(set(t) == {"16"} for t in entry.batched_gemv_gb_s.values())
     assert entry.bandwidth_efficiency == entry.flops_efficiency == 1.0  # measured = achieved
-    # moekit's own engine: a decode step of 8 narrow layers costs more than one of 2, and something per step.
-    assert entry.layer_overhead_us > 0 and entry.step_overhead_us >= 0
+    # moekit's own engine: a decode step of 8 narrow layers costs more than one of 2, per weight format; the scalar
+    # fields are the CPU's default format's (fp32).
+    assert set(entry.overhead_by_dtype) == {"fp32", "bf16", "int8"}
+    assert all(o["layer"] > 0 and min(o.values()) >= 0 for o in entry.overhead_by_dtype.values())
+    fp32 = entry.overhead_by_dtype["fp32"]
+    assert (entry.layer_overhead_us, entry.step_overhead_us, entry.expert_overhead_us, entry.seq_overhead_us) == (
+        fp32["layer"], fp32["step"], fp32["expert"], fp32["seq"])
+    assert "tiny's shapes" in entry.source
     assert all(g.layer_overhead_us == g.step_overhead_us == 0 for g in TABLE.values())  # datasheet entries
     assert not list(out.parent.glob("*.tmp"))  # atomic write left no temporary file
     local = get_gpu("local")
     assert local.name == "local" and local.hbm_gb_s == entry.hbm_gb_s
     # The planner uses the measured GEMV figure for weight reads and the stream figure for the rest.
     assert local.weight_read_bandwidth("bf16") == entry.gemv_gb_s["bf16"] * 1e9
-    assert local.weight_read_bandwidth("int8") == entry.hbm_gb_s * 1e9
+    assert local.weight_read_bandwidth("int8", 16) == entry.batched_gemv_gb_s["int8"]["16"] * 1e9
+    assert local.weight_read_bandwidth("fp8") == entry.hbm_gb_s * 1e9  # a format it did not time: the stream
     assert main(["plan", "serve", "--model", "tiny", "--gpu", "local", "--tp", "1", "--pp", "1",
                  "--batch", "4", "--price-per-hour", "0.5"]) == 0
     assert "serving tiny on 1 x local" in capsys.readouterr().out
@@ -138,3 +156,21 @@ def test_bench_hardware_on_cuda(tmp_path):
 
     entry = measure("cuda", quick=True)
     assert isinstance(entry, GPU) and entry.memory_gb > 1 and entry.gpus_per_node >= 1
+
+
+def test_measured_read_bandwidth_by_tokens_and_overheads_by_format():
+    """Weight reads at 1 token take gemv_gb_s, at more the batched figures, log-interpolated between two points and
+    held past the last; overheads come per weight format, the scalar fields for a format not listed."""
+    g = GPU(name="m", memory_gb=1, hbm_gb_s=20, tflops={"bf16": 1}, bandwidth_efficiency=1.0,
+            gemv_gb_s={"fp32": 12.0}, batched_gemv_gb_s={"fp32": {"16": 6.0, "64": 4.0}},
+            layer_overhead_us=5, step_overhead_us=6, expert_overhead_us=7, seq_overhead_us=8,
+            overhead_by_dtype={"int8": {"layer": 1, "step": 2, "expert": 3, "seq": 4}})
+    assert g.weight_read_bandwidth("fp32") == g.weight_read_bandwidth("fp32", 0.5) == 12e9
+    assert g.weight_read_bandwidth("fp32", 4) == pytest.approx(9e9)  # halfway on log2: 1 -> 16
+    assert g.weight_read_bandwidth("fp32", 16) == pytest.approx(6e9)
+    assert g.weight_read_bandwidth("fp32", 32) == pytest.approx(5e9)
+    assert g.weight_read_bandwidth("fp32", 4096) == pytest.approx(4e9)
+    assert g.weight_read_bandwidth("bf16", 16) == 20e9  # not measured: the stream x efficiency
+    assert g.overheads("int8") == (1, 2, 3, 4) and g.overheads("fp32") == (5, 6, 7, 8)
+    assert GPU.from_dict(json.loads(json.dumps(g.to_dict()))) == g  # the file format round-trips
+

@@ -101,19 +101,26 @@ def _measured() -> GPU:
     """An entry written as `moekit bench hardware` writes it: achieved figures, efficiencies 1, measured overheads."""
     return GPU("local", memory_gb=64, hbm_gb_s=20.0, tflops={"fp32": 0.5, "bf16": 0.4}, gemv_gb_s={"fp32": 15.0,
                "bf16": 9.0, "int8": 6.0}, flops_efficiency=1.0, bandwidth_efficiency=1.0, layer_overhead_us=600.0,
-               step_overhead_us=900.0, expert_overhead_us=40.0, seq_overhead_us=70.0)
+               step_overhead_us=900.0, expert_overhead_us=40.0, seq_overhead_us=70.0,
+               batched_gemv_gb_s={"fp32": {"16": 7.0}, "bf16": {"16": 5.0}, "int8": {"16": 4.0}},
+               overhead_by_dtype={"int8": {"layer": 800.0, "step": 1000.0, "expert": 30.0, "seq": 90.0}})
 
 
 def test_is_measured_tells_the_entries_apart():
     assert is_measured(_measured()) and not any(is_measured(get_gpu(n)) for n in ("A100-80GB", "H100", "MI300X"))
 
 
+@pytest.mark.parametrize("batch", [4, 16])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
-def test_a_measured_entrys_decode_time_is_exactly_its_measured_parts(dtype):
+def test_a_measured_entrys_decode_time_is_exactly_its_measured_parts(dtype, batch):
     """No datasheet floors and no fitted factors on a measured entry: the step is max(FLOPs / measured FLOP/s,
-    weights / measured GEMV GB/s + cache / measured stream GB/s) + layers x layer_overhead_us + MoE layers x experts
-    touched x expert_overhead_us, and the token adds step_overhead_us + sequences x seq_overhead_us."""
-    hw, batch, ctx = _measured(), 4, 300
+    weights / measured GEMV GB/s at the step's tokens + cache / measured stream GB/s) + layers x layer_overhead_us +
+    MoE layers x experts touched x expert_overhead_us, and the token adds step_overhead_us + sequences x
+    seq_overhead_us; the overheads of the weight format where the entry has them (int8 here)."""
+    hw, ctx = _measured(), 300
+    layer_us, step_us, expert_us, seq_us = (800, 1000, 30, 90) if dtype == "int8" else (600, 900, 40, 70)
+    one, sixteen = hw.gemv_gb_s[dtype], hw.batched_gemv_gb_s[dtype]["16"]
+    gb_s = {4: (one + sixteen) / 2, 16: sixteen}[batch]  # 4 tokens: halfway from 1 to 16 on a log scale
     cfg = get_preset_mini()
     p = serve(cfg, hw, n_gpus=1, tp=1, pp=1, batch=batch, context=ctx, prompt_len=ctx, weight_dtype=dtype,
               kv_dtype="fp32" if dtype == "fp32" else "bf16")
@@ -126,13 +133,13 @@ def test_a_measured_entrys_decode_time_is_exactly_its_measured_parts(dtype):
     lookup = batch * cfg.d_model if st.embedding else 0  # gpt4-mini ties its embeddings: no lookup on its own
     w = (st.lm_head + st.dense + st.moe_layers * touched * st.expert_layer + lookup) * wb
     kv = batch * (ctx + 1) * st.layers * 2 * cfg.n_kv_head * cfg.head_dim * kvb
-    memory = w / (hw.gemv_gb_s[dtype] * 1e9) + kv / (hw.hbm_gb_s * 1e9)
+    memory = w / (gb_s * 1e9) + kv / (hw.hbm_gb_s * 1e9)
     flops = (2 * batch * (st.lm_head + st.dense) + 2 * batch * cfg.top_k * st.moe_layers * st.expert_layer
              + batch * 4 * st.layers * (ctx + 0.5) * cfg.q_dim)
     compute = flops / hw.peak_flops(p.compute_dtype)
-    step = max(compute, memory) + (st.layers * 600 + st.moe_layers * touched * 40) * 1e-6
+    step = max(compute, memory) + (st.layers * layer_us + st.moe_layers * touched * expert_us) * 1e-6
     assert p.decode.seconds == pytest.approx(step, rel=1e-12)
-    assert p.token_seconds == pytest.approx(step + (900 + batch * 70) * 1e-6, rel=1e-12)
+    assert p.token_seconds == pytest.approx(step + (step_us + batch * seq_us) * 1e-6, rel=1e-12)
     assert not math.isclose(p.token_seconds, serve(cfg, hw.replace(flops_efficiency=0.99), n_gpus=1, tp=1, pp=1,
                                                    batch=batch, context=ctx, prompt_len=ctx, weight_dtype=dtype,
                                                    kv_dtype=p.kv_dtype).token_seconds)

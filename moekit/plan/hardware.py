@@ -12,16 +12,20 @@ the ones datasheets use, written into the field names so that a file reads on it
     nvlink_gb_s = 32         internode_gb_s = 25      gpus_per_node = 8    # per GPU, one direction
     price_per_hour = 1.0     tflops = {bf16 = 362, fp8 = 733}            # dense (no 2:4 sparsity)
 
-Optional: `gemv_gb_s` (measured matrix-vector read bandwidth per dtype), `bandwidth_efficiency` and
+Optional: `gemv_gb_s` (measured matrix-vector read bandwidth per dtype) and `batched_gemv_gb_s` (the same at more
+tokens per step, {dtype = {"16" = GB/s}}), `bandwidth_efficiency` and
 `flops_efficiency` (the fraction of peak a real kernel reaches: < 1 for datasheet peaks, 1 for
-measured figures), `allreduce_latency_us`, `hop_latency_us`, `source`.
+measured figures), `allreduce_latency_us`, `hop_latency_us`, the software overheads (`layer_overhead_us`,
+`step_overhead_us`, `expert_overhead_us`, `seq_overhead_us`, and per weight format `overhead_by_dtype`), `source`.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
+import math
 import os
 import re
 import tomllib
@@ -31,6 +35,7 @@ from typing import Any
 
 # Bytes per element of each number format moekit plans with; "fp16" computes at the bf16 rate.
 DTYPE_BYTES: dict[str, float] = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1, "int4": 0.5}
+OVERHEAD_KEYS = ("layer", "step", "expert", "seq")  # overhead_by_dtype's keys, in `GPU.overheads` order
 
 
 @dataclass
@@ -49,6 +54,9 @@ class GPU:
     bandwidth_efficiency: float = 0.8
     flops_efficiency: float = 0.7
     gemv_gb_s: dict[str, float] = field(default_factory=dict)  # measured y = W x read bandwidth per dtype
+    # The same with more tokens per step, where the matmuls' compute starts to show (a CPU's small-batch GEMMs):
+    # {"fp32": {"16": GB/s}}, the bytes of the weights read over the time of the matmuls that read them.
+    batched_gemv_gb_s: dict[str, dict[str, float]] = field(default_factory=dict)
     allreduce_latency_us: float = 10.0  # fixed cost of one small NCCL all-reduce over the scale-up links
     hop_latency_us: float = 10.0  # fixed cost of one pipeline send between stages
     # Software overhead of a forward pass beyond reading and computing: kernel launches and framework
@@ -62,6 +70,10 @@ class GPU:
     # tables, the scheduler's bookkeeping).
     expert_overhead_us: float = 0.0
     seq_overhead_us: float = 0.0
+    # The four per weight format, where they differ (a measured entry: eager PyTorch dispatches other kernels for
+    # bf16 and int8 weights), as {"int8": {"layer": us, "step": us, "expert": us, "seq": us}}; a format not
+    # listed uses the four fields above.
+    overhead_by_dtype: dict[str, dict[str, float]] = field(default_factory=dict)
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -96,6 +108,31 @@ class GPU:
                                      f"{', '.join(DTYPE_BYTES)}")
                 if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                     raise ValueError(f"{where}: {key}.{dtype} must be a positive number, got {value!r}")
+        if not isinstance(self.batched_gemv_gb_s, dict):
+            raise ValueError(f"{where}: batched_gemv_gb_s must be a table of dtype -> {{tokens: GB/s}}")
+        for dtype, table in self.batched_gemv_gb_s.items():
+            if dtype not in DTYPE_BYTES:
+                raise ValueError(f"{where}: batched_gemv_gb_s has unknown dtype {dtype!r}; use "
+                                 f"{', '.join(DTYPE_BYTES)}")
+            for tokens, value in (table.items() if isinstance(table, dict) else [(None, table)]):
+                if not (isinstance(tokens, str) and tokens.isdigit() and int(tokens) > 1):
+                    raise ValueError(f"{where}: batched_gemv_gb_s.{dtype} must map token counts > 1 (as strings, "
+                                     f"e.g. \"16\") to GB/s, got {table!r}")
+                if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                    raise ValueError(f"{where}: batched_gemv_gb_s.{dtype}.{tokens} must be a positive number, "
+                                     f"got {value!r}")
+        if not isinstance(self.overhead_by_dtype, dict):
+            raise ValueError(f"{where}: overhead_by_dtype must be a table of dtype -> {{layer, step, expert, seq}}")
+        for dtype, table in self.overhead_by_dtype.items():
+            if dtype not in DTYPE_BYTES:
+                raise ValueError(f"{where}: overhead_by_dtype has unknown dtype {dtype!r}; use "
+                                 f"{', '.join(DTYPE_BYTES)}")
+            if not isinstance(table, dict) or set(table) != set(OVERHEAD_KEYS):
+                raise ValueError(f"{where}: overhead_by_dtype.{dtype} must have exactly the keys "
+                                 f"{', '.join(OVERHEAD_KEYS)} (microseconds), got {table!r}")
+            for key, value in table.items():
+                if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                    raise ValueError(f"{where}: overhead_by_dtype.{dtype}.{key} must be a number >= 0, got {value!r}")
         if "bf16" not in self.tflops:
             raise ValueError(f"{where}: tflops needs at least a 'bf16' entry (dense peak TFLOP/s)")
 
@@ -117,11 +154,28 @@ class GPU:
                              f"choose one of {', '.join(self.tflops)}")
         return self.tflops[key] * 1e12
 
-    def weight_read_bandwidth(self, dtype: str) -> float:
-        """Bytes/s at which decode reads weights: the measured GEMV figure if any, else peak x efficiency."""
+    def weight_read_bandwidth(self, dtype: str, tokens: float = 1) -> float:
+        """Bytes/s at which a step of `tokens` tokens reads weights: the measured figures if any (`gemv_gb_s` at one
+        token, `batched_gemv_gb_s` at more; between two, interpolated on log tokens; past the last, the last),
+        else peak x efficiency."""
+        points = sorted((int(t), v) for t, v in self.batched_gemv_gb_s.get(dtype, {}).items())
         if dtype in self.gemv_gb_s:
-            return self.gemv_gb_s[dtype] * 1e9
-        return self.bandwidth * self.bandwidth_efficiency
+            points.insert(0, (1, self.gemv_gb_s[dtype]))
+        if not points:
+            return self.bandwidth * self.bandwidth_efficiency
+        if tokens <= points[0][0]:
+            return points[0][1] * 1e9
+        for (t0, v0), (t1, v1) in itertools.pairwise(points):
+            if tokens <= t1:
+                f = math.log(tokens / t0) / math.log(t1 / t0)
+                return (v0 + f * (v1 - v0)) * 1e9
+        return points[-1][1] * 1e9
+
+    def overheads(self, dtype: str) -> tuple[float, float, float, float]:
+        """(layer, step, expert, seq) software overhead in microseconds for weights in `dtype` (the fields above)."""
+        if dtype in self.overhead_by_dtype:
+            return tuple(float(self.overhead_by_dtype[dtype][k]) for k in OVERHEAD_KEYS)  # type: ignore[return-value]
+        return self.layer_overhead_us, self.step_overhead_us, self.expert_overhead_us, self.seq_overhead_us
 
     def supports(self, dtype: str) -> bool:
         return {"fp16": "bf16", "int4": "int8"}.get(dtype, dtype) in self.tflops

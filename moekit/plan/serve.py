@@ -164,7 +164,7 @@ def stage_step(s: _Setup, st: Stage, seqs: float, new_tokens: int, context: floa
         w_read += group_tokens * cfg.d_model / tp * s.w_bytes
     kv_layer_token = 2 * kv_heads_per_gpu(cfg, tp) * cfg.head_dim * s.kv_bytes
     kv_read = (seqs / ep) * (context + new_tokens) * st.layers * kv_layer_token
-    memory_s = (w_read / hw.weight_read_bandwidth(s.weight_dtype)
+    memory_s = (w_read / hw.weight_read_bandwidth(s.weight_dtype, group_tokens)
                 + kv_read / (hw.bandwidth * hw.bandwidth_efficiency))
     # FLOPs per GPU: dense matmuls on the group's tokens, experts on the expected k/ep share of all.
     flops = 2 * group_tokens * (st.lm_head + st.dense) / tp
@@ -182,7 +182,8 @@ def stage_step(s: _Setup, st: Stage, seqs: float, new_tokens: int, context: floa
     # The next stage gets the activations, each tp rank sending 1/tp (Megatron's scatter/gather).
     hop = transfer(act / tp, s.link(tp * ep * s.pp), hw.hop_latency_us * 1e-6) if s.pp > 1 else 0.0
     # Launches per layer, and MoE dispatch per expert each MoE layer runs (the entry's measured figures).
-    overhead = (st.layers * hw.layer_overhead_us + st.moe_layers * touched * hw.expert_overhead_us) * 1e-6
+    layer_us, _, expert_us, _ = hw.overheads(s.weight_dtype)
+    overhead = (st.layers * layer_us + st.moe_layers * touched * expert_us) * 1e-6
     return StageStep(stage=st.index, compute_s=compute_s, memory_s=memory_s, comm_s=comm, hop_s=hop,
                      flops=flops, bytes=w_read + kv_read, overhead_s=overhead)
 
@@ -224,7 +225,8 @@ def _decode(s: _Setup, batch: int) -> tuple[StageStep, float, float]:
     if s.timing is not None:  # the fitted per-step floor plus the entry's own fields (serve_time.py)
         period += s.timing.step_s(s.hw, batch)
     else:  # scheduling and sampling once per token, and per sequence in the step (the entry's measured figures)
-        period += (s.hw.step_overhead_us + batch * s.hw.seq_overhead_us) * 1e-6
+        _, step_us, _, seq_us = s.hw.overheads(s.weight_dtype)
+        period += (step_us + batch * seq_us) * 1e-6
     bytes_read = s.micro_batches * sum(x.bytes for x in steps) * s.tp * s.ep
     return slowest, period, bytes_read
 
