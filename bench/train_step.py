@@ -9,7 +9,9 @@ peak of each dtype is the best n x n x n GEMM measured in this same run (`measur
 the MFU says how close the whole step gets to this machine's matrix-multiply speed. One model and
 one optimizer serve both dtypes; steps alternate bf16, fp32, bf16, ... so that a change in the
 machine's load hits both alike. The optimizer's share of the step is reported apart (AdamW touches
-all parameters, the forward only the active ones). Prints one JSON object.
+all parameters, the forward only the active ones). Then the planner's prediction of each step from this machine's
+entry, measured by `moekit bench hardware` in the same run (`--no-plan` skips it), with measured / predicted.
+Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ def main() -> None:
     ap.add_argument("--gemm-n", type=int, default=2048)
     ap.add_argument("--compile", action="store_true", help="torch.compile each block (TrainConfig.compile)")
     ap.add_argument("--dtypes", default="bf16,fp32", help="which of bf16, fp32 to time (default both)")
+    ap.add_argument("--no-plan", action="store_true", help="skip the planner's prediction")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
-                    help="also profile one bf16 step and report its N most expensive operators")
+                    help="also profile one step of the first --dtypes entry and report its N most expensive operators")
     args = ap.parse_args()
 
     cfg = get_preset(args.preset)
@@ -116,17 +119,47 @@ def main() -> None:
     if "bf16" in dtypes:
         result["bf16_mfu_vs_bf16_peak"] = result["bf16"]["mfu"]
     result["target_mfu"] = 0.35
+    if not args.no_plan:
+        result["planner"] = planner(cfg, device, result, dtypes, seq_len, tc, args.batch_tokens // args.grad_accum)
     if args.profile:
-        result["bf16_profile"] = profile_step(trainer, device, args.profile)
+        first = next(iter(dtypes))
+        result[f"{first}_profile"] = profile_step(trainer, device, args.profile, dtypes[first])
     print(json.dumps(result, indent=2))
 
 
-def profile_step(trainer: Trainer, device: torch.device, top: int) -> list[dict]:
-    """One bf16 step under torch.profiler: the `top` operators by self time on the device (the CPU
+def planner(cfg, device: torch.device, result: dict, dtypes: dict, seq_len: int, tc: TrainConfig,
+            micro_tokens: int) -> dict:
+    """The planner's step time for each dtype timed above (moekit.plan.train, MFU an output), from this machine's
+    entry as `moekit bench hardware` measures it in this same run: GEMMs at this model's training shapes, attention,
+    an eager elementwise op's bandwidth (moekit/train_profile.py); measured / predicted beside it."""
+    from moekit.bench_hardware import measure
+    from moekit.plan.train import train
+
+    entry = measure(str(device), model=cfg.name, train_tokens=micro_tokens)
+    out = {"hardware": {"tflops": entry.tflops, "elementwise_gb_s": entry.elementwise_gb_s,
+                        "attention_tflops": entry.attention_tflops, "hbm_gb_s": entry.hbm_gb_s}}
+    for name in dtypes:
+        if name not in entry.gemm_tflops_at:
+            out[name] = {"skipped": f"the entry has no {name} training figures (a CPU without bf16 units)"}
+            continue
+        batch = result[name]["batch_tokens"]
+        p = train(cfg, entry, n_gpus=1, tokens=batch, tp=1, pp=1, zero_stage=0, batch_tokens=batch, seq_len=seq_len,
+                  micro_batch=max(1, micro_tokens // seq_len), recompute=tc.recompute, dtype=name,
+                  optimizer_precision="fp32")
+        measured = result[name]["step_s"]
+        out[name] = {"predicted_step_s": round(p.step.seconds, 3), "measured_step_s": round(measured, 3),
+                     "measured_over_predicted": round(measured / p.step.seconds, 3),
+                     "predicted_mfu": round(p.mfu, 4),
+                     "parts_s": {k: round(v, 3) for k, v in p.step.parts.items() if v}}
+    return out
+
+
+def profile_step(trainer: Trainer, device: torch.device, top: int, dtype: torch.dtype) -> list[dict]:
+    """One step under torch.profiler: the `top` operators by self time on the device (the CPU
     on a CPU), each with its share of the step, so that the next optimisation has a target."""
     from torch.profiler import ProfilerActivity, profile
 
-    trainer.dtype = torch.bfloat16
+    trainer.dtype = dtype if dtype != torch.float32 else None
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         trainer.train_step()

@@ -16,7 +16,10 @@ same with 16 tokens a step), and its overheads per
 layer, per expert a MoE layer runs, per decode step and per sequence (`overhead_by_dtype`; the scalar fields hold
 the device's default format's: fp32 on a CPU, bf16 on a GPU). The planner adds those to the bandwidth and compute
 times, so that `--gpu local` predicts moekit's decode speed on this machine (bench/decode.py prints measured /
-predicted). The entry (default `~/.cache/moekit/hardware.json`, where `--gpu local` finds it) holds achieved
+predicted). For training (moekit/train_profile.py): the TFLOP/s of every GEMM the planner counts in `--model`'s step
+at `--train-tokens` (forward and both backward products), causal attention forward and backward, and an eager
+elementwise op's bandwidth, so that `moekit plan train --gpu local` predicts its step (bench/train_step.py).
+The entry (default `~/.cache/moekit/hardware.json`, where `--gpu local` finds it) holds achieved
 figures, so its efficiencies are 1 and the planner uses them as they are. Written atomically.
 
 It lives beside `moekit.plan`, not in it: timing moekit's engine imports `moekit.infer`, and the planner
@@ -60,14 +63,16 @@ def _best_time(fn: Callable[[], object], sync: Callable[[], None], min_time: flo
 
 
 def measure(device: str | None = None, quick: bool = False, label: str | None = None, model: str | None = None,
-            log: Callable[[str], None] = lambda s: None) -> GPU:
+            train_tokens: int = 4096, log: Callable[[str], None] = lambda s: None) -> GPU:
     """Measure `device` ("cpu", "cuda", "cuda:1"; default CUDA if available) and return its hardware entry, the
-    engine's figures with `model`'s shapes (a preset; default gpt4-mini, tiny when `quick`)."""
+    engine's figures with `model`'s shapes (a preset; default gpt4-mini, tiny when `quick`) and its training step's
+    at `train_tokens` tokens per micro-batch in sequences of the model's context."""
     import torch
     import torch.nn.functional as F
 
-    from moekit import engine_profile
+    from moekit import engine_profile, train_profile
     from moekit.presets import get_preset
+    from moekit.util import cpu_has_bf16
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
@@ -106,9 +111,10 @@ def measure(device: str | None = None, quick: bool = False, label: str | None = 
     gemv, batched, overheads = {}, {}, {}
     batch = engine_profile.BATCHES[-1]
     for name in engine_profile.WEIGHT_DTYPES:
-        gemv[name] = engine_profile.weight_read_gb_s(cfg, name, dev, repeats=4 if quick else 10)
+        gemv[name] = engine_profile.weight_read_gb_s(cfg, name, dev, repeats=4 if quick else 10, strict=not quick)
         batched[name] = {str(batch): round(engine_profile.weight_read_gb_s(cfg, name, dev, batch=batch,
-                                                                           repeats=2 if quick else 6), 3)}
+                                                                           repeats=2 if quick else 6,
+                                                                           strict=not quick), 3)}
         o = engine_profile.engine_overheads(cfg, name, dev, steps=4 if quick else 24)
         overheads[name] = {"layer": round(o.layer_us, 1), "step": round(o.step_us, 1),
                            "expert": round(o.expert_us, 1), "seq": round(o.seq_us, 1)}
@@ -116,6 +122,22 @@ def measure(device: str | None = None, quick: bool = False, label: str | None = 
             f"{batch} tokens ({cfg.name}); overhead {o.layer_us:,.0f} us "
             f"per layer, {o.expert_us:,.0f} per expert, {o.step_us:,.0f} per step, {o.seq_us:,.0f} per sequence")
     default = overheads["bf16" if dev.type == "cuda" else "fp32"]
+
+    # The training step's parts at the model's shapes; bf16 where it has units (a CPU without them runs bf16
+    # matmuls 5-10x slower than fp32, nobody trains so, and timing them would take minutes).
+    tokens = 256 if quick else train_tokens
+    seq = min(cfg.max_seq_len, tokens)
+    gemms, attention = {}, {}
+    for name in [n for n in GEMM_DTYPES if n == "fp32" or dev.type == "cuda" or cpu_has_bf16()]:
+        gemms[name] = {k: round(v, 6) for k, v in train_profile.gemm_rates(cfg, tokens, name, dev,
+                                                                             repeats=1 if quick else 3).items()}
+        attention[name] = {k: round(v, 6) for k, v in train_profile.attention_rates(
+            cfg, seq, name, dev, batch=max(1, tokens // seq), repeats=1 if quick else 2).items()}
+        log(f"train {name:<5}     GEMMs at {cfg.name}'s shapes {min(gemms[name].values()) * 1e3:,.1f}-"
+            f"{max(gemms[name].values()) * 1e3:,.1f} GFLOP/s; attention {attention[name]['fwd'] * 1e3:,.1f} forward, "
+            f"{attention[name]['bwd'] * 1e3:,.1f} backward")
+    elementwise = train_profile.elementwise_gb_s(cfg, tokens, "fp32", dev)
+    log(f"elementwise      {elementwise:,.1f} GB/s (x + y into a fresh tensor, {cfg.name}'s activations)")
 
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)
@@ -131,8 +153,10 @@ def measure(device: str | None = None, quick: bool = False, label: str | None = 
                gpus_per_node=per_node, bandwidth_efficiency=1.0, flops_efficiency=1.0,
                layer_overhead_us=default["layer"], step_overhead_us=default["step"],
                expert_overhead_us=default["expert"], seq_overhead_us=default["seq"], overhead_by_dtype=overheads,
+               gemm_tflops_at=gemms, attention_tflops=attention, elementwise_gb_s=round(elementwise, 3),
                source=f"measured by `moekit bench hardware` on {time.strftime('%Y-%m-%d')}: {what}, "
-                      f"torch {torch.__version__}, decode figures with {cfg.name}'s shapes"
+                      f"torch {torch.__version__}, decode figures with {cfg.name}'s shapes, training figures at "
+                      f"{tokens} tokens in sequences of {seq}"
                       f"{' (quick sizes)' if quick else ''}")
 
 
@@ -141,6 +165,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help=f"where to write the entry (default {local_hardware_path()})")
     p.add_argument("--label", help="the entry's name (default local-cpu / local-cuda)")
     p.add_argument("--model", help="the preset whose decode shapes the engine figures use (default gpt4-mini)")
+    p.add_argument("--train-tokens", type=int, default=4096,
+                   help="tokens per micro-batch of the training figures (default 4096, bench/train_step.py's)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the plumbing, not the machine")
 
 
@@ -149,7 +175,9 @@ def run(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise IsADirectoryError(f"--out {out} is a directory; give a file name such as "
                                 f"{out / 'hardware.json'}")
-    entry = measure(args.device, quick=args.quick, label=args.label, model=args.model,
+    if args.train_tokens < 1:
+        raise ValueError(f"--train-tokens must be a positive integer, got {args.train_tokens}")
+    entry = measure(args.device, quick=args.quick, label=args.label, model=args.model, train_tokens=args.train_tokens,
                     log=lambda s: print(s, file=sys.stderr))
     atomic_write_text(out, json.dumps(entry.to_dict(), indent=2) + "\n")
     ratios = {f"gemv_{k}_vs_stream": round(v / entry.hbm_gb_s, 3) for k, v in entry.gemv_gb_s.items()}

@@ -138,9 +138,11 @@ def best_seconds(fn: Callable[[], object], sync: Callable[[], None], repeats: in
 
 
 def weight_read_gb_s(cfg: ModelConfig, weight_dtype: str, dev: torch.device, batch: int = 1,
-                     repeats: int = 20) -> float:
+                     repeats: int = 20, strict: bool = True) -> float:
     """GB/s at which the engine's decode pass of `batch` tokens reads `weight_dtype` weights of `cfg` (module
-    docstring); beyond one token the matmuls' compute is in the figure too, as it is in the step."""
+    docstring); beyond one token the matmuls' compute is in the figure too, as it is in the step. When the wide pass
+    is not measurably slower than the narrow one: an error, or (`strict=False`, a plumbing check on a toy model)
+    the wide pass's bytes over its whole time."""
     sync = _sync(dev)
     (wide, wide_bytes), (thin, thin_bytes) = (decode_pass(build(c, weight_dtype, dev), batch)
                                               for c in (cfg, narrow(cfg)))
@@ -150,6 +152,8 @@ def weight_read_gb_s(cfg: ModelConfig, weight_dtype: str, dev: torch.device, bat
         t_wide = min(t_wide, best_seconds(wide, sync, repeats))
         t_thin = min(t_thin, best_seconds(thin, sync, repeats))
     if t_wide <= t_thin:
+        if not strict:
+            return wide_bytes / t_wide / 1e9
         raise RuntimeError(f"the {weight_dtype} decode pass of {cfg.name} took no longer than its 1/{NARROW}-wide "
                            f"copy ({t_wide * 1e3:.2f} vs {t_thin * 1e3:.2f} ms): the machine is too noisy to measure")
     return (wide_bytes - thin_bytes) / (t_wide - t_thin) / 1e9

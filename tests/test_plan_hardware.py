@@ -128,13 +128,16 @@ def test_bench_hardware_writes_the_table_format(tmp_path, capsys):
     assert (entry.layer_overhead_us, entry.step_overhead_us, entry.expert_overhead_us, entry.seq_overhead_us) == (
         fp32["layer"], fp32["step"], fp32["expert"], fp32["seq"])
     assert "tiny's shapes" in entry.source
+    # Training figures at tiny's shapes (fp32 always; bf16 only where the CPU has bf16 units).
+    assert "fp32" in entry.gemm_tflops_at and set(entry.attention_tflops["fp32"]) == {"fwd", "bwd"}
+    assert entry.elementwise_gb_s > 0
     assert all(g.layer_overhead_us == g.step_overhead_us == 0 for g in TABLE.values())  # datasheet entries
     assert not list(out.parent.glob("*.tmp"))  # atomic write left no temporary file
     local = get_gpu("local")
     assert local.name == "local" and local.hbm_gb_s == entry.hbm_gb_s
     # The planner uses the measured GEMV figure for weight reads and the stream figure for the rest.
     assert local.weight_read_bandwidth("bf16") == entry.gemv_gb_s["bf16"] * 1e9
-    assert local.weight_read_bandwidth("int8", 16) == entry.batched_gemv_gb_s["int8"]["16"] * 1e9
+    assert local.weight_read_bandwidth("int8", 16) == pytest.approx(entry.batched_gemv_gb_s["int8"]["16"] * 1e9)
     assert local.weight_read_bandwidth("fp8") == entry.hbm_gb_s * 1e9  # a format it did not time: the stream
     assert main(["plan", "serve", "--model", "tiny", "--gpu", "local", "--tp", "1", "--pp", "1",
                  "--batch", "4", "--price-per-hour", "0.5"]) == 0

@@ -95,8 +95,12 @@ def gemm_seconds(m: float, n: float, k: float, hw: GPU, *, dtype: str = "bf16", 
     if min(m, n, k) <= 0 or count <= 0:
         return 0.0
     spec = MAMF.get(generation(hw) or "")
-    waves = wave_efficiency(int(m), int(n), spec.sms, count) if spec else 1.0
-    compute = count * 2 * m * n * k / (hw.peak_flops(dtype) * ceiling(hw, scale) * waves)
+    measured = None if spec else hw.measured_gemm_flops(m, n, k, dtype)
+    if measured:  # a measured entry that timed this machine's GEMMs at these shapes (moekit/train_profile.py)
+        compute = count * 2 * m * n * k / measured
+    else:
+        waves = wave_efficiency(int(m), int(n), spec.sms, count) if spec else 1.0
+        compute = count * 2 * m * n * k / (hw.peak_flops(dtype) * ceiling(hw, scale) * waves)
     memory = count * (m * k + k * n + m * n) * DTYPE_BYTES[dtype] / (hw.bandwidth * hw.bandwidth_efficiency)
     return max(compute, memory)
 

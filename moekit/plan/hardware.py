@@ -74,6 +74,12 @@ class GPU:
     # bf16 and int8 weights), as {"int8": {"layer": us, "step": us, "expert": us, "seq": us}}; a format not
     # listed uses the four fields above.
     overhead_by_dtype: dict[str, dict[str, float]] = field(default_factory=dict)
+    # A measured entry's training figures at a model's shapes (moekit/train_profile.py): TFLOP/s per GEMM shape
+    # {"fp32": {"m,n,k": TFLOP/s}}, causal attention's {"fp32": {"fwd": TFLOP/s, "bwd": TFLOP/s}}, and the bandwidth
+    # of an eager memory-bound op (0: the stream figure x bandwidth_efficiency).
+    gemm_tflops_at: dict[str, dict[str, float]] = field(default_factory=dict)
+    attention_tflops: dict[str, dict[str, float]] = field(default_factory=dict)
+    elementwise_gb_s: float = 0.0
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -121,6 +127,23 @@ class GPU:
                 if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                     raise ValueError(f"{where}: batched_gemv_gb_s.{dtype}.{tokens} must be a positive number, "
                                      f"got {value!r}")
+        for key, keys in (("gemm_tflops_at", None), ("attention_tflops", {"fwd", "bwd"})):
+            tables = getattr(self, key)
+            if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+                raise ValueError(f"{where}: {key} must be a table of dtype -> {{name: TFLOP/s}}, got {tables!r}")
+            for dtype, table in tables.items():
+                if dtype not in DTYPE_BYTES:
+                    raise ValueError(f"{where}: {key} has unknown dtype {dtype!r}; use {', '.join(DTYPE_BYTES)}")
+                if keys is not None and set(table) != keys:
+                    raise ValueError(f"{where}: {key}.{dtype} must have exactly the keys {', '.join(sorted(keys))}")
+                if keys is None and not all(re.fullmatch(r"\d+,\d+,\d+", str(k)) for k in table):
+                    raise ValueError(f"{where}: {key}.{dtype} keys must be GEMM shapes \"m,n,k\", got {sorted(table)}")
+                for name, value in table.items():
+                    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                        raise ValueError(f"{where}: {key}.{dtype}.{name} must be a positive number, got {value!r}")
+        if isinstance(self.elementwise_gb_s, bool) or not isinstance(self.elementwise_gb_s, int | float) \
+                or self.elementwise_gb_s < 0:
+            raise ValueError(f"{where}: elementwise_gb_s must be a number >= 0, got {self.elementwise_gb_s!r}")
         if not isinstance(self.overhead_by_dtype, dict):
             raise ValueError(f"{where}: overhead_by_dtype must be a table of dtype -> {{layer, step, expert, seq}}")
         for dtype, table in self.overhead_by_dtype.items():
@@ -170,6 +193,23 @@ class GPU:
                 f = math.log(tokens / t0) / math.log(t1 / t0)
                 return (v0 + f * (v1 - v0)) * 1e9
         return points[-1][1] * 1e9
+
+    def measured_gemm_flops(self, m: float, n: float, k: float, dtype: str) -> float | None:
+        """FLOP/s of an (m x k) @ (k x n) GEMM from `gemm_tflops_at`: the measured shape nearest on log scales
+        (exact for the shapes the bench timed); None when the entry has no table for `dtype`."""
+        table = self.gemm_tflops_at.get(dtype)
+        if not table:
+            return None
+
+        def distance(key: str) -> float:
+            return sum(abs(math.log(max(a, 1) / b)) for a, b in zip((m, n, k), map(int, key.split(",")), strict=True))
+
+        return table[min(table, key=distance)] * 1e12
+
+    @property
+    def memory_bound_bandwidth(self) -> float:
+        """Bytes/s at which memory-bound ops (norms, activations, residuals) move their bytes."""
+        return self.elementwise_gb_s * 1e9 if self.elementwise_gb_s else self.bandwidth * self.bandwidth_efficiency
 
     def overheads(self, dtype: str) -> tuple[float, float, float, float]:
         """(layer, step, expert, seq) software overhead in microseconds for weights in `dtype` (the fields above)."""

@@ -47,7 +47,7 @@ from moekit.config import ModelConfig
 from moekit.plan.activations import activation_bytes
 from moekit.plan.comm import StepComm, stage_layers, step_collectives
 from moekit.plan.gemm import MAMF, flash_efficiency, gemm_seconds, generation
-from moekit.plan.hardware import GPU
+from moekit.plan.hardware import DTYPE_BYTES, GPU
 from moekit.plan.layout import kv_heads_per_gpu, rank_stages
 from moekit.plan.shards import get_precision
 
@@ -138,7 +138,7 @@ class _Micro:
         return self.gemm_bwd + self.attn_bwd + self.mem_bwd + self.recompute
 
 
-def _layer_gemms(cfg: ModelConfig, moe: bool, t: int, tp: int, ep: int) -> list[tuple[float, float, float, int]]:
+def layer_gemms(cfg: ModelConfig, moe: bool, t: int, tp: int, ep: int) -> list[tuple[float, float, float, int]]:
     """(m, n, k, count) of one layer's forward GEMMs on one tensor rank, m = t tokens."""
     d = cfg.d_model
     qkv = cfg.q_dim // tp + 2 * kv_heads_per_gpu(cfg, tp) * cfg.head_dim
@@ -155,42 +155,48 @@ def _layer_gemms(cfg: ModelConfig, moe: bool, t: int, tp: int, ep: int) -> list[
     return out
 
 
-def _gemms_time(gemms: list, hw: GPU, scale: float) -> tuple[float, float, float]:
+def _gemms_time(gemms: list, hw: GPU, scale: float, dtype: str) -> tuple[float, float, float]:
     """(forward, backward, FLOPs of both) of a list of forward GEMMs (m, n, k, count)."""
     fwd = bwd = flops = 0.0
     for m, n, k, c in gemms:
-        fwd += gemm_seconds(m, n, k, hw, scale=scale, count=c)
+        fwd += gemm_seconds(m, n, k, hw, dtype=dtype, scale=scale, count=c)
         # backward: input gradient (m x n) @ (n x k) and weight gradient (k x m) @ (m x n)
-        bwd += gemm_seconds(m, k, n, hw, scale=scale, count=c) + gemm_seconds(k, n, m, hw, scale=scale, count=c)
+        bwd += (gemm_seconds(m, k, n, hw, dtype=dtype, scale=scale, count=c)
+                + gemm_seconds(k, n, m, hw, dtype=dtype, scale=scale, count=c))
         flops += 6 * m * n * k * c
     return fwd, bwd, flops
 
 
-def _attention(cfg: ModelConfig, hw: GPU, b: int, s: int, tp: int, kind: str, scale: float) -> tuple[float, float]:
+def _attention(cfg: ModelConfig, hw: GPU, b: int, s: int, tp: int, kind: str, scale: float,
+               dtype: str) -> tuple[float, float]:
     """(forward, backward) seconds of one layer's attention core for b sequences of s tokens on one tensor rank."""
     heads = cfg.n_head // tp
     if kind == "flash":
         flops = 2 * b * s * s * heads * cfg.head_dim  # QK^T and AV, 2 FLOPs per multiply-add, causal half
-        fwd = flops / (hw.peak_flops("bf16") * flash_efficiency(hw))
+        rates = hw.attention_tflops.get(dtype) if generation(hw) is None else None
+        if rates:  # a measured entry that timed this machine's attention (moekit/train_profile.py)
+            return flops / (rates["fwd"] * 1e12), 2.5 * flops / (rates["bwd"] * 1e12)
+        fwd = flops / (hw.peak_flops(dtype) * flash_efficiency(hw))
         return fwd, 2.5 * fwd
     hd, count = cfg.head_dim, b * heads
-    gemm_f = gemm_seconds(s, s, hd, hw, scale=scale, count=count) + gemm_seconds(s, hd, s, hw, scale=scale,
-                                                                                  count=count)
+    gemm_f = (gemm_seconds(s, s, hd, hw, dtype=dtype, scale=scale, count=count)
+              + gemm_seconds(s, hd, s, hw, dtype=dtype, scale=scale, count=count))
     scores = count * s * s * UNFUSED_SCORE_BYTES / (hw.bandwidth * hw.bandwidth_efficiency)
     return gemm_f + scores, 2 * (gemm_f + scores)
 
 
 def _micro(cfg: ModelConfig, hw: GPU, layers: list[int], last: bool, *, b: int, s: int, tp: int, ep: int, sp: bool,
-           recompute: str, attention: str, k: StepConstants) -> _Micro:
-    scale, t, bw = k.scale(hw), b * s, hw.bandwidth * hw.bandwidth_efficiency
+           recompute: str, attention: str, k: StepConstants, dtype: str) -> _Micro:
+    scale, t, bw = k.scale(hw), b * s, hw.memory_bound_bandwidth
+    act = DTYPE_BYTES[dtype] / 2  # activation_bytes counts bf16 activations; fp32 training keeps twice the bytes
     r = _Micro()
     for moe in (False, True):
         n = sum(cfg.is_moe_layer(i) == moe for i in layers)
         if not n:
             continue
-        f, bk, fl = _gemms_time(_layer_gemms(cfg, moe, t, tp, ep), hw, scale)
-        af, ab = _attention(cfg, hw, b, s, tp, attention, scale)
-        mf = k.memory_traffic * activation_bytes(cfg, moe, tp, sp) * t / bw
+        f, bk, fl = _gemms_time(layer_gemms(cfg, moe, t, tp, ep), hw, scale, dtype)
+        af, ab = _attention(cfg, hw, b, s, tp, attention, scale, dtype)
+        mf = k.memory_traffic * act * activation_bytes(cfg, moe, tp, sp) * t / bw
         r.gemm_fwd, r.gemm_bwd, r.gemm_flops = r.gemm_fwd + n * f, r.gemm_bwd + n * bk, r.gemm_flops + n * fl
         r.attn_fwd, r.attn_bwd = r.attn_fwd + n * af, r.attn_bwd + n * ab
         r.mem_fwd, r.mem_bwd = r.mem_fwd + n * mf, r.mem_bwd + 2 * n * mf
@@ -200,7 +206,7 @@ def _micro(cfg: ModelConfig, hw: GPU, layers: list[int], last: bool, *, b: int, 
             r.recompute += n * (af if attention == "unfused" else mf)
     if last:
         vocab = math.ceil(cfg.vocab_size / tp)
-        f, bk, fl = _gemms_time([(t, vocab, cfg.d_model, 1)], hw, scale)
+        f, bk, fl = _gemms_time([(t, vocab, cfg.d_model, 1)], hw, scale, dtype)
         r.gemm_fwd, r.gemm_bwd, r.gemm_flops = r.gemm_fwd + f, r.gemm_bwd + bk, r.gemm_flops + fl
         r.mem_fwd += LOGIT_BYTES * vocab * t / bw
     r.overhead = 3 * len(layers) * hw.layer_overhead_us * 1e-6  # forward, backward: ~2 passes of kernels more
@@ -246,9 +252,10 @@ def step_time(cfg: ModelConfig, hw: GPU, *, tp: int, pp: int, dp: int, ep: int =
               micro_batches: int, micro_batch: int = 1, seq_len: int, recompute: str = "full",
               sequence_parallel: bool = True, schedule: str = "1f1b", stages_per_rank: int = 1,
               attention: str = "flash", precision: str = "mixed", optimizer_bytes: float = 0.0,
-              bubble: float = 0.0, constants: StepConstants | None = None) -> StepTime:
+              bubble: float = 0.0, constants: StepConstants | None = None, dtype: str = "bf16") -> StepTime:
     """One optimizer step of `micro_batches` micro-batches per replica (module docstring). `optimizer_bytes`: the
-    optimizer state on the fullest GPU (it updates it once per step); `bubble`: the schedule's idle share."""
+    optimizer state on the fullest GPU (it updates it once per step); `bubble`: the schedule's idle share; `dtype`:
+    the matmuls' and activations' (bf16 mixed precision; fp32 for a run without autocast)."""
     if attention not in ATTENTION:
         raise ValueError(f"--attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
     k = constants or load_constants()
@@ -267,7 +274,7 @@ def step_time(cfg: ModelConfig, hw: GPU, *, tp: int, pp: int, dp: int, ep: int =
         key = (len(layers), sum(cfg.is_moe_layer(i) for i in layers), 0 in owned, n_stages - 1 in owned)
         if key not in seen:  # ranks alike in layers and ends cost alike: plan one of each
             micro = _micro(cfg, hw, layers, key[3], b=micro_batch, s=seq_len, tp=tp, ep=ep, sp=sequence_parallel,
-                           recompute=recompute, attention=attention, k=k)
+                           recompute=recompute, attention=attention, k=k, dtype=dtype)
             comm = _comm(step_collectives(cfg, dp=dp, tp=tp, zero=zero, precision=precision, micro_batches=m,
                                           tokens_per_micro=t, sequence_parallel=sequence_parallel,
                                           recompute=recompute, pp=pp, stage=r, ep=ep,
@@ -296,7 +303,7 @@ def step_time(cfg: ModelConfig, hw: GPU, *, tp: int, pp: int, dp: int, ep: int =
              "recompute": m * mi.recompute, "bubble": pipeline - m * own, "tp_comm": c["tp"], "ep_comm": c["ep"],
              "pp_comm": c["pp"], "dp_comm": dp_exposed, "optimizer": opt}
     gemm_time = mi.gemm_fwd + mi.gemm_bwd
-    eff = mi.gemm_flops / (gemm_time * hw.peak_flops("bf16")) if gemm_time else 0.0
+    eff = mi.gemm_flops / (gemm_time * hw.peak_flops(dtype)) if gemm_time else 0.0
     return StepTime(seconds=total, micro_seconds=t_micro, parts=parts, gemm_efficiency=eff, rank=r)
 
 

@@ -301,7 +301,7 @@ def train(model: ModelConfig | str = "gpt4", gpu: GPU | str = "A100-80GB", n_gpu
                          micro_batch=micro_batch, seq_len=seq_len, recompute=recompute,
                          sequence_parallel=sequence_parallel, attention=attention, precision=optimizer_precision,
                          optimizer_bytes=max(x.optimizer for x in mems), bubble=bubble, constants=constants,
-                         **pipeline)
+                         dtype=dtype, **pipeline)
         seconds = tokens / (dp * m * tokens_per_micro) * step.seconds  # a step is m micro-batches per replica
         mfu, source = flops / (n_gpus * peak * seconds), "predicted"
         notes.append("MFU predicted from the step's parts (moekit/plan/step_time.py); --mfu or --days set it instead")
