@@ -123,6 +123,12 @@ class KVCacheManager:
         self.tables: dict[str, list[Block]] = {}
         self.hashes: dict[str, list[bytes]] = {}  # chained hashes of the request's full blocks
         self.num_cached: dict[str, int] = {}  # how many of its leading blocks are registered
+        # Per request: while num_computed_tokens + num_new_tokens <= horizon, allocate_slots (without cache hits)
+        # has nothing to do: the table covers those tokens and no block of them fills up. A decode step crosses it
+        # twice in block_size steps; the scheduler reads it to pass the other steps over without a call (a
+        # simulated GPT-4 fleet hour is ~10^8 request-steps). Kept by every method that changes a table or
+        # num_cached; `_horizon` recomputes it (tests/test_infer_kv.py holds the two equal).
+        self.horizon: dict[str, int] = {}
         self.queries = 0  # prompt tokens looked up in the prefix cache
         self.hits = 0  # of which found
 
@@ -187,10 +193,11 @@ class KVCacheManager:
             n_tokens = min(end, len(req.all_token_ids))
             if self.enable_caching and n_tokens // self.block_size > self.num_cached.get(req.request_id, 0):
                 self._cache_full_blocks(req, n_tokens)
+                self.horizon[req.request_id] = self._horizon(req.request_id)
             return True
-        if not self.can_allocate(req, num_new_tokens, computed):
-            return False
         n_new = self._blocks_needed(req, num_new_tokens, computed)
+        if n_new > self.pool.num_free - sum(b.ref_cnt == 0 for b in computed):  # can_allocate, n_new counted once
+            return False
         if table is None:
             table = self.tables[req.request_id] = []
         if computed:
@@ -205,7 +212,16 @@ class KVCacheManager:
             # Draft tokens are never cached: they are not in `all_token_ids` until accepted.
             num_computed = req.num_computed_tokens + len(computed) * self.block_size
             self._cache_full_blocks(req, min(num_computed + num_new_tokens, len(req.all_token_ids)))
+        self.horizon[req.request_id] = self._horizon(req.request_id)
         return True
+
+    def _horizon(self, request_id: str) -> int:
+        """The tokens up to which allocate_slots(req, n) has nothing to do: those the table covers, and fewer than
+        fill the first unregistered block (when one fills, it is registered: a prefix-cache hit for others)."""
+        covered = len(self.tables.get(request_id, ())) * self.block_size
+        if not self.enable_caching:
+            return covered
+        return min(covered, (self.num_cached.get(request_id, 0) + 1) * self.block_size - 1)
 
     def _cache_full_blocks(self, req: HasTokens, num_tokens: int) -> None:
         table = self.tables[req.request_id]
@@ -231,6 +247,7 @@ class KVCacheManager:
             doomed = table[keep:]
             del table[keep:]
             self.pool.release(doomed[::-1])
+            self.horizon[req.request_id] = self._horizon(req.request_id)
 
     def free(self, req: HasTokens) -> None:
         """Release all the request's blocks, last block first (evicted before the prefix it extends)."""
@@ -238,6 +255,7 @@ class KVCacheManager:
         self.pool.release(table[::-1])
         self.hashes.pop(req.request_id, None)
         self.num_cached.pop(req.request_id, None)
+        self.horizon.pop(req.request_id, None)
 
     def check_whole(self) -> None:
         """Raise unless every block is free and unreferenced (tests call it after each run)."""

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import operator
 from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -93,6 +94,9 @@ class SchedulerOutput:
         return sum(s.num_tokens for s in self.scheduled)
 
 
+_arrival = operator.attrgetter("arrival")
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
         self.config, self.kv = config, kv
@@ -107,6 +111,14 @@ class Scheduler:
         req.status = Status.WAITING
         self.waiting.append(req)
 
+    def _remove_running(self, req: Request) -> None:
+        # `running` is in arrival order: find req by bisection rather than list.remove's scan (a simulated GPT-4
+        # replica runs thousands of requests and finishes one every few steps).
+        i = bisect.bisect_left(self.running, req.arrival, key=_arrival)
+        while self.running[i] is not req:  # requests that arrived at the same instant: in admission order
+            i += 1
+        del self.running[i]
+
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
         req.status = Status.PREEMPTED
@@ -116,25 +128,46 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)  # several preempted in one step: the oldest ends up in front
 
-    def schedule(self, skip: Collection[str] = (), max_seqs: int | None = None) -> SchedulerOutput:
+    def schedule(self, skip: Collection[str] = (), max_seqs: int | None = None,
+                 idle: Collection[Request] | None = None) -> SchedulerOutput:
         """The next step's tokens. A pipelined engine passes `skip`, the requests whose previous step is still in
         flight (not scheduled again, never preempted: their blocks are being written), and `max_seqs`, the requests
-        one micro-batch takes (its share, so that each of the pipeline's micro-batches has work)."""
+        one micro-batch takes (its share, so that each of the pipeline's micro-batches has work).
+
+        `idle` says the same as `skip` the other way round: the running requests *not* in flight, in any order
+        (exactly `running` less `skip`). A caller that keeps that set as it goes (moekit/sim/replica.py) makes a
+        step cost O(idle) instead of a pass over every running request, ~(P-1)/P of which a pipeline of P stages
+        has in flight."""
         out = SchedulerOutput()
+        scheduled = out.scheduled
         budget = self.config.max_num_batched_tokens
         room = max_seqs if max_seqs is not None else len(self.running) + self.config.max_num_seqs
         # The running requests this step may schedule or preempt, oldest first: those not in flight. (Filtered
         # once, not passed over one by one: a pipeline of P stages has ~(P-1)/P of them in flight at any time.)
-        cands = [r for r in self.running if r.request_id not in skip] if skip else self.running[:]
+        if idle is not None:
+            cands = sorted(idle, key=_arrival)  # running is in arrival order too
+        else:
+            cands = [r for r in self.running if r.request_id not in skip] if skip else self.running[:]
+        horizon = self.kv.horizon
         i = 0
         while i < len(cands) and budget > 0 and room > 0:
             req = cands[i]
-            n_spec, n_tok, c = len(req.spec_token_ids), len(req.all_token_ids), req.num_computed_tokens
+            c = req.num_computed_tokens
+            # Fast path, the steady state: a decode step (one token, no drafts) that the request's blocks already
+            # hold, so that allocate_slots would do nothing (KVCacheManager.horizon). What the general path below
+            # does for it, without the calls.
+            if c + 1 == len(req.all_token_ids) and c < horizon.get(req.request_id, 0) and not req.spec_token_ids:
+                scheduled.append(Scheduled(req, 1, [], True))
+                budget -= 1
+                room -= 1
+                i += 1
+                continue
+            n_spec, n_tok = len(req.spec_token_ids), len(req.all_token_ids)
             n = min(n_tok + n_spec - c, budget)
             while not self.kv.allocate_slots(req, n):
                 # The newest not in flight and not yet scheduled in this step (cands[i:]), or req itself.
                 victim = cands.pop()
-                self.running.remove(victim)
+                self._remove_running(victim)
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is req:
@@ -142,7 +175,7 @@ class Scheduler:
             if req.status is Status.PREEMPTED:
                 break  # it was the newest; everything older is scheduled
             spec = req.spec_token_ids[:max(0, n - (n_tok - c))] if n_spec else []
-            out.scheduled.append(Scheduled(req, n, spec, c + n - len(spec) >= n_tok))
+            scheduled.append(Scheduled(req, n, spec, c + n - len(spec) >= n_tok))
             budget -= n
             room -= 1
             i += 1
@@ -164,7 +197,7 @@ class Scheduler:
             self.kv_bound = False
             req.num_computed_tokens = req.num_cached_tokens = n_hit
             req.status = Status.RUNNING
-            bisect.insort(self.running, req, key=lambda r: r.arrival)  # a re-admitted request keeps its age
+            bisect.insort(self.running, req, key=_arrival)  # a re-admitted request keeps its age
             out.scheduled.append(Scheduled.of(req, n, []))
             budget -= n
             room -= 1
@@ -198,6 +231,16 @@ class Scheduler:
             if not s.reaches_end:  # a prefill chunk that does not reach the prompt's end yet: nothing sampled
                 continue
             new = sampled[req.request_id]
+            if not spec and len(new) == 1:
+                # Fast path, the steady state: one token sampled, no drafts checked. What the loop below does for
+                # it, without the loop: the token is committed whether or not it finishes the request.
+                if req.spec_token_ids:  # drafts the budget cut off are dropped
+                    req.spec_token_ids = []
+                reason = req.append_token(new[0], max_model_len)
+                if reason:
+                    self.finish(req, reason)
+                updates.append(RequestUpdate(req, [new[0]], 0, 0, reason))
+                continue
             n_acc = len(new) - 1 if spec else 0
             # The rejected drafts' K/V was written for tokens that are not in the sequence: forget it (the
             # correction token, committed below, takes the first rejected position in the next step).
@@ -221,7 +264,7 @@ class Scheduler:
     def finish(self, req: Request, reason: str) -> None:
         """Take a request out (finished or aborted) and free its blocks."""
         if req.status is Status.RUNNING:
-            self.running.remove(req)
+            self._remove_running(req)
         elif req.status in (Status.WAITING, Status.PREEMPTED):
             self.waiting.remove(req)
         self.kv.free(req)

@@ -112,7 +112,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="attention kernel: FlashAttention (default) or softmax over stored scores (Megatron 2021)")
     t.add_argument("--no-sequence-parallel", dest="sequence_parallel", action="store_false",
                    help="keep d_model-sized activations whole on every tensor-parallel GPU")
-    t.add_argument("--dtype", default="bf16", help="the peak that MFU is measured against (default bf16)")
+    t.add_argument("--dtype", default="bf16", help="the matmuls' dtype: the peak MFU is measured against and the "
+                   "rate the step is predicted at (default bf16; fp32 for a run without autocast)")
     t.add_argument("--optimizer-precision", default="mixed", choices=["mixed", "fp32"],
                    help="bytes per parameter: mixed = the article's bf16 weights and grads + 12 B of fp32 Adam "
                         "(2+2+12, default); fp32 = moekit's fp32 weights, grads and AdamW (4+4+8)")

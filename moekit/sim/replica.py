@@ -26,11 +26,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from moekit.infer.kv_cache import KVCacheManager
-from moekit.infer.request import Request, Status
+from moekit.infer.request import Request
 from moekit.infer.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from moekit.sim.steptime import Work
 
 TOKEN = 1  # what every simulated step samples: not an end-of-sequence token (the requests ignore EOS anyway)
+# Every request's sampled tokens: one list shared by all of them (Scheduler.update only reads it), rather than one
+# list per request per step.
+SAMPLED = (TOKEN,)
 
 
 @dataclass(slots=True)
@@ -98,7 +101,11 @@ class Replica:
         self.max_in_flight = max_in_flight or model.num_stages
         self.stage_free = [0.0] * model.num_stages
         self.in_flight: deque[tuple[SchedulerOutput, float]] = deque()
-        self.busy: set[str] = set()  # request ids in flight
+        # The running requests not in flight: what the next micro-batch may take or preempt. Kept as steps are
+        # scheduled and completed, so that scheduling costs O(idle), not a pass over every running request
+        # (`Scheduler.schedule(idle=)`, equal to the engine's `skip=` of the requests in flight). A dict as an
+        # ordered set: a completed micro-batch comes back in arrival order, so the scheduler's sort finds runs.
+        self.idle: dict[Request, None] = {}
         self.tracks: dict[str, Track] = {}  # unfinished
         self.time = 0.0  # when the driver next acts
         self.active = False  # has an iteration pending in the simulator's event queue
@@ -130,17 +137,18 @@ class Replica:
 
     # ---- one iteration of the serving loop ----------------------------------------------------------------
     def _submit(self, t: float, out: SchedulerOutput) -> None:
-        seqs = tokens = logits = 0
-        kv = attn = 0.0
+        tokens = logits = kv = attn2 = 0
+        leave = self.idle.pop
         for s in out.scheduled:
             n, c = s.num_tokens, s.request.num_computed_tokens
-            seqs += 1
             tokens += n
             kv += c + n
-            attn += n * (c + (n + 1) / 2)
+            attn2 += n * (2 * c + n + 1)  # twice n x (c + (n + 1) / 2): integers, so the sum is exact in any order
             if s.reaches_end:
                 logits += len(s.spec_token_ids) + 1
-        cost = self.model.step(Work(seqs, tokens, kv, attn, logits))
+            leave(s.request, None)  # in flight now
+        seqs = len(out.scheduled)
+        cost = self.model.step(Work(seqs, tokens, float(kv), attn2 / 2, logits))
         ready, free = t, self.stage_free
         for j, st in enumerate(cost.stage_s):
             start = ready if ready > free[j] else free[j]
@@ -148,8 +156,6 @@ class Replica:
             ready = free[j] + cost.hop_s
         done = free[-1]
         self.in_flight.append((out, done))
-        for s in out.scheduled:
-            self.busy.add(s.request.request_id)
         if self.log is not None:
             self.log.append(([(s.request.request_id, s.num_tokens, s.request.num_computed_tokens,
                                len(s.spec_token_ids)) for s in out.scheduled],
@@ -178,11 +184,12 @@ class Replica:
     def iterate(self) -> None:
         """One iteration from `self.time`: fill the pipeline, complete the oldest micro-batch, commit its tokens."""
         t = self.time
-        sched = self.scheduler
+        sched, idle = self.scheduler, self.idle
         P = self.max_in_flight
         while len(self.in_flight) < P:
-            busy, limit = self.busy, sched.micro_batch_share(P)
-            out = sched.schedule(skip=busy, max_seqs=limit) if busy or limit else sched.schedule()
+            out = sched.schedule(max_seqs=sched.micro_batch_share(P), idle=idle)
+            for r in out.preempted:
+                del idle[r]
             if not out.scheduled:  # (a step may preempt and schedule nothing: the engine tries again next step)
                 break
             self._submit(t, out)
@@ -197,9 +204,12 @@ class Replica:
         out, done = self.in_flight.popleft()
         if done > t:
             t = done
+        sampled = {}
         for s in out.scheduled:
-            self.busy.discard(s.request.request_id)
-        sampled = {s.request.request_id: [TOKEN] for s in out.scheduled if s.reaches_end}
+            req = s.request
+            idle[req] = None  # its step is done: the next micro-batch may take it (those that finish now leave below)
+            if s.reaches_end:
+                sampled[req.request_id] = SAMPLED
         updates = sched.update(out, sampled)
         tracks, results = self.tracks, self.results
         itl = results.itl
@@ -212,7 +222,8 @@ class Replica:
                 itl.append(t - tr.last)
             tr.last = t
             tr.n_out += len(u.new_token_ids)
-            if req.status is Status.FINISHED:
+            if u.finish_reason:
+                del idle[req]
                 del tracks[req.request_id]
                 results.finish(tr, req, self.index)
         self.out_tokens += len(updates)

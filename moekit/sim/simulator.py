@@ -14,9 +14,11 @@ top of each loop iteration). Every replica's scheduler is the engine's own (moek
 
 from __future__ import annotations
 
+import gc
 import heapq
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from moekit.sim.replica import Replica, Results, prompt_ids
@@ -86,56 +88,73 @@ def simulate(requests, model_for, dep: Deployment, *, vocab: int = 50_000, seed:
              record: bool = False, bin_s: float = 60.0, progress=None) -> SimRun:
     """Run `requests` (sorted by arrival) through `dep.replicas` replicas; `model_for(i)` gives replica i's
     step-time model (one shared model is fine: it is stateless but for its routing draws)."""
-    results = Results()
-    nb = dep.blocks()
-    if nb < 1:
-        raise ValueError("the KV cache holds no block: give the replica more memory")
-    if nb * dep.block_size < dep.max_model_len:
-        # A request must always fit the whole pool, or it could wait forever (the engine caps it the same way).
-        dep.max_model_len = nb * dep.block_size
-    replicas = [Replica(i, model_for(i), results, num_blocks=nb, block_size=dep.block_size,
-                        max_num_batched_tokens=dep.max_num_batched_tokens, max_num_seqs=dep.max_num_seqs,
-                        max_model_len=dep.max_model_len, enable_prefix_caching=dep.enable_prefix_caching,
-                        max_in_flight=dep.max_in_flight, record=record, bin_s=bin_s)
-                for i in range(dep.replicas)]
-    router = Router(dep.router, replicas)
-    heap: list[tuple[float, int]] = []
-    n, i = len(requests), 0
-    clipped = 0
-    t_wall = time.perf_counter()
-    inf = math.inf
-    # A measured profile's time outside the engine (HTTP, tokenizing, streaming): each request reaches its replica
-    # that much after it was sent, and its TTFT and E2E count from the sending.
-    ingress = getattr(replicas[0].model, "latency_s", 0.0)
-    while i < n or heap:
-        ta = requests[i].arrival + ingress if i < n else inf
-        if heap and heap[0][0] < ta:
-            _, k = heapq.heappop(heap)
-            rep = replicas[k]
-            rep.iterate()
-            if rep.has_work():
-                heapq.heappush(heap, (rep.time, k))
-            else:
-                rep.active = False
-            continue
-        q = requests[i]
-        p_len, o_len = q.prompt_len, q.output_len
-        if p_len + o_len > dep.max_model_len:  # clip as `moekit bench serve --trace` does: the prompt first
-            p_len = min(p_len, dep.max_model_len - 1)
-            o_len = max(1, min(o_len, dep.max_model_len - p_len))
-            clipped += 1
-        rep = router.choose(q.prefix_id)
-        prompt = prompt_ids(i, p_len, q.prefix_id, min(q.prefix_len, p_len - 1), vocab, seed)
-        rep.add(i, q.arrival, prompt, o_len, getattr(q, "request_id", None))
-        if not rep.active:
-            rep.active = True
-            rep.time = max(rep.time, ta)
-            heapq.heappush(heap, (rep.time, rep.index))
-        i += 1
-        if progress is not None and i % 1000 == 0:
-            progress(i)
-    wall = time.perf_counter() - t_wall
-    for rep in replicas:
-        rep.kv.check_whole()  # every block came back: the simulated run leaked nothing
+    # The loop makes millions of short-lived objects (scheduler outputs, updates) over a heap of millions of
+    # long-lived ones (the pools' blocks, the requests), next to none in reference cycles: reference counting frees
+    # everything, and the cyclic collector's passes over that heap find nothing. So it is off while the simulator
+    # runs (vLLM's engine core freezes its start-up heap out of the collector for the same reason: "Reduces pause
+    # times of oldest generation collections", vllm/v1/engine/core.py `freeze_gc_heap`).
+    with _cyclic_gc_off():
+        results = Results()
+        nb = dep.blocks()
+        if nb < 1:
+            raise ValueError("the KV cache holds no block: give the replica more memory")
+        if nb * dep.block_size < dep.max_model_len:
+            # A request must always fit the whole pool, or it could wait forever (the engine caps it the same way).
+            dep.max_model_len = nb * dep.block_size
+        replicas = [Replica(i, model_for(i), results, num_blocks=nb, block_size=dep.block_size,
+                            max_num_batched_tokens=dep.max_num_batched_tokens, max_num_seqs=dep.max_num_seqs,
+                            max_model_len=dep.max_model_len, enable_prefix_caching=dep.enable_prefix_caching,
+                            max_in_flight=dep.max_in_flight, record=record, bin_s=bin_s)
+                    for i in range(dep.replicas)]
+        router = Router(dep.router, replicas)
+        heap: list[tuple[float, int]] = []
+        n, i = len(requests), 0
+        clipped = 0
+        t_wall = time.perf_counter()
+        inf = math.inf
+        # A measured profile's time outside the engine (HTTP, tokenizing, streaming): each request reaches its replica
+        # that much after it was sent, and its TTFT and E2E count from the sending.
+        ingress = getattr(replicas[0].model, "latency_s", 0.0)
+        while i < n or heap:
+            ta = requests[i].arrival + ingress if i < n else inf
+            if heap and heap[0][0] < ta:
+                _, k = heapq.heappop(heap)
+                rep = replicas[k]
+                rep.iterate()
+                if rep.has_work():
+                    heapq.heappush(heap, (rep.time, k))
+                else:
+                    rep.active = False
+                continue
+            q = requests[i]
+            p_len, o_len = q.prompt_len, q.output_len
+            if p_len + o_len > dep.max_model_len:  # clip as `moekit bench serve --trace` does: the prompt first
+                p_len = min(p_len, dep.max_model_len - 1)
+                o_len = max(1, min(o_len, dep.max_model_len - p_len))
+                clipped += 1
+            rep = router.choose(q.prefix_id)
+            prompt = prompt_ids(i, p_len, q.prefix_id, min(q.prefix_len, p_len - 1), vocab, seed)
+            rep.add(i, q.arrival, prompt, o_len, getattr(q, "request_id", None))
+            if not rep.active:
+                rep.active = True
+                rep.time = max(rep.time, ta)
+                heapq.heappush(heap, (rep.time, rep.index))
+            i += 1
+            if progress is not None and i % 1000 == 0:
+                progress(i)
+        wall = time.perf_counter() - t_wall
+        for rep in replicas:
+            rep.kv.check_whole()  # every block came back: the simulated run leaked nothing
     m = replicas[0].model
     return SimRun(results, replicas, wall, n, m.describe(), getattr(m, "n_gpus", 1), clipped)
+
+
+@contextmanager
+def _cyclic_gc_off():
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

@@ -104,10 +104,20 @@ class HardwareModel:
                 terms[k].append(v)
         self._S = {k: np.asarray(v, dtype=float) for k, v in terms.items()}
         self._moe_S = self._S["moe"]
+        # The same constants stage by stage, as Python floats: `step` does its ~15 operations on pp numbers in a
+        # loop, which costs a third of as many operations on pp-long arrays (numpy's per-call overhead dominates at
+        # this size, and a fleet hour is ~10^6 steps); the same IEEE operations in the same order, so the same bits.
+        self._stage_terms = list(zip(*(terms[k] for k in ("w_fixed", "w_emb", "w_expert", "kv", "f_dense",
+                                                          "f_expert", "f_attn", "layers", "moe", "overhead")),
+                                     strict=True))
         self._peak, self._w_bw, self._kv_bw, self._lat = peak, w_bw, kv_bw, lat
         self._link = s.link(tp * ep)
         self._hop_link = s.link(tp * ep * pp)
         self._moe_offsets = np.cumsum([0] + [st.moe_layers for st in s.stages])
+        # (stages, MoE layers): 1 where the layer is on the stage; a product with per-layer counts sums them per stage.
+        self._stage_of_layer = np.zeros((pp, cfg.n_moe_layers if cfg.is_moe else 0), dtype=np.int64)
+        for j in range(pp):
+            self._stage_of_layer[j, self._moe_offsets[j]:self._moe_offsets[j + 1]] = 1
         # Uniform routing without expert parallelism (the default): only how many experts a layer touches
         # matters, drawn from its exact distribution (`touched_distribution`) rather than a multinomial per layer.
         self._uniform = routing is None and ep == 1
@@ -137,19 +147,19 @@ class HardwareModel:
         return int(tokens) * self.ep  # each expert group holds its own sequences' cache
 
     # ---- one micro-batch -------------------------------------------------------------------------------
-    def _expert_terms(self, tokens: int) -> tuple[np.ndarray, np.ndarray, float]:
+    def _expert_terms(self, tokens: int) -> tuple[list, list, float]:
         """Per stage: sum over its MoE layers of the slowest rank's touched experts and assignments; mean
         distinct experts per layer. Drawn from the routing distribution, or the planner's expectation."""
         cfg, ep = self.cfg, self.ep
         n_moe = self._n_moe
         if not n_moe or tokens == 0:
-            z = np.zeros(self.pp)
+            z = [0.0] * self.pp
             return z, z, 0.0
         k = cfg.top_k
         per_stage = self._moe_S
         if self.expected:
             touched = expert_coverage(cfg.n_expert, k, tokens)
-            return per_stage * touched / ep, per_stage * tokens * k / ep, touched
+            return (per_stage * touched / ep).tolist(), (per_stage * tokens * k / ep).tolist(), touched
         draws = tokens * k  # a token's k picks as independent draws, which overstates the chance of two picks
         # on one expert by ~k/E: a token then touches 1.94 of 16, not 2.
         if self._uniform:
@@ -160,19 +170,15 @@ class HardwareModel:
                 touched_L = np.full(n_moe, cfg.n_expert)
             else:
                 touched_L = np.minimum(np.searchsorted(cdf, self.rng.random(n_moe), side="right"), cfg.n_expert)
-            cs_t = np.concatenate([[0], np.cumsum(touched_L)])
-            o = self._moe_offsets
-            return cs_t[o[1:]] - cs_t[o[:-1]], per_stage * draws, float(touched_L.mean())
+            touched_S = (self._stage_of_layer @ touched_L).tolist()  # integers: exact
+            return touched_S, (per_stage * draws).tolist(), sum(touched_S) / n_moe
         counts_LE = (self.rng.multinomial(draws, self.routing) if self.routing.ndim == 2
                      else self.rng.multinomial(draws, self.routing, size=n_moe))
         per_rank = counts_LE.reshape(n_moe, ep, -1)
         touched_L = (per_rank > 0).sum(-1).max(-1)  # the slowest rank's distinct experts, per layer
         assign_L = per_rank.sum(-1).max(-1)
-        cs_t = np.concatenate([[0], np.cumsum(touched_L)])
-        cs_a = np.concatenate([[0], np.cumsum(assign_L)])
-        o = self._moe_offsets
         distinct = float((counts_LE > 0).sum()) / n_moe
-        return cs_t[o[1:]] - cs_t[o[:-1]], cs_a[o[1:]] - cs_a[o[:-1]], distinct
+        return (self._stage_of_layer @ touched_L).tolist(), (self._stage_of_layer @ assign_L).tolist(), distinct
 
     def step(self, w: Work) -> StepCost:
         ep, tp = self.ep, self.tp
@@ -181,16 +187,23 @@ class HardwareModel:
         act = g_tokens * self.cfg.d_model * ACT_BYTES
         comm_layer = transfer(2 * (tp - 1) / tp * act, self._link, self._lat) if tp > 1 else 0.0
         comm_moe = (transfer(act * self.cfg.top_k * (ep - 1) / ep / tp, self._link, self._lat) if ep > 1 else 0.0)
-        c = self._S
-        w_read = c["w_fixed"] + c["w_emb"] * g_tokens + c["w_expert"] * touched_S
-        kv_read = g_kv * c["kv"]
-        f = c["f_dense"] * g_tokens + c["f_expert"] * assign_S + c["f_attn"] * g_attn
-        t = np.maximum(f / self._peak, w_read / self._w_bw + kv_read / self._kv_bw)
-        t += 2 * comm_layer * c["layers"] + 2 * comm_moe * c["moe"] + c["overhead"]
+        comm_layer, comm_moe = 2 * comm_layer, 2 * comm_moe  # each layer all-reduces (or all-to-alls) twice
+        peak, w_bw, kv_bw = self._peak, self._w_bw, self._kv_bw
+        t_S, f_S, read_S = [], [], []
+        for (w_fixed, w_emb, w_expert, kv, f_dense, f_expert, f_attn, layers, moe, overhead), touched, assign in zip(
+                self._stage_terms, touched_S, assign_S, strict=True):
+            w_read = w_fixed + w_emb * g_tokens + w_expert * touched
+            kv_read = g_kv * kv
+            f = f_dense * g_tokens + f_expert * assign + f_attn * g_attn
+            compute, memory = f / peak, w_read / w_bw + kv_read / kv_bw
+            t_S.append((compute if compute > memory else memory) + (comm_layer * layers + comm_moe * moe + overhead))
+            f_S.append(f)
+            read_S.append(w_read + kv_read)
         hop = transfer(act / tp, self._hop_link, self.hw.hop_latency_us * 1e-6) if self.pp > 1 else 0.0
         gpus_per_stage = tp * ep
-        return StepCost(t.tolist(), hop, float(f.sum()) * gpus_per_stage,
-                        float((w_read + kv_read).sum()) * gpus_per_stage, distinct)
+        # numpy's sums (pairwise), as the planner's arrays summed them
+        return StepCost(t_S, hop, float(np.sum(f_S)) * gpus_per_stage, float(np.sum(read_S)) * gpus_per_stage,
+                        distinct)
 
     def gap_seconds(self, outputs: int, added: int) -> float:
         return self.driver_s
