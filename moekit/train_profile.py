@@ -18,10 +18,10 @@ measured entry takes them from here, so that `moekit plan train --gpu local` pre
 - `attention_rates`: FLOP/s of causal scaled-dot-product attention (the model's call, MQA/GQA included) forward and
   backward at the model's heads and `seq_len`, counted as the planner counts them (forward 2 b s^2 q_dim, backward
   2.5x that: FlashAttention-2's five matmuls against two).
-- `elementwise_gb_s`: the bandwidth of a memory-bound op as eager PyTorch runs one (x + y into a fresh tensor, at
-  the step's activation sizes), at which the planner moves the memory-bound ops' bytes. A streaming sum reads faster
-  than any op that writes: on a 2-core CPU a fresh 32 MB output ran at ~2.5 GB/s (first-touch page faults: glibc
-  maps allocations that large anew) where an 8 MB one ran at ~13 and the sum at ~17.
+- `elementwise_gb_s`: the bandwidth of the memory-bound ops a layer runs, as eager PyTorch runs them (a norm, the
+  activation, a residual add, forward and backward, at the step's activation sizes), at which the planner moves the
+  memory-bound ops' bytes. A streaming sum reads faster than any op that writes and computes: on a 2-core AVX2 CPU
+  GELU forward and backward moved ~2-5 GB/s where the sum read ~17.
 
 Best-of timings (noise only slows), the accelerator synchronized around each.
 """
@@ -57,21 +57,30 @@ def _best(fn: Callable[[], object], dev: torch.device, repeats: int) -> float:
     return best
 
 
-def gemm_rates(cfg: ModelConfig, tokens: int, dtype: str, dev: torch.device, repeats: int = 3) -> dict[str, float]:
-    """{"m,n,k": TFLOP/s} of the step's GEMMs at `tokens` tokens per micro-batch (module docstring)."""
+def gemm_rates(cfg: ModelConfig, tokens: int, dtype: str, dev: torch.device, repeats: int = 3,
+               cold_bytes: float = 96e6) -> dict[str, float]:
+    """{"m,n,k": TFLOP/s} of the step's GEMMs at `tokens` tokens per micro-batch (module docstring). Each shape is
+    timed over enough distinct operand sets to fill `cold_bytes` (3x this CPU's last-level cache), one after the
+    other, as a step runs its layers: the same operands timed again and again sit in the cache, which no step's do
+    (on a 2-core CPU that read 35% faster than the step's own matmuls)."""
     from moekit.plan.step_time import layer_gemms
 
     dt = TORCH_DTYPES[dtype]
+    size = torch.finfo(dt).bits // 8
     shapes = {(m, n, k) for moe in {False, cfg.is_moe} for m, n, k, _ in layer_gemms(cfg, moe, tokens, 1, 1)}
     shapes.add((tokens, cfg.vocab_size, cfg.d_model))
     out: dict[str, float] = {}
     for m, n, k in sorted(shapes):
-        x, w, g = (torch.randn(*s, device=dev).to(dt) for s in ((m, k), (n, k), (m, n)))
-        flops = 2 * m * n * k
-        for key, fn in ((shape_key(m, n, k), lambda x=x, w=w: F.linear(x, w)),  # forward: x W^T
-                        (shape_key(m, k, n), lambda g=g, w=w: torch.mm(g, w)),  # input gradient: g W
-                        (shape_key(k, n, m), lambda g=g, x=x: torch.mm(g.t(), x))):  # weight gradient: g^T x
-            out[key] = flops / _best(fn, dev, repeats) / 1e12
+        sets = max(1, math.ceil(cold_bytes / ((m * k + n * k + m * n) * size)))
+        xs, ws, gs = ([torch.randn(*s, device=dev).to(dt) for _ in range(sets)] for s in ((m, k), (n, k), (m, n)))
+        flops = 2 * m * n * k * sets
+        for key, op, a, b in ((shape_key(m, n, k), F.linear, xs, ws),  # forward: x W^T
+                              (shape_key(m, k, n), torch.mm, gs, ws),  # input gradient: g W
+                              (shape_key(k, n, m), lambda g, x: torch.mm(g.t(), x), gs, xs)):  # weight gradient
+            def run(op=op, a=a, b=b):
+                return [op(p, q) for p, q in zip(a, b, strict=True)]
+
+            out[key] = flops / _best(run, dev, repeats) / 1e12
     return out
 
 
@@ -99,16 +108,25 @@ def attention_rates(cfg: ModelConfig, seq_len: int, dtype: str, dev: torch.devic
     return {"fwd": flops / t_fwd / 1e12, "bwd": 2.5 * flops / t_bwd / 1e12}
 
 
-def elementwise_gb_s(cfg: ModelConfig, tokens: int, dtype: str, dev: torch.device, repeats: int = 5) -> float:
-    """GB/s of an eager elementwise op with a fresh output (x + y) on the step's activations: (tokens, d_model) and
-    (tokens, d_ff) tensors, bytes read and written over the time of both (module docstring)."""
+def elementwise_gb_s(cfg: ModelConfig, tokens: int, dtype: str, dev: torch.device, repeats: int = 3) -> float:
+    """GB/s of the memory-bound ops a layer runs, as eager PyTorch runs them on the step's activations: a norm, the
+    MLP's activation and a residual add, forward and backward, on (tokens, d_model) and (tokens, d_ff) tensors; the
+    bytes each reads and writes over their time (module docstring)."""
     dt = TORCH_DTYPES[dtype]
-    moved = seconds = 0.0
-    for width in (cfg.d_model, cfg.d_ff):
-        x, y = (torch.randn(tokens, width, device=dev).to(dt) for _ in range(2))
-        seconds += _best(lambda x=x, y=y: x + y, dev, repeats)
-        moved += 3 * x.numel() * x.element_size()
-    return moved / seconds / 1e9
+    d, f = cfg.d_model, cfg.d_ff
+    x, r, gx = (torch.randn(tokens, d, device=dev).to(dt) for _ in range(3))
+    h, gh = (torch.randn(tokens, f, device=dev).to(dt) for _ in range(2))
+    w = torch.ones(d, device=dev).to(dt)
+    mean, rstd = (t.float() for t in torch.ops.aten.native_layer_norm(x, [d], w, None, 1e-5)[1:])
+    xb, hb = x.numel() * x.element_size(), h.numel() * h.element_size()
+    ops = [(lambda: x + r, 3 * xb),  # residual: read 2, write 1
+           (lambda: F.layer_norm(x, [d], w), 2 * xb),
+           (lambda: torch.ops.aten.native_layer_norm_backward(gx, x, [d], mean.to(dt), rstd.to(dt), w, None,
+                                                               [True, False, False]), 3 * xb),
+           (lambda: F.gelu(h), 2 * hb),
+           (lambda: torch.ops.aten.gelu_backward(gh, h), 3 * hb)]
+    seconds = sum(_best(fn, dev, repeats) for fn, _ in ops)
+    return sum(b for _, b in ops) / seconds / 1e9
 
 
 __all__ = ["attention_rates", "elementwise_gb_s", "gemm_rates", "shape_key"]

@@ -50,9 +50,11 @@ class Block:
 
 def hash_block(parent: bytes | None, token_ids: list[int]) -> bytes:
     """SHA-256 of the parent block's hash and this block's token ids: names the whole prefix."""
-    h = hashlib.sha256(parent or b"root")
-    h.update(array("q", token_ids).tobytes())
-    return h.digest()
+    return _hash_block_bytes(parent, array("q", token_ids).tobytes())
+
+
+def _hash_block_bytes(parent: bytes | None, token_bytes: bytes) -> bytes:
+    return hashlib.sha256((parent or b"root") + token_bytes).digest()
 
 
 class BlockPool:
@@ -146,10 +148,15 @@ class KVCacheManager:
     def _block_hashes(self, req: HasTokens) -> list[bytes]:
         hashes = self.hashes.setdefault(req.request_id, [])
         P, tokens = self.block_size, req.all_token_ids
-        root = getattr(req, "cache_salt", None)  # a request with images: chained from its images' hash
-        while (len(hashes) + 1) * P <= len(tokens):  # tokens only grow: earlier hashes stay valid
-            i = len(hashes)
-            hashes.append(hash_block(hashes[-1] if hashes else root, tokens[i * P:(i + 1) * P]))
+        start, n_full = len(hashes), len(tokens) // P  # tokens only grow: earlier hashes stay valid
+        if n_full > start:
+            # hash_block for each new full block, the token ids turned into bytes in one go (a prompt's blocks)
+            data = array("q", tokens[start * P:n_full * P]).tobytes()
+            parent = hashes[-1] if hashes else getattr(req, "cache_salt", None)  # images: chained from their hash
+            width = 8 * P
+            for j in range(0, len(data), width):
+                parent = _hash_block_bytes(parent, data[j:j + width])
+                hashes.append(parent)
         return hashes
 
     def get_computed_blocks(self, req: HasTokens) -> tuple[list[Block], int]:

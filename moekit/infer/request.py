@@ -83,14 +83,12 @@ class Request:
 
     def append_token(self, token: int, max_model_len: int) -> str | None:
         """Commit one sampled token; the finish reason it causes, if any (stop strings come later)."""
-        self.all_token_ids.append(token)
-        p = self.params
-        if not p.ignore_eos and token in self.eos_token_ids:
+        tokens, p = self.all_token_ids, self.params
+        tokens.append(token)
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
             return "stop"
-        if token in p.stop_token_ids:
-            return "stop"
-        n = len(self.all_token_ids)
-        if n - len(self.prompt_token_ids) >= p.max_tokens or n >= max_model_len:
+        n = len(tokens)
+        if n >= max_model_len or n - len(self.prompt_token_ids) >= p.max_tokens:
             return "length"
         return None
 

@@ -20,6 +20,7 @@ The profile model (moekit/sim/profile.py) is a linear fit of moekit's own engine
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from dataclasses import dataclass
@@ -224,12 +225,22 @@ def touched_distribution(n_expert: int, draws: int) -> np.ndarray:
         out[0] = 1.0
         return out
     out = np.zeros(E + 1)
-    for t in range(1, E + 1):
-        i = np.arange(t + 1)
-        terms = (-1.0) ** i * np.array([math.comb(t, j) for j in i], dtype=float) * ((t - i) / E) ** draws
-        out[t] = math.comb(E, t) * terms.sum()
+    for t, (c_Et, signed_comb, base) in enumerate(_occupancy_terms(E), start=1):
+        out[t] = c_Et * (signed_comb * base ** draws).sum()
     out = np.clip(out, 0.0, None)
     return out / out.sum()
+
+
+@functools.cache
+def _occupancy_terms(n_expert: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """Per t = 1..E, the parts of touched_distribution's sum that do not depend on the draws: C(E, t),
+    (-1)^i C(t, i) and (t - i) / E for i = 0..t (a fleet hour asks for thousands of batch sizes)."""
+    out = []
+    for t in range(1, n_expert + 1):
+        i = np.arange(t + 1)
+        out.append((math.comb(n_expert, t), (-1.0) ** i * np.array([math.comb(t, j) for j in i], dtype=float),
+                    (t - i) / n_expert))
+    return out
 
 
 class ProfileModel:
