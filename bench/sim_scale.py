@@ -7,8 +7,9 @@ The workload is the shipped Azure conversation trace (real arrival bursts and le
 times per replica (3: ~15 requests/s, which keeps ~2,000-3,000 sequences in flight on GPT-4 over 128 A100-80GB,
 8 x 16) and laid end to end until it covers `--hours` of simulated time; a fleet of R replicas gets R times the
 arrivals (the trace sped up R x more), behind the least-loaded router. Each run is timed on its own (wall seconds
-of `simulate` only); printed as JSON with simulated requests and scheduled tokens per wall-second. The baseline is
-the simulated time itself: `speedup` = simulated seconds / wall seconds (> 1: faster than the cluster).
+of `simulate` only; `summary_wall_s` is the metrics afterwards); printed as JSON with simulated requests, scheduled
+tokens and request-steps (one request in one micro-batch: the unit of the simulator's work) per wall-second. The
+baseline is the simulated time itself: `speedup` = simulated seconds / wall seconds (> 1: faster than the cluster).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from moekit.sim import steptime
 from moekit.sim import workload as wl
@@ -42,11 +44,16 @@ def run(replicas: int, args) -> dict:
                      max_model_len=8192)
     sim = simulate(reqs, lambda i: model, dep, vocab=model.cfg.vocab_size,
                    progress=lambda i: print(f"  {i:,} requests routed", file=sys.stderr) if i % 20_000 == 0 else None)
+    t0 = time.perf_counter()
     s = sim.summary(price_per_gpu_hour=model.hw.price_per_hour)
+    summary_s = time.perf_counter() - t0
     tokens = sum(r.tokens for r in sim.replicas)
+    request_steps = sum(r.batch_seqs for r in sim.replicas)  # one request in one micro-batch
     return {"replicas": replicas, "requests": len(reqs), "simulated_s": s["duration"], "wall_s": sim.wall_s,
-            "sim_requests_per_wall_s": len(reqs) / sim.wall_s, "scheduled_tokens": tokens,
-            "scheduled_tokens_per_wall_s": tokens / sim.wall_s, "micro_batches": s["sim"]["steps"],
+            "summary_wall_s": summary_s, "sim_requests_per_wall_s": len(reqs) / sim.wall_s,
+            "scheduled_tokens": tokens, "scheduled_tokens_per_wall_s": tokens / sim.wall_s,
+            "request_steps": request_steps, "wall_us_per_request_step": sim.wall_s / request_steps * 1e6,
+            "micro_batches": s["sim"]["steps"],
             "speedup": s["duration"] / sim.wall_s,
             "mean_batch_seqs": s["sim"]["mean_batch_seqs"], "in_flight_mean": s["sim"]["mean_batch_seqs"] * 16,
             "busy": s["sim"]["busy"], "output_throughput": s["output_throughput"],

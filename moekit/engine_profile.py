@@ -22,8 +22,9 @@ weights read / weight_read_gb_s + the overheads below (moekit/plan/serve.py's pl
   (expert_coverage, the planner's), step(L, b) = step + b x seq + L x (layer + c(b) x expert), so the slopes over
   L at b = 1 and 16 give layer and expert, and the intercepts step and seq.
 
-Both are best-of timings (noise only slows), the accelerator synchronized around each. It lives outside
-`moekit.plan`: it imports the engine, and the planner imports none (DESIGN.md "Layout").
+Both are the best of three windows of back-to-back calls (noise only slows), the accelerator synchronized around
+each window. It lives outside `moekit.plan`: it imports the engine, and the planner imports none (DESIGN.md
+"Layout").
 """
 
 from __future__ import annotations
@@ -125,16 +126,16 @@ def decode_pass(model, batch: int = 1) -> tuple[Callable[[], None], float]:
     return one, nbytes
 
 
-def best_seconds(fn: Callable[[], object], sync: Callable[[], None], repeats: int) -> float:
+def window_seconds(fn: Callable[[], object], sync: Callable[[], None], repeats: int) -> float:
+    """Mean seconds per call over `repeats` consecutive calls, as decoding runs its steps back to back (the caller
+    takes the best of several windows, as it does of the engine's own steps: noise only slows)."""
     fn(), fn()
     sync()
-    best = math.inf
+    t0 = time.perf_counter()
     for _ in range(repeats):
-        t0 = time.perf_counter()
         fn()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    sync()
+    return (time.perf_counter() - t0) / repeats
 
 
 def weight_read_gb_s(cfg: ModelConfig, weight_dtype: str, dev: torch.device, batch: int = 1,
@@ -146,11 +147,11 @@ def weight_read_gb_s(cfg: ModelConfig, weight_dtype: str, dev: torch.device, bat
     sync = _sync(dev)
     (wide, wide_bytes), (thin, thin_bytes) = (decode_pass(build(c, weight_dtype, dev), batch)
                                               for c in (cfg, narrow(cfg)))
-    # Alternate the two so that a change in the machine's load hits both; best of each.
+    # Alternate the two so that a change in the machine's load hits both; the best window of each.
     t_wide = t_thin = math.inf
     for _ in range(3):
-        t_wide = min(t_wide, best_seconds(wide, sync, repeats))
-        t_thin = min(t_thin, best_seconds(thin, sync, repeats))
+        t_wide = min(t_wide, window_seconds(wide, sync, repeats))
+        t_thin = min(t_thin, window_seconds(thin, sync, repeats))
     if t_wide <= t_thin:
         if not strict:
             return wide_bytes / t_wide / 1e9

@@ -129,7 +129,7 @@ class KVCacheManager:
         # has nothing to do: the table covers those tokens and no block of them fills up. A decode step crosses it
         # twice in block_size steps; the scheduler reads it to pass the other steps over without a call (a
         # simulated GPT-4 fleet hour is ~10^8 request-steps). Kept by every method that changes a table or
-        # num_cached; `_horizon` recomputes it (tests/test_infer_kv.py holds the two equal).
+        # num_cached (tests/test_infer_scheduler_fast_paths.py: up to it, allocate_slots changes nothing).
         self.horizon: dict[str, int] = {}
         self.queries = 0  # prompt tokens looked up in the prefix cache
         self.hits = 0  # of which found

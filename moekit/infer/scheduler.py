@@ -35,7 +35,7 @@ import bisect
 import math
 import operator
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from moekit.infer.kv_cache import KVCacheManager
@@ -135,9 +135,10 @@ class Scheduler:
         one micro-batch takes (its share, so that each of the pipeline's micro-batches has work).
 
         `idle` says the same as `skip` the other way round: the running requests *not* in flight, in any order
-        (exactly `running` less `skip`). A caller that keeps that set as it goes (moekit/sim/replica.py) makes a
-        step cost O(idle) instead of a pass over every running request, ~(P-1)/P of which a pipeline of P stages
-        has in flight."""
+        (exactly `running` less `skip`; sorted by arrival here, so arrivals must be distinct, as the engine's and
+        the simulator's are). A caller that keeps that set as it goes (moekit/sim/replica.py) makes a step cost
+        O(idle) instead of a pass over every running request, ~(P-1)/P of which a pipeline of P stages has in
+        flight (tests/test_infer_scheduler_fast_paths.py holds the two ways to the same decisions)."""
         out = SchedulerOutput()
         scheduled = out.scheduled
         budget = self.config.max_num_batched_tokens
@@ -145,7 +146,7 @@ class Scheduler:
         # The running requests this step may schedule or preempt, oldest first: those not in flight. (Filtered
         # once, not passed over one by one: a pipeline of P stages has ~(P-1)/P of them in flight at any time.)
         if idle is not None:
-            cands = sorted(idle, key=_arrival)  # running is in arrival order too
+            cands = sorted(idle, key=_arrival)  # the order of `running`, which is by arrival
         else:
             cands = [r for r in self.running if r.request_id not in skip] if skip else self.running[:]
         horizon = self.kv.horizon
@@ -216,7 +217,7 @@ class Scheduler:
             len(self.running) + len(self.waiting), self.config.max_num_seqs)
         return max(1, math.ceil(can_run / num_micro_batches))
 
-    def update(self, scheduled: SchedulerOutput, sampled: dict[str, list[int]]) -> list[RequestUpdate]:
+    def update(self, scheduled: SchedulerOutput, sampled: Mapping[str, Sequence[int]]) -> list[RequestUpdate]:
         """Apply one step's results; an update for each request that produced tokens, in schedule order.
 
         `sampled[request_id]`: the tokens the step emitted for each request whose scheduled tokens reach
@@ -236,10 +237,11 @@ class Scheduler:
                 # it, without the loop: the token is committed whether or not it finishes the request.
                 if req.spec_token_ids:  # drafts the budget cut off are dropped
                     req.spec_token_ids = []
-                reason = req.append_token(new[0], max_model_len)
+                tok = new[0]
+                reason = req.append_token(tok, max_model_len)
                 if reason:
                     self.finish(req, reason)
-                updates.append(RequestUpdate(req, [new[0]], 0, 0, reason))
+                updates.append(RequestUpdate(req, [tok], 0, 0, reason))
                 continue
             n_acc = len(new) - 1 if spec else 0
             # The rejected drafts' K/V was written for tokens that are not in the sequence: forget it (the

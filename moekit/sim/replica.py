@@ -3,7 +3,7 @@
 The driver mirrors the real serving loop step for step (moekit/serve/async_engine.py `_serve` around
 moekit/infer/engine.py `Engine.step`): at the start of an iteration the requests that arrived are added, then
 up to `max_in_flight` (= pipeline stages) micro-batches are scheduled and submitted, each taking its share of
-the unfinished requests and passing over those still in flight (`Scheduler.schedule(skip=, max_seqs=)`), then
+the unfinished requests and passing over those still in flight (`Scheduler.schedule(idle=, max_seqs=)`), then
 the oldest is waited for and `Scheduler.update` commits one token per request that reached the end of its
 committed tokens; then the driver's per-step overhead (the planner's step_overhead_us, or the server's measured
 gap) passes before the next iteration. Nothing of the scheduling is copied here: batches, chunked prefill, the
