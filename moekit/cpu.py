@@ -82,6 +82,17 @@ def oversubscribed(threads: int, reserve: int = 0, busy: float | None = None) ->
     others = busy if busy is not None else 0.0
     if threads + reserve + others <= cores + 0.5:
         return None
-    return (f"{threads} torch thread(s) + {reserve} for the server + {others:.1f} core(s) busy with other work > the "
+    server = f" + {reserve} for the server" if reserve else ""
+    return (f"{threads} torch thread(s){server} + {others:.1f} core(s) busy with other work > the "
             f"{cores} core(s) this process may use: torch's threads wait for each other when one loses its core, "
             "and steps can slow 10-80x; use fewer --threads, or stop the other work")
+
+
+def process_threads(local_processes: int = 1, env: dict | None = None, busy: float | None = None) -> int | None:
+    """Threads for one of `local_processes` processes of a job on this machine (`moekit train`): None when the user
+    set OMP_NUM_THREADS (torch already took it), else an equal share of the usable cores that other work leaves
+    (`default_threads`), at least 1. torch's default would give every process all the cores."""
+    env = os.environ if env is None else env
+    if env.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, default_threads(busy=busy) // max(1, local_processes))

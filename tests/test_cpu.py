@@ -66,3 +66,12 @@ def test_a_busy_loop_is_seen_as_a_busy_core():
     finally:
         hog.kill()
         hog.wait()
+
+
+def test_a_training_process_takes_its_share_of_the_free_cores_unless_omp_num_threads_is_set(monkeypatch):
+    monkeypatch.setattr(cpu, "usable_cores", lambda: 8)
+    assert cpu.process_threads(1, env={}) == 8
+    assert cpu.process_threads(4, env={}) == 2
+    assert cpu.process_threads(2, env={}, busy=2.2) == 3  # 8 - 2 busy, halved
+    assert cpu.process_threads(16, env={}) == 1  # never below one
+    assert cpu.process_threads(1, env={"OMP_NUM_THREADS": "3"}) is None  # torch already took the user's figure

@@ -194,6 +194,8 @@ class _Job:
             raise ValueError(f"--nproc {args.nproc} under torchrun's {world} processes: drop --nproc")
         dims = _layout_flags(args, world, cfg)  # every rank checks the same flags: all fail alike, none waits
         self.env = init_distributed(device_choice, timeout=args.collective_timeout)
+        if self.env.device.type == "cpu":
+            _set_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         self.layout = Layout.from_env(dims, self.env, **({"pipeline": _pipeline_flags(args)} if dims.pp > 1 else {}))
         self.is_main = self.env.is_main
 
@@ -212,6 +214,23 @@ class _Job:
         from moekit.parallel.mesh import destroy_distributed
 
         destroy_distributed()
+
+
+def _set_threads(local_processes: int) -> None:
+    """torch's intra-op threads on a CPU: OMP_NUM_THREADS when set, else this process's share of the cores it may
+    use (moekit/cpu.py: torch's default counts the machine's cores, not the affinity mask of a container or
+    `taskset`). Not the cores other work leaves free, as serving takes: that changes with the load, and with it the
+    matmuls' summation order, and a resumed run would no longer match an uninterrupted one bit for bit. A busy
+    machine gets a warning instead."""
+    from moekit import cpu
+
+    n = cpu.process_threads(local_processes)
+    if n is not None:
+        torch.set_num_threads(n)
+    n = torch.get_num_threads()
+    why = cpu.oversubscribed(n * local_processes, busy=cpu.busy_cores(0.2))
+    if why:
+        tqdm.write(f"warning: the CPU is oversubscribed: {why}")
 
 
 def _maybe_launch(args: argparse.Namespace, cfg: ModelConfig) -> int | None:
