@@ -115,7 +115,7 @@ def measure(device: str | None = None, quick: bool = False, label: str | None = 
         batched[name] = {str(batch): round(engine_profile.weight_read_gb_s(cfg, name, dev, batch=batch,
                                                                            repeats=2 if quick else 6,
                                                                            strict=not quick), 3)}
-        o = engine_profile.engine_overheads(cfg, name, dev, steps=4 if quick else 24)
+        o = engine_profile.engine_overheads(cfg, name, dev, steps=4 if quick else 32)
         overheads[name] = {"layer": round(o.layer_us, 1), "step": round(o.step_us, 1),
                            "expert": round(o.expert_us, 1), "seq": round(o.seq_us, 1)}
         log(f"decode {name:<5}    weights read at {gemv[name]:,.1f} GB/s, {batched[name][str(batch)]:,.1f} with "

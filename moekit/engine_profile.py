@@ -22,7 +22,7 @@ weights read / weight_read_gb_s + the overheads below (moekit/plan/serve.py's pl
   (expert_coverage, the planner's), step(L, b) = step + b x seq + L x (layer + c(b) x expert), so the slopes over
   L at b = 1 and 16 give layer and expert, and the intercepts step and seq.
 
-Both are the best of three windows of back-to-back calls (noise only slows), the accelerator synchronized around
+Both are the best of five windows of back-to-back calls (noise only slows), the accelerator synchronized around
 each window. It lives outside `moekit.plan`: it imports the engine, and the planner imports none (DESIGN.md
 "Layout").
 """
@@ -42,6 +42,9 @@ WEIGHT_DTYPES = ("fp32", "bf16", "int8")
 NARROW = 8  # the narrow copy is this many times thinner (d_model, d_ff, vocabulary)
 BATCHES = (1, 16)  # sequences in the overhead models' decode steps
 LAYERS = (2, 8)
+# Windows per timing, the best one kept: the overheads are differences of four step times, which magnify the noise
+# of a shared machine (three windows left a per-layer figure swinging 2x between runs beside another job).
+WINDOWS = 5
 
 
 @dataclass
@@ -149,7 +152,7 @@ def weight_read_gb_s(cfg: ModelConfig, weight_dtype: str, dev: torch.device, bat
                                               for c in (cfg, narrow(cfg)))
     # Alternate the two so that a change in the machine's load hits both; the best window of each.
     t_wide = t_thin = math.inf
-    for _ in range(3):
+    for _ in range(WINDOWS):
         t_wide = min(t_wide, window_seconds(wide, sync, repeats))
         t_thin = min(t_thin, window_seconds(thin, sync, repeats))
     if t_wide <= t_thin:
@@ -172,7 +175,7 @@ def _decode_step_s(cfg: ModelConfig, weight_dtype: str, dev: torch.device, batch
     for _ in range(8):  # the prefill, then warm-up steps (and the CUDA graph capture on a GPU)
         engine.step()
     best = math.inf
-    for _ in range(3):  # best of three windows
+    for _ in range(WINDOWS):  # the best window
         sync()
         t0 = time.perf_counter()
         for _ in range(steps):
@@ -182,7 +185,7 @@ def _decode_step_s(cfg: ModelConfig, weight_dtype: str, dev: torch.device, batch
     return best
 
 
-def engine_overheads(cfg: ModelConfig, weight_dtype: str, dev: torch.device, steps: int = 24) -> EngineOverheads:
+def engine_overheads(cfg: ModelConfig, weight_dtype: str, dev: torch.device, steps: int = 32) -> EngineOverheads:
     """Per layer / step / expert / sequence microseconds of moekit's decode step (module docstring)."""
     from moekit.plan.stage_step import expert_coverage
 

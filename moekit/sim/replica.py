@@ -31,8 +31,8 @@ from moekit.infer.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from moekit.sim.steptime import Work
 
 TOKEN = 1  # what every simulated step samples: not an end-of-sequence token (the requests ignore EOS anyway)
-# Every request's sampled tokens: one list shared by all of them (Scheduler.update only reads it), rather than one
-# list per request per step.
+# Every request's sampled tokens: one tuple shared by all of them (Scheduler.update only reads it), rather than a
+# new list per request per step.
 SAMPLED = (TOKEN,)
 
 
