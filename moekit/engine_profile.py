@@ -169,10 +169,13 @@ def _decode_step_s(cfg: ModelConfig, weight_dtype: str, dev: torch.device, batch
     from moekit.infer.sampler import SamplingParams
 
     sync = _sync(dev)
-    engine = Engine(build(cfg, weight_dtype, dev), num_blocks=batch * (steps // 4 + 4) + 8, block_size=16)
-    for i in range(batch):
-        engine.add_request([1 + i] * 16, SamplingParams(temperature=0, max_tokens=4 * steps + 8, ignore_eos=True))
-    for _ in range(8):  # the prefill, then warm-up steps (and the CUDA graph capture on a GPU)
+    warm, prompt = 8, 16
+    tokens = warm + WINDOWS * steps + 8  # every sequence still decoding in the last window's last step
+    engine = Engine(build(cfg, weight_dtype, dev), num_blocks=batch * math.ceil((prompt + tokens) / 16) + 8,
+                    block_size=16)
+    ids = [engine.add_request([1 + i] * prompt, SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True))
+           for i in range(batch)]
+    for _ in range(warm):  # the prefill, then warm-up steps (and the CUDA graph capture on a GPU)
         engine.step()
     best = math.inf
     for _ in range(WINDOWS):  # the best window
@@ -182,6 +185,8 @@ def _decode_step_s(cfg: ModelConfig, weight_dtype: str, dev: torch.device, batch
             engine.step()
         sync()
         best = min(best, (time.perf_counter() - t0) / steps)
+    # A window with finished sequences would time an emptier step than the one asked about.
+    assert all(engine.requests[i].num_output_tokens < tokens for i in ids), "a sequence finished while timed"
     return best
 
 

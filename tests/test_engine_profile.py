@@ -63,3 +63,9 @@ def test_the_narrow_copy_keeps_the_structure_and_multiples_of_16():
     assert (n.n_layer, n.n_expert, n.top_k, n.n_head, n.n_kv_head, n.mlp) == (3, 8, 2, 4, 1, "swiglu")
     assert (n.d_model, n.d_ff, n.head_dim, n.vocab_size) == (64, 256, 16, 1024)
     assert all(x % 16 == 0 for x in (n.d_model, n.d_ff, n.dense_d_ff, n.head_dim))
+
+
+def test_an_engine_step_is_timed_with_every_sequence_still_decoding():
+    """The windows stop before any sequence reaches max_tokens (a finished one would leave an emptier step);
+    _decode_step_s asserts it, so this fails if the window arithmetic drifts from the requests' lengths."""
+    assert ep._decode_step_s(CFG, "fp32", torch.device("cpu"), batch=3, steps=4) > 0
