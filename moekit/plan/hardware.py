@@ -114,48 +114,18 @@ class GPU:
                                      f"{', '.join(DTYPE_BYTES)}")
                 if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                     raise ValueError(f"{where}: {key}.{dtype} must be a positive number, got {value!r}")
-        if not isinstance(self.batched_gemv_gb_s, dict):
-            raise ValueError(f"{where}: batched_gemv_gb_s must be a table of dtype -> {{tokens: GB/s}}")
-        for dtype, table in self.batched_gemv_gb_s.items():
-            if dtype not in DTYPE_BYTES:
-                raise ValueError(f"{where}: batched_gemv_gb_s has unknown dtype {dtype!r}; use "
-                                 f"{', '.join(DTYPE_BYTES)}")
-            for tokens, value in (table.items() if isinstance(table, dict) else [(None, table)]):
-                if not (isinstance(tokens, str) and tokens.isdigit() and int(tokens) > 1):
-                    raise ValueError(f"{where}: batched_gemv_gb_s.{dtype} must map token counts > 1 (as strings, "
-                                     f"e.g. \"16\") to GB/s, got {table!r}")
-                if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                    raise ValueError(f"{where}: batched_gemv_gb_s.{dtype}.{tokens} must be a positive number, "
-                                     f"got {value!r}")
-        for key, keys in (("gemm_tflops_at", None), ("attention_tflops", {"fwd", "bwd"})):
-            tables = getattr(self, key)
-            if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
-                raise ValueError(f"{where}: {key} must be a table of dtype -> {{name: TFLOP/s}}, got {tables!r}")
-            for dtype, table in tables.items():
-                if dtype not in DTYPE_BYTES:
-                    raise ValueError(f"{where}: {key} has unknown dtype {dtype!r}; use {', '.join(DTYPE_BYTES)}")
-                if keys is not None and set(table) != keys:
-                    raise ValueError(f"{where}: {key}.{dtype} must have exactly the keys {', '.join(sorted(keys))}")
-                if keys is None and not all(re.fullmatch(r"\d+,\d+,\d+", str(k)) for k in table):
-                    raise ValueError(f"{where}: {key}.{dtype} keys must be GEMM shapes \"m,n,k\", got {sorted(table)}")
-                for name, value in table.items():
-                    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                        raise ValueError(f"{where}: {key}.{dtype}.{name} must be a positive number, got {value!r}")
+        # The per-dtype tables of named figures: {dtype: {name: number}}, each with its rule for names and values.
+        _check_tables(where, "batched_gemv_gb_s", self.batched_gemv_gb_s, lambda k: k.isdigit() and int(k) > 1,
+                      'token counts > 1 (as strings, e.g. "16")', positive=True)
+        _check_tables(where, "gemm_tflops_at", self.gemm_tflops_at, lambda k: re.fullmatch(r"\d+,\d+,\d+", k),
+                      'GEMM shapes "m,n,k"', positive=True)
+        _check_tables(where, "attention_tflops", self.attention_tflops, None, "fwd, bwd", positive=True,
+                      exact={"fwd", "bwd"})
+        _check_tables(where, "overhead_by_dtype", self.overhead_by_dtype, None, "layer, step, expert, seq "
+                      "(microseconds)", positive=False, exact=set(OVERHEAD_KEYS))
         if isinstance(self.elementwise_gb_s, bool) or not isinstance(self.elementwise_gb_s, int | float) \
                 or self.elementwise_gb_s < 0:
             raise ValueError(f"{where}: elementwise_gb_s must be a number >= 0, got {self.elementwise_gb_s!r}")
-        if not isinstance(self.overhead_by_dtype, dict):
-            raise ValueError(f"{where}: overhead_by_dtype must be a table of dtype -> {{layer, step, expert, seq}}")
-        for dtype, table in self.overhead_by_dtype.items():
-            if dtype not in DTYPE_BYTES:
-                raise ValueError(f"{where}: overhead_by_dtype has unknown dtype {dtype!r}; use "
-                                 f"{', '.join(DTYPE_BYTES)}")
-            if not isinstance(table, dict) or set(table) != set(OVERHEAD_KEYS):
-                raise ValueError(f"{where}: overhead_by_dtype.{dtype} must have exactly the keys "
-                                 f"{', '.join(OVERHEAD_KEYS)} (microseconds), got {table!r}")
-            for key, value in table.items():
-                if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                    raise ValueError(f"{where}: overhead_by_dtype.{dtype}.{key} must be a number >= 0, got {value!r}")
         if "bf16" not in self.tflops:
             raise ValueError(f"{where}: tflops needs at least a 'bf16' entry (dense peak TFLOP/s)")
 
@@ -238,6 +208,27 @@ class GPU:
         if missing:
             raise ValueError(f"{where}: missing field(s) {missing}; the format is in moekit/plan/hardware.py")
         return cls(**copy.deepcopy(d))
+
+
+def _check_tables(where: str, key: str, tables: Any, name_ok, names: str, *, positive: bool,
+                  exact: set[str] | None = None) -> None:
+    """One line naming the field for a per-dtype table of named figures that is malformed: not {dtype: {name:
+    number}}, an unknown dtype, names that break the rule (`name_ok`, or exactly `exact`), a value not > 0
+    (`positive`) or < 0."""
+    if not isinstance(tables, dict):
+        raise ValueError(f"{where}: {key} must be a table of dtype -> {{{names}}}, got {tables!r}")
+    for dtype, table in tables.items():
+        if dtype not in DTYPE_BYTES:
+            raise ValueError(f"{where}: {key} has unknown dtype {dtype!r}; use {', '.join(DTYPE_BYTES)}")
+        if not isinstance(table, dict) or (exact is not None and set(table) != exact) or (
+                name_ok is not None and not all(isinstance(k, str) and name_ok(k) for k in table)):
+            want = f"have exactly the keys {names}" if exact is not None else f"map {names} to numbers"
+            raise ValueError(f"{where}: {key}.{dtype} must {want}, got {table!r}")
+        for name, value in table.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (value > 0 if positive
+                                                                                    else value >= 0):
+                rule = "a positive number" if positive else "a number >= 0"
+                raise ValueError(f"{where}: {key}.{dtype}.{name} must be {rule}, got {value!r}")
 
 
 _DGX = {"gpus_per_node": 8}
