@@ -55,6 +55,9 @@ def qmodel_float_state(qmodel):
 
 @pytest.mark.parametrize("dispatch", ["sorted", "gather"])
 def test_int8_model_equals_its_dequantized_float_model(dispatch):
+    """With fp32 activations and more rows than the fused kernel takes (a prefill), every product is the plain one:
+    exact against the dequantized weights. (The few rows of a decode step take the fused kernel through bf16: the
+    tests below.)"""
     model = tiny_model(0, moe_every=1, mlp="gelu")
     q = quantize_int8(copy.deepcopy(model))
     assert all(isinstance(m.experts, Int8Experts) for m in q.moe_layers())
@@ -62,7 +65,9 @@ def test_int8_model_equals_its_dequantized_float_model(dispatch):
     ref = dequantized_copy(q)
     for m in list(q.moe_layers()) + list(ref.moe_layers()):
         m.dispatch = dispatch
-    idx = torch.randint(0, 97, (2, 9))
+    # 2 x 40 rows: above FUSED_FP32_MAX_ROWS for the dense products, and for the sorted experts too (each of the 4
+    # experts takes 80 x 2 / 4 = 40 rows on average; the gather path never fuses).
+    idx = torch.randint(0, 97, (2, 40))
     with torch.no_grad():
         out_q, out_ref = q(idx), ref(idx)
     assert (out_q.logits - out_ref.logits).abs().max() < 1e-4
@@ -150,6 +155,47 @@ def test_fused_int8_linear_equals_the_dequantized_product(fused_calls, d_in):
     assert y.shape == (3, 5, 48) and y.dtype == torch.bfloat16
     assert ((y.float() - ref).norm() / ref.norm()) < 1e-2
     assert fused_calls == ([(48, d_in)] if d_in % 16 == 0 else [])
+
+
+def test_fused_int8_with_fp32_activations_is_the_bf16_rounded_product(fused_calls):
+    """fp32 activations, few rows: the kernel's inputs are x rounded to bf16, its fp32 sum is rounded to bf16 once,
+    then scaled in fp32. Held to that oracle within half a bf16 step (plus the sum's order); more rows: the plain
+    product, exact."""
+    lin = torch.nn.Linear(64, 48, bias=True)
+    q = Int8Linear(lin, torch.float32)
+    w_q = q.weight.float()
+    x = torch.randn(3, 5, 64)  # 15 rows
+    y = q(x)
+    assert y.dtype == torch.float32 and fused_calls == [(48, 64)]
+    dot = x.bfloat16().float() @ w_q.t()  # the int8 weights are exact in bf16's range: only x is rounded
+    order = 1e-6 * (x.bfloat16().float().abs() @ w_q.abs().t())  # another fp32 summation order
+    err = (y - q.bias - dot * q.scales).abs()
+    assert (err <= (dot.abs() * 2**-8 + order) * q.scales + 1e-6).all(), err.max()
+    assert (y - (x @ (w_q * q.scales[:, None]).t() + q.bias)).abs().max() > 0  # it is not the fp32 product
+    x_big = torch.randn(quant.FUSED_FP32_MAX_ROWS + 1, 64)
+    exact = x_big @ (w_q * q.scales[:, None]).t() + q.bias
+    assert (q(x_big) - exact).abs().max() < 1e-5 and fused_calls == [(48, 64)]  # the plain path, not the kernel
+
+
+def test_fp32_int8_decode_runs_the_fused_kernel_close_to_the_dequantized_model(fused_calls):
+    """A decode step of the fp32 int8 model (2 sequences, one token each) through the fused kernel: within bf16's
+    rounding of the dequantized fp32 model, as a bf16 model is of fp32."""
+    model = tiny_model(0, moe_every=1, mlp="gelu")
+    q = quantize_int8(copy.deepcopy(model))
+    ref = dequantized_copy(q)
+    for m in q.moe_layers():
+        m.dispatch = "sorted"  # as the engine runs a CPU decode step (moekit/infer/runner.py moe_dispatch)
+    idx = torch.randint(0, 97, (2, 1))
+
+    def rel(a, b):
+        return float((a.float() - b.float()).norm() / b.float().norm())
+
+    with torch.no_grad():
+        fused = q(idx).logits
+        assert {(48, 32), (32, 48)} <= set(fused_calls)  # the experts (sorted: one expert at a time) and dense ones
+        oracle = ref(idx).logits
+        bf16_float_error = rel(copy.deepcopy(ref).to(torch.bfloat16)(idx).logits, oracle)
+    assert 0 < rel(fused, oracle) < 1.2 * bf16_float_error + 1e-3
 
 
 def test_bf16_int8_model_runs_the_fused_kernel_and_matches_the_plain_path(fused_calls, monkeypatch):

@@ -11,8 +11,9 @@ scale_c = max_i |W[c, i]| / 127 and W_q = round(W / scale_c) in [-127, 127]; the
 (x @ W_q^T) * scale, the scale applied to the matmul's output (exact for a per-output scale, and
 cheaper than dequantizing the weight first). The stacked expert weights are stored (E, out, in)
 with a scale per expert and output channel, as gpt-fast's `ConditionalFeedForwardInt8`. On a CPU
-with bf16 activations the products run in torch's fused int8 kernel (`fused_int8_ok`), which reads
-the int8 bytes directly; elsewhere the int8 weight is cast to the activation dtype first.
+the products run in torch's fused int8 kernel (`fused_int8_ok`), which reads the int8 bytes directly:
+always with bf16 activations, and with fp32 ones for the few rows of a decode step (`int8_product`);
+elsewhere the int8 weight is cast to the activation dtype first.
 
 What is swapped: every nn.Linear (attention projections, dense MLPs, lm_head) becomes
 `Int8Linear`; every MoE's `Experts` module becomes `Int8Experts`, whose weights are int8 buffers. The input
@@ -25,7 +26,6 @@ Shape legend: E experts, D d_model, F expert hidden, N routed assignments, T tok
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moekit.model.grouped import activation
@@ -36,15 +36,43 @@ QMAX = 127  # symmetric: -127..127, so that negation is exact
 _int8pack_mm = getattr(torch.ops.aten, "_weight_int8pack_mm", None)  # (x (M, in), W_q (out, in), scale (out))
 
 
+# fp32 activations take the fused kernel (rounded to bf16 on the way in and out) up to this many rows: it reads the
+# int8 weight once but runs ~70 us per row of a (512 -> 2048) product, where the plain path's dequantized copy
+# costs ~500 us once and then runs as an fp32 GEMM. Measured on 24 cold 512 x 2048 weights, 2 cores, AVX2 (AMD
+# EPYC, no bf16 units), torch 2.14, fused vs plain: 1 row 177 vs 688 us, 8 rows 644 vs 1,534, 32 rows 2,239 vs
+# 2,388, 64 rows 4,388 vs 3,557. Decode and speculative verification sit far below the crossover, prefill above.
+FUSED_FP32_MAX_ROWS = 32
+
+
 def fused_int8_ok(x: torch.Tensor, in_features: int) -> bool:
     """Whether torch's fused int8 weight-only GEMM (aten._weight_int8pack_mm, the CPU kernel of gpt-fast's
     and torchao's int8 weight-only path) takes this product. It reads the int8 weight as it is, where the
     plain path first writes a dequantized copy: a (1, 512) x (512, 2048) product takes ~110 us against
-    ~250 us for the fp32 weight (2-core AVX-512 CPU, November 2026). CPU and bf16 activations only (with
-    fp32 activations it ran 8x slower), and `in` a multiple of 16: other widths crashed the process
-    (torch 2.14), so they take the plain path."""
-    return (_int8pack_mm is not None and x.device.type == "cpu" and x.dtype == torch.bfloat16
-            and in_features % 16 == 0)
+    ~250 us for the fp32 weight (2-core AVX-512 CPU, November 2026). CPU only, and `in` a multiple of 16: other
+    widths crashed the process (torch 2.14), so they take the plain path. bf16 activations always; fp32 ones up
+    to FUSED_FP32_MAX_ROWS rows, through bf16 (the kernel on fp32 inputs ran 4x slower than the plain path)."""
+    if _int8pack_mm is None or x.device.type != "cpu" or in_features % 16:
+        return False
+    if x.dtype == torch.bfloat16:
+        return True
+    return x.dtype == torch.float32 and x.numel() <= FUSED_FP32_MAX_ROWS * in_features
+
+
+def int8_product(x_MI: torch.Tensor, q_OI: torch.Tensor, scale_O: torch.Tensor) -> torch.Tensor:
+    """x @ (q * scale)^T for int8 weights q (out, in) with a scale per output channel, in x's dtype.
+
+    Fused (`fused_int8_ok`): bf16 activations go in as they are; fp32 ones are rounded to bf16 for the kernel,
+    which returns bf16, and the fp32 scale is applied after it (a bf16 scale would round it too). So with fp32
+    activations a decode step's int8 products carry bf16's rounding of their inputs and outputs, as a bf16 model's
+    do, while the residual stream, norms, attention and softmax stay fp32; a product of more rows (prefill) is
+    exact against the dequantized fp32 weights. Plain: the int8 weight cast to x's dtype, the scale applied to
+    the product's output (exact for a per-output scale)."""
+    if fused_int8_ok(x_MI, q_OI.shape[-1]):
+        if x_MI.dtype == torch.bfloat16:
+            return _int8pack_mm(x_MI.contiguous(), q_OI, scale_O.to(torch.bfloat16))
+        ones_O = torch.ones(q_OI.shape[0], dtype=torch.bfloat16, device=x_MI.device)
+        return _int8pack_mm(x_MI.to(torch.bfloat16), q_OI, ones_O).to(x_MI.dtype) * scale_O.to(x_MI.dtype)
+    return torch.matmul(x_MI, q_OI.transpose(-1, -2).to(x_MI.dtype)) * scale_O.to(x_MI.dtype).unsqueeze(-2)
 
 
 def quantize_per_channel(w: torch.Tensor, reduce_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,11 +93,8 @@ class Int8Linear(nn.Module):
         self.bias = nn.Parameter(linear.bias.detach().to(dtype)) if linear.bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused_int8_ok(x, self.in_features):
-            y = _int8pack_mm(x.reshape(-1, self.in_features).contiguous(), self.weight, self.scales.to(x.dtype))
-            y = y.view(*x.shape[:-1], self.out_features)
-        else:
-            y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        y = int8_product(x.reshape(-1, self.in_features), self.weight, self.scales)
+        y = y.view(*x.shape[:-1], self.out_features)
         return y + self.bias.to(x.dtype) if self.bias is not None else y
 
 
@@ -99,8 +124,8 @@ class Int8Experts(nn.Module):
     def _mm(self, x_MI: torch.Tensor, name: str, e: torch.Tensor | int) -> torch.Tensor:
         """x @ W_q[e]^T * scale[e]: the int8 weights of expert(s) e, read once, scaled after the matmul."""
         q_OI, scale = getattr(self, f"{name}_q")[e], getattr(self, f"{name}_scale")[e]
-        if isinstance(e, int) and fused_int8_ok(x_MI, q_OI.shape[-1]):
-            return _int8pack_mm(x_MI.contiguous(), q_OI, scale.to(x_MI.dtype))
+        if isinstance(e, int):  # one expert's (out, in) weight: the fused kernel where it applies
+            return int8_product(x_MI, q_OI, scale)
         return torch.matmul(x_MI, q_OI.transpose(-1, -2).to(x_MI.dtype)) * scale.to(x_MI.dtype).unsqueeze(-2)
 
     def _mlp(self, x, e):
