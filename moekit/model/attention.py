@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.config import ModelConfig
+from moekit.model.linear import Linear
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -140,10 +141,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.wq = nn.Linear(cfg.d_model, cfg.q_dim, bias=cfg.bias)
-        self.wk = nn.Linear(cfg.d_model, cfg.kv_dim, bias=cfg.bias)
-        self.wv = nn.Linear(cfg.d_model, cfg.kv_dim, bias=cfg.bias)
-        self.wo = nn.Linear(cfg.q_dim, cfg.d_model, bias=cfg.bias)
+        self.wq = Linear(cfg.d_model, cfg.q_dim, bias=cfg.bias)
+        self.wk = Linear(cfg.d_model, cfg.kv_dim, bias=cfg.bias)
+        self.wv = Linear(cfg.d_model, cfg.kv_dim, bias=cfg.bias)
+        self.wo = Linear(cfg.q_dim, cfg.d_model, bias=cfg.bias)
 
     def qkv(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Projected, rotated q (B, H, T, Dh), k and v (B, G, T, Dh)."""

@@ -18,27 +18,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moekit.model.linear import mm_t  # a few rows per expert (decode): split over the cores on a CPU
+
 
 def activation(h1: torch.Tensor, h3: torch.Tensor | None) -> torch.Tensor:
     """GELU for the GPT-style 2-matrix MLP; SwiGLU silu(x W1) * (x W3) for Llama/Mixtral (Shazeer 2020)."""
     return F.gelu(h1) if h3 is None else F.silu(h1) * h3
-
-
-def _mm_t(x_nI: torch.Tensor, w_OI: torch.Tensor, out_nO: torch.Tensor) -> None:
-    """out = x @ w^T for one expert's slice.
-
-    On a CPU in fp32/fp64 a slice of up to 32 rows (decode, speculative verification, a few requests: most
-    experts get a handful of rows) runs as w @ x^T split into two halves of w's rows, one batched product:
-    MKL runs a matrix-vector product on one thread and reads a transposed right operand slowly, where bmm
-    spreads the two halves over the cores. Measured on 16 cold gpt4-mini experts (512 x 2048), 2 cores,
-    torch 2.14: 1 row 1.5 vs 4.8 ms, 4 rows 1.9 vs 7.5 ms. bf16 (oneDNN) is fastest in the plain form.
-    """
-    n, n_out = x_nI.shape[0], w_OI.shape[0]
-    if n <= 32 and n_out % 2 == 0 and x_nI.device.type == "cpu" and x_nI.dtype in (torch.float32, torch.float64):
-        halves = torch.bmm(w_OI.view(2, n_out // 2, -1), x_nI.t().expand(2, -1, -1))  # (2, out/2, n)
-        out_nO.copy_(halves.view(n_out, n).t())
-    else:
-        torch.mm(x_nI, w_OI.t(), out=out_nO)
 
 
 class GroupedExpertMLP(torch.autograd.Function):
@@ -53,11 +38,11 @@ class GroupedExpertMLP(torch.autograd.Function):
             if n == 0:
                 continue
             sl = slice(start, start + n)
-            _mm_t(x_ND[sl], w1_EFD[e], h1_NF[sl])
+            mm_t(x_ND[sl], w1_EFD[e], h1_NF[sl])
             if h3_NF is not None:
-                _mm_t(x_ND[sl], w3_EFD[e], h3_NF[sl])
+                mm_t(x_ND[sl], w3_EFD[e], h3_NF[sl])
             a_NF[sl] = activation(h1_NF[sl], h3_NF[sl] if h3_NF is not None else None)
-            _mm_t(a_NF[sl], w2_EDF[e], y_ND[sl])
+            mm_t(a_NF[sl], w2_EDF[e], y_ND[sl])
             start += n
         y_ND[start:] = 0  # rows past the experts' slices: dropped assignments, no output
         ctx.counts = counts

@@ -40,6 +40,7 @@ from moekit.model.grouped import (
     grouped_mm_expert_mlp,
     grouped_mm_ok,
 )
+from moekit.model.linear import Linear
 
 
 class MLP(nn.Module):
@@ -47,9 +48,9 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig, d_ff: int):
         super().__init__()
-        self.w1 = nn.Linear(cfg.d_model, d_ff, bias=cfg.bias)
-        self.w3 = nn.Linear(cfg.d_model, d_ff, bias=cfg.bias) if cfg.mlp == "swiglu" else None
-        self.w2 = nn.Linear(d_ff, cfg.d_model, bias=cfg.bias)
+        self.w1 = Linear(cfg.d_model, d_ff, bias=cfg.bias)
+        self.w3 = Linear(cfg.d_model, d_ff, bias=cfg.bias) if cfg.mlp == "swiglu" else None
+        self.w2 = Linear(d_ff, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, None]:
         h3 = self.w3(x_BTD) if self.w3 is not None else None

@@ -35,6 +35,7 @@ from moekit.model.attention import (
     rope_cos_sin,
     rope_inv_freq,
 )
+from moekit.model.linear import Linear
 from moekit.model.moe import MLP, MoE, RoutingInfo
 from moekit.model.vision import GatedCrossAttention, VisionInput, VisionModel
 
@@ -71,7 +72,7 @@ class Transformer(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layer)})
         self.norm = make_norm(cfg)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         # The vision side (SPEC section 5), registered after the text model so that a seed draws the same text
