@@ -31,12 +31,14 @@ bitwise those of one process (tests/parallel/test_pipeline.py).
 Each stage's idle time is measured per step: the wall time of the step, up to the pipeline flush (every stage done),
 minus the time spent inside the stage's forward and backward computations (sends, receives and waiting make up the
 rest); `pipeline_bubble` in moekit/plan/train.py is the planner's prediction of it (checked against the measurement
-on 4 stages in tests/parallel/test_pipeline_bubble.py).
+on 4 stages in tests/parallel/test_pipeline_bubble.py). The clock it reads (`Pipeline.clock`, wall time) and the
+flush (`Pipeline.flush`, a barrier) are seams: that test runs the same code on a modelled device clock.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -79,6 +81,11 @@ def _router_loss_grad(scale: float, coef: float, n_moe: int, like: torch.Tensor)
 
 
 # ---- the pipeline -----------------------------------------------------------------------------------------
+def _barrier(group: dist.ProcessGroup) -> None:
+    """The pipeline flush of a step on real devices: every pipeline rank waits here until all are done."""
+    dist.barrier(group=group)
+
+
 @dataclass
 class StepTimes:
     """One step's wall time and the part of it this rank spent computing (forward, backward, loss)."""
@@ -115,6 +122,11 @@ class Pipeline:
     _in_step: bool = False
     _recording: bool = False
     ce_losses: list = field(default_factory=list)
+    # Seams, for measuring a schedule on a modelled device clock instead of the host's (tests/parallel/
+    # pp_bubble_worker.py): the clock `times` reads, and the step's end, the pipeline flush, after which this rank's
+    # clock reads the last stage's finish. Production: wall time and a barrier.
+    clock: Callable[[], float] = time.perf_counter
+    flush: Callable[[dist.ProcessGroup], None] = _barrier
 
     @property
     def has_first(self) -> bool:
@@ -190,13 +202,13 @@ class Pipeline:
                 continue
 
             def timed(*args, _inner=inner, _fwd=name == "forward_one_chunk", **kwargs):
-                t0 = time.perf_counter()
+                t0 = self.clock()
                 self._recording = _fwd
                 try:
                     return _inner(*args, **kwargs)
                 finally:
                     self._recording = False
-                    self.times.compute += time.perf_counter() - t0
+                    self.times.compute += self.clock() - t0
 
             setattr(stage, name, timed)
 
@@ -212,7 +224,7 @@ class Pipeline:
         loss terms [ce, aux, z] (each micro-batch's value x scale; all-reduce over the pipeline ranks to sum)."""
         self.scale, self.routing, self.ce_losses = scale, [], []
         self.times = StepTimes()
-        t0 = time.perf_counter()
+        t0 = self.clock()
         B, T = x_mbs[0].shape
         # Every stage gets the positions (a stage's input may be a sequence shard under sequence parallelism, so
         # it cannot count them), and the last its targets: the kwargs of each micro-batch go to every local stage.
@@ -239,8 +251,8 @@ class Pipeline:
         # The step ends at the pipeline flush, when the last stage is done (Narayanan et al. 2021, section 2.2): a
         # stage that finishes early waits for it here, inside its step's wall time, as the formula counts it (the
         # trainer's next collective would wait for it anyway). Without it the later stages, done first, read low.
-        dist.barrier(group=self.group)
-        self.times.wall = time.perf_counter() - t0
+        self.flush(self.group)
+        self.times.wall = self.clock() - t0
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         for ce in self.ce_losses[-self.config.microbatches:] if self.has_last else []:
             sums[0] += ce.to(torch.float64) * scale

@@ -2,23 +2,39 @@
 pipeline of 4 stages, every schedule and M in one launch; each rank writes the idle fraction the Pipeline itself
 measured (moekit/parallel/pipeline.py `Pipeline.times`, the trainer's `pp_idle`) for every step, to rank{r}.json.
 
-Contention (4 ranks, 2 cores). The formula describes a schedule on devices that compute independently; 4 CPU
-processes on 2 cores do not: when two stages overlap they share a core and their wall-clock compute inflates. So
-the compute of a stage is modelled as a fixed "device time" that costs no CPU: each compute call the Pipeline times
-(PipelineStage.forward_one_chunk / backward_one_chunk / backward_weight_one_chunk, patched on the class before
-`Pipeline.attach`, so the patched call is the one inside the Pipeline's own timer) does its real work (a dense 8-layer
-model of width 8, one sequence of 8 tokens per micro-batch: 1-3 ms a call on the shared cores) and then sleeps
-until its modelled duration has passed since it began:
+The real work is small (a dense 8-layer model of width 8, one sequence of 8 tokens per micro-batch); the stage's
+compute is modelled as "device time" of a fixed length per call (V local stages share a rank's forward per micro-batch):
 
-    forward of a chunk          F = F_RANK / V           (V local stages share a rank's per-micro-batch forward)
+    forward of a chunk          F = F_RANK / V
     full backward of a chunk    2 F                      (t_b = 2 t_f, Narayanan et al. 2021)
     split backward (ZB-V)       F for the input gradient, F for the weight gradient (t_f = t_b = t_w, Qi et al.)
 
-A call's duration is therefore the same whether its process got a core at once or a few milliseconds late, and a
-sleeping rank leaves the cores to the others. Waiting in gloo's send/recv does not spin either (measured first,
-`spin_check`: a rank blocked 0.3 s in a recv uses ~0 CPU seconds), so a waiting stage does not steal a core from a
-computing one. Each step records the rank's CPU seconds (time.process_time) beside its wall time, and every call
-whose real work overran its modelled duration is counted (`overruns`): both show the cores were not the bottleneck.
+Two clocks (PP_BUBBLE_CLOCK):
+
+- "virtual" (the test's): the Pipeline reads a per-rank modelled device clock (`Pipeline.clock` / `Pipeline.flush`,
+  the seams), a Lamport clock (Lamport 1978, "Time, clocks, and the ordering of events"): a compute call starts at
+  max(this rank's clock, the time its inputs were finished on the rank that produced them) and advances the clock by
+  its duration; the flush is a max over the pipeline's ranks. Producers stamp each finished chunk into a FileStore
+  keyed by (case, step, kind, stage, micro-batch), and the consumer reads the stamp. F_RANK = 1: every time is a
+  multiple of 1/2, exact in floats, so the step is the schedule's own makespan on ideal devices, the same on any
+  host, however loaded: host overhead, scheduling and contention enter no figure.
+- "wall" (bench/pipeline_bubble.py's default): the Pipeline reads wall time, and every compute call does its real
+  work and then sleeps until its duration (F_RANK = 60 ms, PP_BUBBLE_F) has passed since it began; 4 ranks on 2
+  cores then do not compete for the cores (gloo's receive does not spin: `spin_check`). The figures include the
+  host's per-hop overhead.
+
+Where the virtual clock's wait sits: a real stage waits for its inputs in the receive before its compute call
+(torch's schedules wait on their recv ops, then call forward_one_chunk), outside the Pipeline's compute timer, so the
+wait is added by a wrapper around the Pipeline's timed calls (`VirtualDevice.wait_for_inputs`, after attach) and the
+duration inside them (`VirtualDevice.patch`, on the class, before attach). Only data dependencies are modelled, as
+on devices whose sends do not block (the formula's assumption):
+
+    forward(mb, s)        needs forward(mb, s - 1)
+    backward(mb, s)       needs backward(mb, s + 1) (input gradient, full or split) and its own forward(mb, s)
+    weight grad(mb, s)    needs backward-input(mb, s) on the same stage
+
+Stage s is on the rank the schedule's placement puts it (interleaved: round robin; ZB-V: the V), read from the stage
+(`stage.stage_index`); the micro-batch is the calls' first argument (the schedules pass it positionally).
 """
 
 from __future__ import annotations
@@ -29,15 +45,21 @@ import time
 import torch
 
 PP = 4
-# Seconds of modelled forward per micro-batch on a rank (all its local stages together): large against the host's
-# ~1-3 ms per hop (test_pipeline_bubble.py), which the formula does not count.
-F_RANK = float(os.environ.get("PP_BUBBLE_F", "0.060"))
+CLOCK = os.environ.get("PP_BUBBLE_CLOCK", "virtual")
+# Device time of a micro-batch's forward on a rank (all its local stages together). Wall clock: seconds, large against
+# the host's ~1-3 ms per hop, which the formula does not count. Virtual clock: the unit.
+F_RANK = float(os.environ.get("PP_BUBBLE_F", "0.060")) if CLOCK == "wall" else 1.0
 MS = (4, 8, 16)
 # name -> (schedule, stages per rank)
 SCHEDULES = {"gpipe": ("gpipe", 1), "1f1b": ("1f1b", 1), "interleaved-1f1b": ("interleaved-1f1b", 2),
              "zero-bubble": ("zero-bubble", 2)}
-WARMUP, STEPS = 1, 1  # the first step of a pipeline also infers the stages' shapes (extra sends): not measured
+# The first step of a pipeline also infers the stages' shapes (extra sends): not measured on the wall clock; on the
+# virtual one it is measured too (it must read the same as the second: host work does not count).
+WARMUP, STEPS = (1, 1) if CLOCK == "wall" else (0, 2)
 SEQ = 8
+# The dependency check (virtual clock): GPipe, M = 4, with one rank's device twice as slow.
+SLOW_RANK, SLOW, SLOW_M = 1, 2.0, 4
+COMPUTE_CALLS = ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk")
 
 
 def model_config():
@@ -48,8 +70,34 @@ def model_config():
     return ModelConfig(vocab_size=16, n_layer=8, d_model=8, n_head=2, n_kv_head=1, d_ff=16, max_seq_len=SEQ)
 
 
+def _patch_stage_class(around):
+    """Replace PipelineStage's compute calls on the class (so Pipeline.attach's timer wraps the replacement) by
+    `around(kind, stage, mb, duration_in_F, call)`; returns the function that restores them."""
+    from torch.distributed.pipelining.stage import _PipelineStageBase as Base
+
+    originals = {n: getattr(Base, n) for n in COMPUTE_CALLS}
+
+    def forward_one_chunk(stage, fwd_chunk_id, *args, **kwargs):
+        call = lambda: originals["forward_one_chunk"](stage, fwd_chunk_id, *args, **kwargs)
+        return around("F", stage, fwd_chunk_id, 1, call)
+
+    def backward_one_chunk(stage, bwd_chunk_id, loss=None, full_backward=True, last_backward=False):
+        call = lambda: originals["backward_one_chunk"](stage, bwd_chunk_id, loss=loss, full_backward=full_backward,
+                                                       last_backward=last_backward)
+        return around("B", stage, bwd_chunk_id, 2 if full_backward else 1, call)
+
+    def backward_weight_one_chunk(stage, bwd_chunk_id, *args, **kwargs):
+        call = lambda: originals["backward_weight_one_chunk"](stage, bwd_chunk_id, *args, **kwargs)
+        return around("W", stage, bwd_chunk_id, 1, call)
+
+    Base.forward_one_chunk = forward_one_chunk
+    Base.backward_one_chunk = backward_one_chunk
+    Base.backward_weight_one_chunk = backward_weight_one_chunk
+    return lambda: [setattr(Base, n, f) for n, f in originals.items()]
+
+
 class DeviceTime:
-    """Make every compute call of a PipelineStage last its modelled duration (see the module docstring)."""
+    """Wall clock: make every compute call of a PipelineStage last its modelled duration (module docstring)."""
 
     def __init__(self, f_chunk: float):
         self.f = f_chunk
@@ -57,53 +105,93 @@ class DeviceTime:
         self.overrun_s = 0.0
         self.real_s = 0.0  # wall seconds of the real work inside the calls
 
-    def _pad(self, t0: float, duration: float) -> None:
-        real = time.perf_counter() - t0
-        self.real_s += real
-        if real > duration:
-            self.overruns += 1
-            self.overrun_s += real - duration
-        else:
-            time.sleep(duration - real)
+    def _around(self, kind, stage, mb, n_f, call):
+        t0 = time.perf_counter()
+        try:
+            return call()
+        finally:
+            duration = n_f * self.f
+            real = time.perf_counter() - t0
+            self.real_s += real
+            if real > duration:
+                self.overruns += 1
+                self.overrun_s += real - duration
+            else:
+                time.sleep(duration - real)
 
     def patch(self):
-        from torch.distributed.pipelining.stage import _PipelineStageBase as Base
+        return _patch_stage_class(self._around)
 
-        originals = {n: getattr(Base, n) for n in ("forward_one_chunk", "backward_one_chunk",
-                                                   "backward_weight_one_chunk")}
-        dev = self
 
-        def forward_one_chunk(stage, *args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return originals["forward_one_chunk"](stage, *args, **kwargs)
-            finally:
-                dev._pad(t0, dev.f)
+class VirtualDevice:
+    """Virtual clock: this rank's modelled device clock, a Lamport clock over the compute calls' data dependencies
+    (module docstring). `now` is in units of F_RANK; the Pipeline reads it through `clock` and ends a step with
+    `flush`."""
 
-        def backward_one_chunk(stage, bwd_chunk_id, loss=None, full_backward=True, last_backward=False):
-            t0 = time.perf_counter()
-            try:
-                return originals["backward_one_chunk"](stage, bwd_chunk_id, loss=loss, full_backward=full_backward,
-                                                       last_backward=last_backward)
-            finally:
-                dev._pad(t0, 2 * dev.f if full_backward else dev.f)
+    def __init__(self, store, f_chunk: float, slow: float = 1.0):
+        self.store, self.f, self.slow = store, f_chunk, slow
+        self.now = 0.0
+        self.step = ""  # the store keys' prefix: case and step
 
-        def backward_weight_one_chunk(stage, *args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return originals["backward_weight_one_chunk"](stage, *args, **kwargs)
-            finally:
-                dev._pad(t0, dev.f)
+    def clock(self) -> float:
+        return self.now
 
-        Base.forward_one_chunk = forward_one_chunk
-        Base.backward_one_chunk = backward_one_chunk
-        Base.backward_weight_one_chunk = backward_weight_one_chunk
-        return lambda: [setattr(Base, n, f) for n, f in originals.items()]
+    def flush(self, group) -> None:
+        """The pipeline flush: every pipeline rank's clock becomes the latest one, the last stage's finish."""
+        import torch.distributed as dist
+
+        t = torch.tensor([self.now], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        self.now = float(t)
+
+    def start(self, step: str) -> None:
+        """A step begins on every rank at 0 (after the barrier that precedes it)."""
+        self.now, self.step = 0.0, step
+
+    def _key(self, kind: str, stage: int, mb: int) -> str:
+        return f"{self.step}/{kind}/{stage}/{mb}"
+
+    def _around(self, kind, stage, mb, n_f, call):
+        # Inside the Pipeline's timer: the real work (0 device time), then the modelled duration, stamped for the
+        # consumers before the schedule sends the output.
+        out = call()
+        self.now += n_f * self.f * self.slow
+        self.store.set(self._key(kind, stage.stage_index, mb), repr(self.now))
+        return out
+
+    def patch(self):
+        return _patch_stage_class(self._around)
+
+    def _ready(self, kind: str, stage: int, mb: int) -> float:
+        # The producer stamped it before sending the data this call has already received (get would block until
+        # then otherwise); stamps of this rank's own chunks are behind its clock already, and read the same way.
+        return float(self.store.get(self._key(kind, stage, mb)))
+
+    def wait_for_inputs(self, pipe) -> None:
+        """Wrap the Pipeline's timed compute calls (outside its timer, where a real stage waits in its receive):
+        the clock moves on to the moment the call's inputs were produced, if later than now."""
+
+        def needs(name: str, s: int, n: int) -> list[tuple[str, int]]:
+            if name == "forward_one_chunk":
+                return [("F", s - 1)] if s > 0 else []
+            if name == "backward_one_chunk":
+                return [("F", s)] + ([("B", s + 1)] if s < n - 1 else [])
+            return [("B", s)]  # the weight gradient of the chunk whose input gradient this stage computed
+
+        for stage in pipe.stages:
+            for name in COMPUTE_CALLS:
+                timed, deps = getattr(stage, name), needs(name, stage.stage_index, stage.num_stages)
+
+                def waited(mb, *args, _timed=timed, _deps=deps, **kwargs):
+                    self.now = max([self.now] + [self._ready(kind, s, mb) for kind, s in _deps])
+                    return _timed(mb, *args, **kwargs)
+
+                setattr(stage, name, waited)
 
 
 def spin_check(rank: int, seconds: float = 0.3) -> dict:
-    """CPU seconds a rank spends blocked in gloo's recv (and in an irecv's wait, the pipelining path) while its peer
-    sleeps `seconds` before sending: ~0 if gloo waits on a condition, ~`seconds` if it busy-polls."""
+    """Wall clock: CPU seconds a rank spends blocked in gloo's recv (and in an irecv's wait, the pipelining path)
+    while its peer sleeps `seconds` before sending: ~0 if gloo waits on a condition, ~`seconds` if it busy-polls."""
     import torch.distributed as dist
 
     peer, out = rank ^ 1, {}
@@ -124,7 +212,9 @@ def spin_check(rank: int, seconds: float = 0.3) -> dict:
     return out
 
 
-def run_case(schedule: str, v: int, m: int, env) -> dict:
+def run_case(case: str, schedule: str, v: int, m: int, env, store=None, slow: float = 1.0) -> dict:
+    """One pipeline (`schedule`, V = v, M = m) over the 4 ranks, WARMUP + STEPS steps; this rank's measured steps.
+    `store` (virtual clock) carries the producers' stamps; `slow` multiplies this rank's device time."""
     import torch.distributed as dist
 
     from moekit.model.transformer import Transformer
@@ -137,18 +227,25 @@ def run_case(schedule: str, v: int, m: int, env) -> dict:
     model = Transformer(cfg)
     model.init_weights(seed=0)
     layout = Layout.from_env(ParallelDims(pp=PP), env)
-    dev = DeviceTime(0.0)  # no modelled time in the warm-up step: only its shapes matter
+    # Wall clock: no modelled time in the warm-up step, only its shapes matter.
+    dev = DeviceTime(0.0) if CLOCK == "wall" else VirtualDevice(store, F_RANK / v, slow)
     restore = dev.patch()
     try:
         pipe = build_pipeline(model, layout, PipelineConfig(schedule, m, v))
+        if CLOCK == "virtual":
+            pipe.clock, pipe.flush = dev.clock, dev.flush
         pipe.attach([parallelize(part, layout) for part in pipe.parts])
+        if CLOCK == "virtual":
+            dev.wait_for_inputs(pipe)
         steps = []
         gen = torch.Generator().manual_seed(m)
         for step in range(WARMUP + STEPS):
             xy = torch.randint(0, cfg.vocab_size, (m, SEQ + 1), generator=gen)
             xs, ys = list(xy[:, :-1].split(1)), list(xy[:, 1:].split(1))
             dist.barrier()  # every stage starts the step together (the trainer's steps follow collectives too)
-            if step == WARMUP:
+            if CLOCK == "virtual":
+                dev.start(f"{case}/{step}")
+            elif step == WARMUP:
                 dev.f, dev.overruns, dev.overrun_s, dev.real_s = F_RANK / v, 0, 0.0, 0.0
             c0 = time.process_time()
             pipe.step(xs, ys, 1 / m)
@@ -157,9 +254,11 @@ def run_case(schedule: str, v: int, m: int, env) -> dict:
             for p in pipe.raw.parameters():
                 p.grad = None
             if step >= WARMUP:
-                steps.append({"wall_s": t.wall, "compute_s": t.compute, "idle": t.idle_fraction, "cpu_s": cpu})
-        return {"steps": steps, "overruns": dev.overruns, "overrun_s": dev.overrun_s, "real_s": dev.real_s,
-                "owned": pipe.owned}
+                steps.append({"wall": t.wall, "compute": t.compute, "idle": t.idle_fraction, "cpu_s": cpu})
+        out = {"steps": steps, "owned": pipe.owned}
+        if CLOCK == "wall":
+            out.update(overruns=dev.overruns, overrun_s=dev.overrun_s, real_s=dev.real_s)
+        return out
     finally:
         restore()
 
@@ -170,13 +269,22 @@ def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
     from moekit.parallel.mesh import DistEnv
 
     def body(result: dict) -> None:
+        import torch.distributed as dist
+
         env = DistEnv(rank, world, rank, torch.device("cpu"))
-        result["spin"] = spin_check(rank)
+        store = None
+        if CLOCK == "wall":
+            result["spin"] = spin_check(rank)
+        else:
+            store = dist.FileStore(os.path.join(out_dir, "clock_store"), world)
+        result["clock"] = CLOCK
         only = os.environ.get("PP_BUBBLE_SCHEDULES")  # a subset, for a quick look (bench/pipeline_bubble.py)
         for name, (schedule, v) in SCHEDULES.items():
             if only and name not in only.split(","):
                 continue
             for m in MS:
-                result["cases"][f"{name}_m{m}"] = run_case(schedule, v, m, env)
+                result["cases"][f"{name}_m{m}"] = run_case(f"{name}_m{m}", schedule, v, m, env, store)
+        if CLOCK == "virtual":  # the dependency check: one rank's device twice as slow
+            result["slow"] = run_case("slow", "gpipe", 1, SLOW_M, env, store, SLOW if rank == SLOW_RANK else 1.0)
 
     rank_main(rank, world, init_file, out_dir, body)
