@@ -181,3 +181,24 @@ def test_inference_mode_skips_the_training_only_statistics_and_nothing_else():
     assert torch.equal(y_inf, y) and torch.equal(info_inf.tokens_per_expert_E, info.tokens_per_expert_E)
     assert info.aux_loss is not None and info.z_loss is not None and info.entropy is not None
     assert info_inf.aux_loss is None and info_inf.z_loss is None and info_inf.entropy is None
+
+
+def test_a_compiled_moe_does_not_recompile_for_new_expert_counts():
+    """TrainConfig.compile compiles each block: the expert loop over data-dependent slice sizes runs eagerly
+    (`grouped_expert_mlp` is excluded from compilation), so new routings reuse the compiled code. Before that, every
+    new `counts` pattern recompiled the block's tail (a compiled tiny-preset step took 17 s instead of 1.4 s)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    moe = make_moe(n_expert=8)
+    moe.dispatch = "sorted"
+    counter = CompileCounter()
+    compiled = torch.compile(moe, backend=counter)
+    frames = []
+    for seed in range(5):
+        x = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(seed), requires_grad=True)
+        y, _ = compiled(x)
+        y.sum().backward()
+        torch.testing.assert_close(y, moe(x)[0])
+        frames.append(counter.frame_count)
+    assert frames[-1] == frames[1], frames  # nothing compiled after the second call (the first may specialize)

@@ -116,9 +116,11 @@ class PermuteRows(torch.autograd.Function):
         return g_ND.index_select(0, inverse_N), None, None
 
 
+@torch.compiler.disable  # a loop over data-dependent slice sizes: compiled, it recompiled for every new `counts`
 def grouped_expert_mlp(x_ND: torch.Tensor, counts: list[int], w1_EFD: torch.Tensor, w2_EDF: torch.Tensor,
                        w3_EFD: torch.Tensor | None) -> torch.Tensor:
-    """y[slice_e] = act(x W1[e]^T (, x W3[e]^T)) W2[e]^T on consecutive slices of sizes `counts`."""
+    """y[slice_e] = act(x W1[e]^T (, x W3[e]^T)) W2[e]^T on consecutive slices of sizes `counts`. Run eagerly inside
+    a compiled block (TrainConfig.compile): the rest of the block compiles around it."""
     return GroupedExpertMLP.apply(x_ND, counts, w1_EFD, w2_EDF, w3_EFD)
 
 
