@@ -2,17 +2,20 @@
 
 Issue 16: with another process busy on the 2 cores, the server at torch's default thread count took 14-24 s for a
 32-token completion instead of 0.45 s and a load generator at 2 requests/s finished 0 of 40 in 20 s. The default
-now leaves the event loop a core and counts the busy ones (moekit/cpu.py), and says so at start-up.
+now leaves the event loop a core and counts the busy ones (moekit/cpu.py), and says so at start-up; while serving,
+`moekit serve` re-checks the count against the load (cpu.ThreadGovernor, tested with a fake host in test_cpu.py),
+from the engine thread, where torch's operators run (OpenMP keeps the thread count per calling thread).
 """
 
 import concurrent.futures
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
-from test_serve_utils import ServerProcess, request, write_run
+from test_serve_utils import InProcessServer, ServerProcess, request, tiny_engine, write_run
 
 from moekit import cpu
 
@@ -68,3 +71,24 @@ def test_an_explicit_thread_count_is_kept_and_checked(tmp_path, hog):
         assert request(server.port, "GET", "/health")[0] == 200
     finally:
         assert server.stop() == 0, server.output()
+
+
+class RecordingGovernor:
+    """Stands in for cpu.ThreadGovernor: which thread ticks it, and a thread count it asks for once."""
+
+    def __init__(self):
+        self.threads: list[str] = []
+
+    def tick(self):
+        self.threads.append(threading.current_thread().name)
+        return 1 if len(self.threads) == 1 else None
+
+
+def test_the_engine_thread_re_checks_the_thread_count_while_serving():
+    with InProcessServer(tiny_engine) as s:
+        s.wait_ready()
+        s.openai_server.engine.governor = gov = RecordingGovernor()
+        status, _, _ = request(s.port, "POST", "/v1/completions", {"model": "tiny", "prompt": "def", "max_tokens": 8,
+                                                                   "temperature": 0})
+        assert status == 200
+    assert len(gov.threads) >= 8 and set(gov.threads) == {"moekit-engine"}, gov.threads  # every step, that thread

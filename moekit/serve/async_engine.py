@@ -38,6 +38,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
+from moekit.cpu import ThreadGovernor
 from moekit.infer.engine import Engine, RequestOutput
 from moekit.infer.executor import WorkerFailed
 from moekit.infer.sampler import SamplingParams
@@ -137,6 +138,7 @@ class AsyncEngine:
     snapshot: dict = field(default_factory=dict)
     inflight: int = 0  # engine requests submitted and not finished (event-loop side)
     step_log: str | None = None  # write the step log (JSONL) here; None: no log
+    governor: ThreadGovernor | None = None  # re-checks torch's thread count against the load (engine thread)
 
     def __post_init__(self) -> None:
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
@@ -305,6 +307,8 @@ class AsyncEngine:
             self.snapshot = snapshot
             self._post(out)
             stats.maybe_log(self.snapshot)
+            if self.governor is not None and (n := self.governor.tick()) is not None:
+                log.info("torch threads: %d (other work on this process's cores changed)", n)
 
     def _commands(self, block: bool) -> list:
         cmds = []

@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     load = engine_loader(cfg)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _set_threads(cfg.threads)
+    threads = _set_threads(cfg.threads)
     sock = _listen(cfg.host, cfg.port)
     host, port = sock.getsockname()[:2]
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
@@ -167,6 +167,10 @@ def run(args: argparse.Namespace) -> int:
                      app.state.server)
     app.state.server.engine.on_fatal = server.request_exit
     app.state.server.engine.step_log = cfg.step_log  # opened by the engine thread once the model is loaded
+    if cfg.threads is None:  # the default follows the load as it changes (--threads N stays N)
+        from moekit.cpu import ThreadGovernor
+
+        app.state.server.engine.governor = ThreadGovernor(reserve=1, threads=threads)
     url_host = f"[{host}]" if ":" in host else host
     log.info("moekit serve: listening on %s://%s:%d/v1 (chat template: %s; %s)", "https" if args.ssl_certfile else
              "http", url_host, port, template.origin, "API key required" if cfg.api_key else "no API key")
@@ -185,9 +189,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _set_threads(threads: int | None) -> None:
+def _set_threads(threads: int | None) -> int:
     """torch's intra-op threads: --threads, else the cores this process may use less one for the event loop and
-    less those other work keeps busy now (moekit/cpu.py); a warning when that oversubscribes the cores."""
+    less those other work keeps busy now (moekit/cpu.py; re-checked while serving: cpu.ThreadGovernor); a warning
+    when that oversubscribes the cores. Returns the count."""
     import torch
 
     from moekit import cpu
@@ -200,6 +205,7 @@ def _set_threads(threads: int | None) -> None:
         log.warning("the CPU is oversubscribed: %s", why)
     log.info("torch threads: %d (%s; %d usable cores, %s busy with other work)", n,
              "--threads" if threads else "default", cpu.usable_cores(), "?" if busy is None else f"{busy:.1f}")
+    return n
 
 
 class _Server(uvicorn.Server):
