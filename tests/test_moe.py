@@ -202,3 +202,22 @@ def test_a_compiled_moe_does_not_recompile_for_new_expert_counts():
         torch.testing.assert_close(y, moe(x)[0])
         frames.append(counter.frame_count)
     assert frames[-1] == frames[1], frames  # nothing compiled after the second call (the first may specialize)
+
+
+@pytest.mark.parametrize("swiglu", [False, True])
+@pytest.mark.parametrize("counts", [[0, 1, 0, 1], [3, 0, 40, 2], [1, 1, 0, 0]])  # the last drops 2 of 4 rows
+def test_the_no_grad_expert_loop_equals_the_autograd_one(swiglu, counts):
+    """Inference skips GroupedExpertMLP's saved activations: the same products, so bitwise the same values."""
+    from moekit.model.grouped import GroupedExpertMLP, grouped_expert_mlp
+
+    g = torch.Generator().manual_seed(len(counts) + sum(counts))
+    n = max(sum(counts), 4)
+    x = torch.randn(n, 32, generator=g)
+    w1, w2 = torch.randn(4, 512, 32, generator=g), torch.randn(4, 32, 512, generator=g)
+    w3 = torch.randn(4, 512, 32, generator=g) if swiglu else None
+    with torch.enable_grad():
+        ref = GroupedExpertMLP.apply(x.clone().requires_grad_(), counts, w1, w2, w3)
+    with torch.no_grad():
+        got = grouped_expert_mlp(x, counts, w1, w2, w3)
+    assert torch.equal(got, ref.detach())
+    assert (got[sum(counts):] == 0).all()
