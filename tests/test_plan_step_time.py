@@ -63,7 +63,10 @@ def test_schedules_shrink_the_bubble_and_the_step():
     kw = dict(gpu="A100-80GB", n_gpus=25_000)
     one, two, zb = (train("gpt4", **kw, schedule=s) for s in ("1f1b", "interleaved", "zero-bubble"))
     assert one.step.seconds > two.step.seconds > zb.step.seconds
-    assert one.step.parts["bubble"] > two.step.parts["bubble"] > zb.step.parts["bubble"] == pytest.approx(0, abs=1e-9)
+    assert one.step.parts["bubble"] > two.step.parts["bubble"] > zb.step.parts["bubble"] > 0
+    # torch's ZB-V leaves the V's ramp-in idle: (p - 1) chunk forwards, t_f / 2 each (tests/parallel/
+    # test_pipeline_bubble.py measured it), against Qi et al.'s ideal 0.
+    assert zb.bubble == pytest.approx((14 / 3 / 2) / (36 + 14 / 3 / 2), rel=1e-6)
     assert two.bubble == pytest.approx(one.bubble * (14 / (2 * 36 + 14)) / (14 / 50), rel=1e-6)
 
 
