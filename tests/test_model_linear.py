@@ -47,3 +47,12 @@ def test_linear_is_nn_linear_with_the_same_function():
     ref = x.detach().requires_grad_()
     F.linear(ref, plain.weight, plain.bias).square().sum().backward()
     assert torch.allclose(x.grad, ref.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_every_other_product_is_nn_linears_own_call_bitwise():
+    """Narrow outputs, many rows, bf16: F.linear with the bias fused, as nn.Linear (so bitwise checks elsewhere and
+    tensor-parallel DTensors, whose collectives are counted, see nn.Linear)."""
+    torch.manual_seed(0)
+    for layer, x in [(Linear(64, 100), torch.randn(2, 64)), (Linear(64, 1024), torch.randn(40, 64)),
+                     (Linear(64, 1024).bfloat16(), torch.randn(2, 64).bfloat16())]:
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))

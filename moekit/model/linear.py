@@ -53,7 +53,11 @@ class Linear(nn.Linear):
     """nn.Linear (same parameters, state dict and initialization) whose products of a few rows use `mm_t`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.numel() > MAX_ROWS * self.in_features:
-            return F.linear(x, self.weight, self.bias)
-        y = mm_t(x.reshape(-1, self.in_features), self.weight).view(*x.shape[:-1], self.out_features)
-        return y + self.bias if self.bias is not None else y
+        # Anything but the split product is nn.Linear's own call, bias fused as there: tensor-parallel DTensors
+        # (their collectives are counted and planned: moekit/plan/serve_workers.py) and bitwise results unchanged.
+        if x.device.type == "cpu" and x.numel() <= MAX_ROWS * self.in_features and not hasattr(x, "to_local"):
+            x_nI = x.reshape(-1, self.in_features)
+            if split_ok(x_nI, self.weight):
+                y = mm_t(x_nI, self.weight).view(*x.shape[:-1], self.out_features)
+                return y + self.bias if self.bias is not None else y
+        return F.linear(x, self.weight, self.bias)
