@@ -101,7 +101,8 @@ def process_threads(local_processes: int = 1, env: dict | None = None, busy: flo
 class ThreadGovernor:
     """torch's thread count kept at what other work leaves, re-checked while the process runs (serving): every
     `period_s` it compares the busy time of this process's cores (/proc/stat) with the CPU time this process used
-    (time.process_time: all its threads) and sets `default_threads(reserve, busy=others)`.
+    (time.process_time: all its threads) and sets the usable cores less `reserve` less the cores other work keeps
+    busy, as `default_threads` does but counting a core from SHARE of one (below).
 
     A start-up snapshot (`busy_cores`) misses a job that starts later, and torch's threads then wait for the one
     that lost its core at every operator's barrier: on 2 cores with another process spinning on one, gpt4-mini's
